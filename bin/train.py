@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Stage 3: train the baseline (Transformer CTC, intermediate CTC, stochastic depth) into an experiment directory.
+
+Also stage 8 with --init_model: fine-tune a pruned model. Run under torchrun for several processes.
+"""
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from comflp.checkpoint import CMVN_NAME, copy_assets, load_checkpoint, load_experiment_config
+from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
+from comflp.config import load_config
+from comflp.data import ctc_feasible, load_cuts
+from comflp.features import load_cmvn
+from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.tokenizer import Tokenizer
+from comflp.trainer import Dist, train
+
+
+def parse_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. model.num_layers=6")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(args: argparse.Namespace) -> None:
+    dist_info = Dist.from_env()
+    device = resolve_device(args.device)
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            device = f"cuda:{dist_info.local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    exp_dir: Path = args.exp_dir
+    init_state = None
+    if args.init_model:
+        # Fine-tuning: the architecture is the pruned model's, the training section this config's.
+        init_dir = args.init_model.parent
+        cfg = load_config(args.config, parse_overrides(args.set))
+        cfg.model = load_experiment_config(init_dir).model
+        init_state = load_checkpoint(args.init_model)["model"]
+        assets_dir = init_dir
+    else:
+        cfg = load_config(args.config, parse_overrides(args.set))
+        assets_dir = None
+    if dist_info.is_main:
+        if assets_dir is not None:
+            copy_assets(assets_dir, assets_dir / CMVN_NAME, exp_dir)
+        else:
+            if args.lang_dir is None or args.cmvn is None:
+                raise UsageError("--lang_dir and --cmvn are needed unless --init_model is given")
+            copy_assets(args.lang_dir, args.cmvn, exp_dir)
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    tokenizer = Tokenizer(exp_dir / TOKENIZER_NAME)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    cfg.validate(str(args.config))
+    cmvn = load_cmvn(exp_dir / CMVN_NAME)
+    train_cuts = ctc_feasible(load_cuts(args.train_cuts), tokenizer, "train")
+    train_cuts = train_cuts.filter(lambda c: c.duration <= cfg.train.max_utterance_duration).to_eager()
+    dev_cuts = ctc_feasible(load_cuts(args.dev_cuts), tokenizer, "dev")
+    logging.info(f"train: {len(train_cuts)} utterances; dev: {len(dev_cuts)}")
+    done = train(
+        cfg, exp_dir, train_cuts, dev_cuts, tokenizer, cmvn,
+        device=device, resume=args.resume, init_state=init_state,
+        stop_after_steps=args.stop_after_steps, amp=args.amp, dist_info=dist_info,
+    )
+    if dist_info.world_size > 1:
+        torch.distributed.destroy_process_group()
+    if not done:
+        raise SystemExit(3)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="YAML with model: and train: sections")
+    parser.add_argument("--exp_dir", type=Path, required=True)
+    parser.add_argument("--train_cuts", type=Path, required=True)
+    parser.add_argument("--dev_cuts", type=Path, required=True)
+    parser.add_argument("--lang_dir", type=Path, help="tokenizer directory of stage 2")
+    parser.add_argument("--cmvn", type=Path, help="cmvn.json of stage 1")
+    parser.add_argument("--init_model", type=Path, help="initialise from this model.pt (fine-tuning)")
+    parser.add_argument("--resume", type=str2bool, default=True, help="continue from the latest checkpoint")
+    parser.add_argument("--stop_after_steps", type=int, default=0,
+                        help="checkpoint and stop after this many steps in this run (time-sliced jobs)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set model.num_layers=6")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", type=str2bool, default=False, help="bf16 autocast on GPU")
+    add_common_args(parser)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    run(main, parser)

@@ -1,0 +1,230 @@
+"""Typed configuration for the model and its training, read from and written to YAML.
+
+A config file has two sections, ``model`` and ``train``; every key must be a field of
+:class:`ModelConfig` or :class:`TrainConfig`. Unknown keys and impossible values raise
+:class:`ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comflp.utils import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A configuration file or option that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the Transformer CTC (+ optional attention decoder) model."""
+
+    input_dim: int = 80
+    vocab_size: int = 0  # filled in from the tokenizer by stage 3
+    d_model: int = 144
+    num_heads: int = 4
+    ffn_dim: int = 576
+    num_layers: int = 12
+    dropout: float = 0.1
+    subsampling_channels: int = 64
+    interctc_layers: list[int] = field(default_factory=list)
+    interctc_weight: float = 0.0
+    stochastic_depth_rate: float | list[float] = 0.0
+    decoder_layers: int = 0  # 0: CTC only
+    ctc_weight: float = 1.0  # weight of the CTC loss when a decoder is present
+    lsm_weight: float = 0.1  # label smoothing of the attention decoder
+    # Provenance of a pruned model: the original layer numbers it kept (1-indexed).
+    kept_layers: list[int] | None = None
+
+    def layer_drop_rates(self) -> list[float]:
+        """Per-layer stochastic depth probabilities p_1..p_L."""
+        rate = self.stochastic_depth_rate
+        if isinstance(rate, list):
+            return [float(r) for r in rate]
+        return [float(rate) * layer / self.num_layers for layer in range(1, self.num_layers + 1)]
+
+    def validate(self, where: str = "model") -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{where}: '{key}' {why}")
+
+        for key in ("input_dim", "d_model", "num_heads", "ffn_dim", "num_layers"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.d_model % self.num_heads:
+            raise bad("d_model", f"({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.input_dim < 7:
+            raise bad("input_dim", "must be >= 7 for the x4 convolutional subsampling")
+        for k in self.interctc_layers:
+            if not isinstance(k, int) or not 1 <= k < self.num_layers:
+                raise bad(
+                    "interctc_layers",
+                    f"entries must be layer numbers in 1..{self.num_layers - 1} "
+                    f"(num_layers={self.num_layers}), got {k}",
+                )
+        if not 0 <= self.interctc_weight < 1:
+            raise bad("interctc_weight", f"must be in [0, 1), got {self.interctc_weight}")
+        if self.interctc_weight > 0 and not self.interctc_layers:
+            raise bad("interctc_weight", "is > 0 but interctc_layers is empty")
+        rate = self.stochastic_depth_rate
+        if isinstance(rate, list) and len(rate) != self.num_layers:
+            raise bad(
+                "stochastic_depth_rate",
+                f"as a list needs one rate per layer ({self.num_layers}), got {len(rate)}",
+            )
+        for p in self.layer_drop_rates():
+            if not 0 <= p < 1:
+                raise bad("stochastic_depth_rate", f"rates must be in [0, 1), got {p}")
+        if self.decoder_layers < 0:
+            raise bad("decoder_layers", f"must be >= 0, got {self.decoder_layers}")
+        if not 0 <= self.ctc_weight <= 1:
+            raise bad("ctc_weight", f"must be in [0, 1], got {self.ctc_weight}")
+        if self.decoder_layers == 0 and self.ctc_weight != 1.0:
+            raise bad("ctc_weight", "must be 1.0 for a CTC-only model (decoder_layers: 0)")
+        if self.decoder_layers > 0 and self.ctc_weight == 1.0:
+            raise bad("ctc_weight", "is 1.0, so the attention decoder would never be trained")
+        if self.kept_layers is not None and len(self.kept_layers) != self.num_layers:
+            raise bad("kept_layers", f"must list {self.num_layers} layers")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batching, augmentation and checkpointing of stage 3 (and 8)."""
+
+    num_epochs: int = 10
+    max_duration: float = 100.0  # seconds of audio per batch
+    num_buckets: int = 10
+    lr: float = 2e-3  # peak learning rate
+    warmup_steps: int = 500
+    min_lr: float = 1e-5  # floor of the decay after warm-up
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    spec_augment: bool = True
+    num_frame_masks: int = 2
+    frames_mask_size: int = 40
+    num_feature_masks: int = 2
+    features_mask_size: int = 15
+    time_warp_factor: int = 0
+    average_checkpoints: int = 5
+    average_by: str = "last"  # last | best (lowest dev loss)
+    save_every_n_steps: int = 0  # 0: only at the end of each epoch
+    keep_last_n: int = 0  # 0: keep every epoch checkpoint
+    num_workers: int = 1
+    seed: int = 42
+    max_utterance_duration: float = 20.0
+
+    def validate(self, where: str = "train") -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{where}: '{key}' {why}")
+
+        if self.num_epochs < 1:
+            raise bad("num_epochs", f"must be >= 1, got {self.num_epochs}")
+        if self.max_duration <= 0:
+            raise bad("max_duration", f"must be > 0, got {self.max_duration}")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.average_by not in ("last", "best"):
+            raise bad("average_by", f"must be 'last' or 'best', got {self.average_by!r}")
+        if self.average_checkpoints < 1:
+            raise bad("average_checkpoints", f"must be >= 1, got {self.average_checkpoints}")
+        if self.num_workers < 0:
+            raise bad("num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, where: str = "config") -> None:
+        self.model.validate(f"{where}: model")
+        self.train.validate(f"{where}: train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Field type (as written in the dataclasses above) -> check of a YAML value.
+_TYPE_CHECKS = {
+    "int": _is_int,
+    "float": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "list[int]": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "list[int] | None": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
+    "float | list[float]": lambda v: _is_number(v)
+    or (isinstance(v, list) and all(map(_is_number, v))),
+}
+
+
+def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(names))}"
+        )
+    obj = cls(**values)
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if not _TYPE_CHECKS[f.type](value):
+            raise ConfigError(f"{where}: '{f.name}' must be {f.type}, got {value!r}")
+        if f.type == "float":
+            setattr(obj, f.name, float(value))
+    return obj
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from a ``{model:, train:}`` mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'model' and 'train' sections")
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; expected 'model' and 'train'")
+    cfg = ExperimentConfig(
+        model=_build(ModelConfig, data.get("model"), f"{where}: model"),
+        train=_build(TrainConfig, data.get("train"), f"{where}: train"),
+    )
+    cfg.validate(where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config; ``overrides`` maps ``"section.key"`` to a value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in ("model", "train") or not key:
+            raise ConfigError(f"override '{dotted}': expected model.KEY or train.KEY")
+        data.setdefault(section, {})[key] = value
+    return config_from_dict(data, str(path))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

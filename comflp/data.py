@@ -1,0 +1,110 @@
+"""Batches for training and evaluation: lhotse cuts -> normalised, padded features and tokens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from lhotse import CutSet
+from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
+from torch.utils.data import DataLoader
+
+from comflp.model import subsampled_lengths
+from comflp.tokenizer import Tokenizer
+
+
+def load_cuts(path: str | Path) -> CutSet:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found (run the stage that writes it)")
+    return CutSet.from_file(path).to_eager()
+
+
+def pad_sequences(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (T_i, ...) tensors into (B, T_max, ...) and return their lengths."""
+    lengths = torch.tensor([s.size(0) for s in seqs], dtype=torch.long)
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value), lengths
+
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Maps a CutSet (one batch from a sampler) to a dict of tensors.
+
+    Keys: ``feats`` (B, T, 80) CMVN-normalised, ``feat_lens``, ``targets`` (B, U) padded with 0,
+    ``target_lens``, ``texts``, ``ids``. Utterances come longest first.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, cmvn: tuple[torch.Tensor, torch.Tensor]):
+        self.tokenizer = tokenizer
+        self.mean, self.std = cmvn
+
+    def __getitem__(self, cuts: CutSet) -> dict:
+        cuts = cuts.sort_by_duration(ascending=False)
+        feats = [(torch.from_numpy(c.load_features()) - self.mean) / self.std for c in cuts]
+        texts = [cut_text(c) for c in cuts]
+        tokens = [torch.tensor(self.tokenizer.encode(t), dtype=torch.long) for t in texts]
+        feats, feat_lens = pad_sequences(feats)
+        targets, target_lens = pad_sequences(tokens, 0)
+        if targets.size(1) == 0:  # every transcript empty
+            targets = torch.zeros(len(cuts), 1, dtype=torch.long)
+        return {
+            "feats": feats,
+            "feat_lens": feat_lens,
+            "targets": targets,
+            "target_lens": target_lens,
+            "texts": texts,
+            "ids": [c.id for c in cuts],
+        }
+
+
+def cut_text(cut) -> str:
+    return " ".join(s.text for s in cut.supervisions if s.text)
+
+
+def ctc_feasible(cuts: CutSet, tokenizer: Tokenizer, what: str) -> CutSet:
+    """Drop utterances whose token count exceeds their frame count after subsampling."""
+    def ok(cut) -> bool:
+        frames = int(subsampled_lengths(torch.tensor(cut.num_frames)))
+        return len(tokenizer.encode(cut_text(cut))) <= frames
+
+    kept = cuts.filter(ok).to_eager()
+    removed = len(cuts) - len(kept)
+    if removed:
+        logging.info(f"{what}: removed {removed} utterances with more tokens than encoder frames")
+    return kept
+
+
+class SkipFirst:
+    """Iterate a sampler from its ``skip``-th batch on (for resuming mid-epoch)."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler = sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[CutSet]:
+        for i, batch in enumerate(self.sampler):
+            if i >= self.skip:
+                yield batch
+
+
+def train_sampler(
+    cuts: CutSet, max_duration: float, num_buckets: int, seed: int, world_size: int = 1, rank: int = 0
+) -> DynamicBucketingSampler:
+    """Shuffled duration-bucketed batches; deterministic given ``seed`` and the epoch."""
+    return DynamicBucketingSampler(
+        cuts,
+        max_duration=max_duration,
+        num_buckets=min(num_buckets, max(1, len(cuts) // 4)),
+        shuffle=True,
+        drop_last=False,
+        seed=seed,
+        world_size=world_size,
+        rank=rank,
+    )
+
+
+def eval_loader(cuts: CutSet, dataset: AsrDataset, max_duration: float, num_workers: int = 0) -> DataLoader:
+    """Batches in manifest order, for evaluation and decoding."""
+    sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False, world_size=1, rank=0)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Set up comflp on this machine: .venv with torch and the package, espeak-ng and sox.
+#   utils/setup.sh [--dev] [--quiet]
+#     --dev    also install the test and lint tools (pytest, hypothesis, ruff)
+#     --quiet  print nothing when everything is already in place
+# Safe to run again: it does nothing when nothing changed. torch==2.13.0 is installed only
+# when no torch is importable (a GPU machine keeps the build it has; the venv sees the
+# system's packages). Missing espeak-ng/sox are installed with apt-get when running as
+# root; otherwise the script stops and says what to install.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+dev=false quiet=false
+for arg in "$@"; do
+  case $arg in
+    --dev) dev=true ;;
+    --quiet) quiet=true ;;
+    *) echo "utils/setup.sh: unknown option $arg (expected --dev, --quiet)" >&2; exit 1 ;;
+  esac
+done
+say() { $quiet || echo "setup: $*" >&2; }
+
+# System tools for the built-in corpus.
+missing=()
+for tool in espeak-ng sox; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${missing[*]} with apt-get" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "setup: ERROR: ${missing[*]} not found. comflp's built-in corpus needs them; install with:" >&2
+    echo "  sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# Python environment; a stamp records what was installed, so a second run is instant.
+venv=$root/.venv
+want="$(cat "$root/pyproject.toml" | sha1sum | cut -c1-16) dev=$dev"
+if [ -f "$venv/.comflp-stamp" ]; then
+  have=$(cat "$venv/.comflp-stamp")
+  # A dev install also serves a plain request.
+  if [ "$have" = "$want" ] || [ "$have" = "${want% dev=false} dev=true" ]; then
+    say "environment up to date ($venv)"
+    exit 0
+  fi
+fi
+python=${COMFLP_PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv with $($python --version 2>&1)" >&2
+  "$python" -m venv --system-site-packages "$venv"
+fi
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: no torch importable; installing torch==2.13.0 (CPU)" >&2
+  "${pip[@]}" "torch==2.13.0"
+fi
+extras=""
+$dev && extras="[dev]"
+echo "setup: installing comflp$extras and its dependencies into $venv" >&2
+"${pip[@]}" -e "$root$extras"
+echo "$want" > "$venv/.comflp-stamp"
+echo "setup: done; torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')" >&2
