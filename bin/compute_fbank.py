@@ -20,7 +20,9 @@ def main(args: argparse.Namespace) -> None:
         if subset == args.train_set:
             stats = compute_cmvn(with_feats)
             save_cmvn(stats, args.output_dir / "cmvn.json")
-            logging.info(f"{args.output_dir}/cmvn.json: global CMVN over {stats['frames']} frames of {subset}")
+            logging.info(
+                f"{args.output_dir}/cmvn.json: global CMVN over {stats['frames']} frames of {subset}"
+            )
 
 
 if __name__ == "__main__":
@@ -29,7 +31,9 @@ if __name__ == "__main__":
     parser.add_argument("--output_dir", type=Path, default=Path("data/fbank"))
     parser.add_argument("--subsets", required=True, help="space-separated subset names")
     parser.add_argument("--train_set", required=True, help="the subset CMVN statistics come from")
-    parser.add_argument("--max_utt_duration", type=float, default=20.0, help="drop longer utterances (s)")
+    parser.add_argument(
+        "--max_utt_duration", type=float, default=20.0, help="drop longer utterances (s)"
+    )
     parser.add_argument("--nj", type=int, default=2)
     add_common_args(parser)
     run(main, parser)

@@ -43,23 +43,20 @@ def main(args: argparse.Namespace) -> None:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     exp_dir: Path = args.exp_dir
-    init_state = None
+    cfg = load_config(args.config, parse_overrides(args.set))
+    init_state = assets_dir = None
     if args.init_model:
         # Fine-tuning: the architecture is the pruned model's, the training section this config's.
-        init_dir = args.init_model.parent
-        cfg = load_config(args.config, parse_overrides(args.set))
-        cfg.model = load_experiment_config(init_dir).model
+        assets_dir = args.init_model.parent
+        cfg.model = load_experiment_config(assets_dir).model
         init_state = load_checkpoint(args.init_model)["model"]
-        assets_dir = init_dir
-    else:
-        cfg = load_config(args.config, parse_overrides(args.set))
-        assets_dir = None
-    if dist_info.is_main:
+    if dist_info.is_main and not (exp_dir / TOKENIZER_NAME).is_file():
+        # A new experiment directory gets its own copies; an existing one keeps its own.
         if assets_dir is not None:
             copy_assets(assets_dir, assets_dir / CMVN_NAME, exp_dir)
+        elif args.lang_dir is None or args.cmvn is None:
+            raise UsageError("--lang_dir and --cmvn are needed unless --init_model is given")
         else:
-            if args.lang_dir is None or args.cmvn is None:
-                raise UsageError("--lang_dir and --cmvn are needed unless --init_model is given")
             copy_assets(args.lang_dir, args.cmvn, exp_dir)
     if dist_info.world_size > 1:
         torch.distributed.barrier()
@@ -68,13 +65,24 @@ def main(args: argparse.Namespace) -> None:
     cfg.validate(str(args.config))
     cmvn = load_cmvn(exp_dir / CMVN_NAME)
     train_cuts = ctc_feasible(load_cuts(args.train_cuts), tokenizer, "train")
-    train_cuts = train_cuts.filter(lambda c: c.duration <= cfg.train.max_utterance_duration).to_eager()
+    train_cuts = train_cuts.filter(
+        lambda c: c.duration <= cfg.train.max_utterance_duration
+    ).to_eager()
     dev_cuts = ctc_feasible(load_cuts(args.dev_cuts), tokenizer, "dev")
     logging.info(f"train: {len(train_cuts)} utterances; dev: {len(dev_cuts)}")
     done = train(
-        cfg, exp_dir, train_cuts, dev_cuts, tokenizer, cmvn,
-        device=device, resume=args.resume, init_state=init_state,
-        stop_after_steps=args.stop_after_steps, amp=args.amp, dist_info=dist_info,
+        cfg,
+        exp_dir,
+        train_cuts,
+        dev_cuts,
+        tokenizer,
+        cmvn,
+        device=device,
+        resume=args.resume,
+        init_state=init_state,
+        stop_after_steps=args.stop_after_steps,
+        amp=args.amp,
+        dist_info=dist_info,
     )
     if dist_info.world_size > 1:
         torch.distributed.destroy_process_group()
@@ -84,18 +92,33 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="YAML with model: and train: sections")
+    parser.add_argument(
+        "--config", type=Path, required=True, help="YAML with model: and train: sections"
+    )
     parser.add_argument("--exp_dir", type=Path, required=True)
     parser.add_argument("--train_cuts", type=Path, required=True)
     parser.add_argument("--dev_cuts", type=Path, required=True)
     parser.add_argument("--lang_dir", type=Path, help="tokenizer directory of stage 2")
     parser.add_argument("--cmvn", type=Path, help="cmvn.json of stage 1")
-    parser.add_argument("--init_model", type=Path, help="initialise from this model.pt (fine-tuning)")
-    parser.add_argument("--resume", type=str2bool, default=True, help="continue from the latest checkpoint")
-    parser.add_argument("--stop_after_steps", type=int, default=0,
-                        help="checkpoint and stop after this many steps in this run (time-sliced jobs)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set model.num_layers=6")
+    parser.add_argument(
+        "--init_model", type=Path, help="initialise from this model.pt (fine-tuning)"
+    )
+    parser.add_argument(
+        "--resume", type=str2bool, default=True, help="continue from the latest checkpoint"
+    )
+    parser.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=0,
+        help="checkpoint and stop after this many steps in this run (time-sliced jobs)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set model.num_layers=6",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", type=str2bool, default=False, help="bf16 autocast on GPU")
     add_common_args(parser)

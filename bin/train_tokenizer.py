@@ -13,8 +13,10 @@ from comflp.tokenizer import train_tokenizer
 def main(args: argparse.Namespace) -> None:
     texts = [cut_text(c) for c in load_cuts(args.cuts)]
     tokenizer = train_tokenizer(texts, args.output_dir, args.token_type, args.vocab_size)
-    logging.info(f"{args.output_dir}: {args.token_type} tokenizer, {tokenizer.vocab_size} tokens "
-                 "(with <blk> and <sos/eos>)")
+    logging.info(
+        f"{args.output_dir}: {args.token_type} tokenizer, {tokenizer.vocab_size} tokens "
+        "(with <blk> and <sos/eos>)"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ def load_checkpoint(path: Path) -> dict:
 
 def epoch_checkpoints(exp_dir: Path) -> list[Path]:
     """``epoch-N.pt`` files, in epoch order."""
-    found = [(int(m.group(1)), p) for p in exp_dir.glob("epoch-*.pt") if (m := re.fullmatch(r"epoch-(\d+)\.pt", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in exp_dir.glob("epoch-*.pt")
+        if (m := re.fullmatch(r"epoch-(\d+)\.pt", p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -59,13 +63,17 @@ def load_state_into(model: ASRModel, state_dict: dict, source: str) -> None:
         parts = []
         if mismatched:
             k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: {tuple(state_dict[k].shape)} in the "
-                         f"checkpoint vs {tuple(own[k].shape)} in the model")
+            parts.append(
+                f"{len(mismatched)} shape mismatch(es), e.g. {k}: {tuple(state_dict[k].shape)} in the "
+                f"checkpoint vs {tuple(own[k].shape)} in the model"
+            )
         if missing:
             parts.append(f"{len(missing)} missing parameter(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected parameter(s), e.g. {unexpected[0]}")
-        raise ConfigError(f"{source}: checkpoint does not fit the model config ({'; '.join(parts)})")
+        raise ConfigError(
+            f"{source}: checkpoint does not fit the model config ({'; '.join(parts)})"
+        )
     model.load_state_dict(state_dict)
 
 
@@ -79,8 +87,13 @@ def load_model(exp_dir: Path, checkpoint: str = MODEL_NAME) -> ASRModel:
     return model.eval()
 
 
-def save_model(model: ASRModel, cfg: ExperimentConfig, exp_dir: Path, extra: dict | None = None,
-               name: str = MODEL_NAME) -> None:
+def save_model(
+    model: ASRModel,
+    cfg: ExperimentConfig,
+    exp_dir: Path,
+    extra: dict | None = None,
+    name: str = MODEL_NAME,
+) -> None:
     """Write ``config.yaml`` and the weights ``name`` into ``exp_dir``."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     cfg.model = model.cfg
@@ -94,8 +107,11 @@ def copy_assets(tokenizer_dir: Path, cmvn_path: Path, exp_dir: Path) -> None:
     from comflp.tokenizer import TOKENS_NAME
 
     exp_dir.mkdir(parents=True, exist_ok=True)
-    sources = {TOKENIZER_NAME: tokenizer_dir / TOKENIZER_NAME, TOKENS_NAME: tokenizer_dir / TOKENS_NAME,
-               CMVN_NAME: cmvn_path}
+    sources = {
+        TOKENIZER_NAME: tokenizer_dir / TOKENIZER_NAME,
+        TOKENS_NAME: tokenizer_dir / TOKENS_NAME,
+        CMVN_NAME: cmvn_path,
+    }
     for name, src in sources.items():
         if not src.is_file():
             raise FileNotFoundError(f"{src}: not found (run the stage that writes it)")
@@ -116,4 +132,6 @@ def average_state_dicts(paths: list[Path]) -> dict:
                 total[k] = v.double() if v.is_floating_point() else v.clone()
             elif v.is_floating_point():
                 total[k] += v.double()
-    return {k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()}
+    return {
+        k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()
+    }

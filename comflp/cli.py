@@ -35,7 +35,9 @@ def resolve_device(name: str) -> str:
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log_file", default=None, help="also append the log here")
-    parser.add_argument("--nthreads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--nthreads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
 
 
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:

@@ -57,7 +57,9 @@ class ModelConfig:
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.d_model % self.num_heads:
-            raise bad("d_model", f"({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+            raise bad(
+                "d_model", f"({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
         if not 0 <= self.dropout < 1:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.input_dim < 7:
@@ -169,8 +171,9 @@ _TYPE_CHECKS = {
     "str": lambda v: isinstance(v, str),
     "list[int]": lambda v: isinstance(v, list) and all(map(_is_int, v)),
     "list[int] | None": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
-    "float | list[float]": lambda v: _is_number(v)
-    or (isinstance(v, list) and all(map(_is_number, v))),
+    "float | list[float]": lambda v: (
+        _is_number(v) or (isinstance(v, list) and all(map(_is_number, v)))
+    ),
 }
 
 
@@ -200,7 +203,9 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> ExperimentC
         raise ConfigError(f"{where}: expected a mapping with 'model' and 'train' sections")
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; expected 'model' and 'train'")
+        raise ConfigError(
+            f"{where}: unknown section(s) {', '.join(unknown)}; expected 'model' and 'train'"
+        )
     cfg = ExperimentConfig(
         model=_build(ModelConfig, data.get("model"), f"{where}: model"),
         train=_build(TrainConfig, data.get("train"), f"{where}: train"),

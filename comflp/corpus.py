@@ -44,7 +44,11 @@ def _raise_problems(corpus_dir: Path, problems: list[str], layout: str) -> None:
     if not problems:
         return
     shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    more = (
+        f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
+        if len(problems) > MAX_LISTED_PROBLEMS
+        else ""
+    )
     raise CorpusError(
         f"{corpus_dir}: {len(problems)} problem(s) in this {layout} corpus; fix or remove "
         f"these utterances and run stage 0 again:\n  {shown}{more}"
@@ -58,7 +62,9 @@ def _check_audio_files(paths: list[Path], nj: int) -> list[str]:
 
 def check_librispeech_dir(corpus_dir: Path, subsets: list[str], nj: int = 4) -> None:
     """Refuse a directory that is not in LibriSpeech's layout or holds bad utterances."""
-    expected = "<corpus_dir>/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt and <utt-id>.flac"
+    expected = (
+        "<corpus_dir>/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt and <utt-id>.flac"
+    )
     if not corpus_dir.is_dir():
         raise CorpusError(f"{corpus_dir}: corpus directory does not exist (expected {expected})")
     problems: list[str] = []
@@ -105,10 +111,14 @@ def write_cuts(cuts_by_subset: dict[str, CutSet], out_dir: Path) -> None:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for subset, cuts in cuts_by_subset.items():
-        cuts = CutSet.from_cuts(c.with_id(c.supervisions[0].id) for c in cuts).sort_by_recording_id()
+        cuts = CutSet.from_cuts(
+            c.with_id(c.supervisions[0].id) for c in cuts
+        ).sort_by_recording_id()
         with atomic_path(out_dir / f"cuts_{subset}.jsonl.gz") as tmp:
             cuts.to_file(tmp)
-        logging.info(f"{out_dir}/cuts_{subset}.jsonl.gz: {len(cuts)} utterances, {cuts_duration(cuts) / 3600:.2f} h")
+        logging.info(
+            f"{out_dir}/cuts_{subset}.jsonl.gz: {len(cuts)} utterances, {cuts_duration(cuts) / 3600:.2f} h"
+        )
 
 
 def cuts_duration(cuts: CutSet) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def load_cuts(path: str | Path) -> CutSet:
     return CutSet.from_file(path).to_eager()
 
 
-def pad_sequences(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(
+    seqs: list[torch.Tensor], value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack (T_i, ...) tensors into (B, T_max, ...) and return their lengths."""
     lengths = torch.tensor([s.size(0) for s in seqs], dtype=torch.long)
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value), lengths
@@ -64,6 +67,7 @@ def cut_text(cut) -> str:
 
 def ctc_feasible(cuts: CutSet, tokenizer: Tokenizer, what: str) -> CutSet:
     """Drop utterances whose token count exceeds their frame count after subsampling."""
+
     def ok(cut) -> bool:
         frames = int(subsampled_lengths(torch.tensor(cut.num_frames)))
         return len(tokenizer.encode(cut_text(cut))) <= frames
@@ -88,23 +92,41 @@ class SkipFirst:
                 yield batch
 
 
+# The cut sets here are small enough to hold in memory; lhotse warns about that needlessly.
+warnings.filterwarnings(
+    "ignore", message="You are using DynamicBucketingSampler with an eagerly read CutSet"
+)
+
+
 def train_sampler(
-    cuts: CutSet, max_duration: float, num_buckets: int, seed: int, world_size: int = 1, rank: int = 0
+    cuts: CutSet,
+    max_duration: float,
+    num_buckets: int,
+    seed: int,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> DynamicBucketingSampler:
     """Shuffled duration-bucketed batches; deterministic given ``seed`` and the epoch."""
-    return DynamicBucketingSampler(
-        cuts,
-        max_duration=max_duration,
-        num_buckets=min(num_buckets, max(1, len(cuts) // 4)),
-        shuffle=True,
-        drop_last=False,
-        seed=seed,
-        world_size=world_size,
-        rank=rank,
-    )
+    with warnings.catch_warnings():
+        # Our cut sets are held in memory on purpose; lhotse warns about that needlessly.
+        warnings.filterwarnings(
+            "ignore", message="You are using DynamicBucketingSampler with an eagerly"
+        )
+        return DynamicBucketingSampler(
+            cuts,
+            max_duration=max_duration,
+            num_buckets=min(num_buckets, max(1, len(cuts) // 4)),
+            shuffle=True,
+            drop_last=False,
+            seed=seed,
+            world_size=world_size,
+            rank=rank,
+        )
 
 
-def eval_loader(cuts: CutSet, dataset: AsrDataset, max_duration: float, num_workers: int = 0) -> DataLoader:
+def eval_loader(
+    cuts: CutSet, dataset: AsrDataset, max_duration: float, num_workers: int = 0
+) -> DataLoader:
     """Batches in manifest order, for evaluation and decoding."""
     sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False, world_size=1, rank=0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)

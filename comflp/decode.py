@@ -1,27 +1,269 @@
-"""Decoding: greedy CTC, and evaluation of a model's CTC loss and error rates on a set."""
+"""Decoding: CTC greedy and prefix beam search, attention rescoring, decoding a set with its
+real-time factor, and evaluation of a model's CTC loss and error rates on a set."""
 
 from __future__ import annotations
 
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from comflp.model import ASRModel, padding_mask
 from comflp.scoring import error_stats
 from comflp.tokenizer import Tokenizer
+
+BLANK = 0
+FRAME_SHIFT = 0.01  # seconds per input feature frame
+METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
+NEG_INF = float("-inf")
+
+Prefix = tuple[int, ...]
 
 
 def ctc_greedy_search(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
     """Best path per utterance: argmax per frame, repeats merged, blanks (id 0) removed."""
     best = log_probs.argmax(-1).cpu()
     hyps = []
-    for seq, n in zip(best, lengths.tolist()):
+    for seq, n in zip(best, lengths.tolist(), strict=True):
         seq = torch.unique_consecutive(seq[:n])
         hyps.append(seq[seq != 0].tolist())
     return hyps
 
 
+def _logaddexp(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) of two floats, exact for -inf."""
+    if a == NEG_INF:
+        return b
+    if b == NEG_INF:
+        return a
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+
+def ctc_prefix_beam_search(
+    log_probs: torch.Tensor, beam_size: int, top_k: int | None = None
+) -> list[tuple[list[int], float]]:
+    """CTC prefix beam search over one utterance's (T, V) log-probabilities (blank id 0).
+
+    Each prefix (a label sequence, blanks removed, repeats merged) carries the log-probability
+    of all alignments of the frames so far that collapse to it, split into those ending in a
+    blank and those ending in its last label: a repeated label extends the prefix only after
+    a blank. After each frame the ``beam_size`` most probable prefixes are kept.
+
+    ``top_k``: when given, only the ``top_k`` most probable tokens of each frame (blank
+    included) extend the prefixes, as WeNet does with ``top_k = beam_size``; much faster for
+    large vocabularies, but no longer exact. ``None`` considers every token.
+
+    Returns up to ``beam_size`` (token ids, log-probability) pairs, best first.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    frames = log_probs.detach().float().cpu()
+    k = frames.size(-1) if top_k is None else min(top_k, frames.size(-1))
+    values, indices = frames.topk(k, dim=-1)
+    beams: dict[Prefix, tuple[float, float]] = {(): (0.0, NEG_INF)}
+    for frame_ids, frame_values in zip(indices.tolist(), values.tolist(), strict=True):
+        frame = list(zip(frame_ids, frame_values, strict=True))
+        beams = _best_prefixes(_extend(beams, frame), beam_size)
+    return [(list(prefix), _logaddexp(*scores)) for prefix, scores in beams.items()]
+
+
+def _extend(
+    beams: dict[Prefix, tuple[float, float]], frame: list[tuple[int, float]]
+) -> dict[Prefix, list[float]]:
+    """One frame of prefix search: (blank-ending, label-ending) log-probabilities per prefix.
+
+    ``frame``: the (token, log-probability) pairs of the frame that may extend a prefix.
+    """
+    out: dict[Prefix, list[float]] = defaultdict(lambda: [NEG_INF, NEG_INF])
+    for prefix, (p_blank, p_label) in beams.items():
+        p_total = _logaddexp(p_blank, p_label)
+        last = prefix[-1] if prefix else None
+        for token, lp in frame:
+            if token == BLANK:
+                same = out[prefix]
+                same[0] = _logaddexp(same[0], p_total + lp)
+            elif token == last:
+                same = out[prefix]  # the repeat merges into the last label
+                same[1] = _logaddexp(same[1], p_label + lp)
+                longer = out[prefix + (token,)]  # a new label only after a blank
+                longer[1] = _logaddexp(longer[1], p_blank + lp)
+            else:
+                longer = out[prefix + (token,)]
+                longer[1] = _logaddexp(longer[1], p_total + lp)
+    return out
+
+
+def _best_prefixes(
+    scores: dict[Prefix, list[float]], beam_size: int
+) -> dict[Prefix, tuple[float, float]]:
+    """The ``beam_size`` most probable prefixes, best first (impossible ones dropped)."""
+    ranked = sorted(
+        ((_logaddexp(*s), prefix, s) for prefix, s in scores.items()),
+        key=lambda item: item[0],
+        reverse=True,
+    )
+    return {prefix: (s[0], s[1]) for total, prefix, s in ranked[:beam_size] if total > NEG_INF}
+
+
 @torch.no_grad()
-def evaluate_ctc(model: ASRModel, loader, tokenizer: Tokenizer, device: str | torch.device = "cpu") -> dict:
+def attention_rescoring(
+    model: ASRModel,
+    encoder_out: torch.Tensor,
+    nbest: list[tuple[list[int], float]],
+    ctc_weight: float,
+) -> tuple[list[int], list[float]]:
+    """Rescore CTC n-best hypotheses with the attention decoder, all in one batch.
+
+    ``encoder_out``: (T, D) encoder output of one utterance (its valid frames only).
+    A hypothesis's attention score is the teacher-forced log-probability of its tokens
+    followed by <sos/eos>; its score is ``ctc_weight * ctc + (1 - ctc_weight) * attention``.
+    Returns the best hypothesis and the scores of all, in n-best order.
+    """
+    if model.decoder is None:
+        raise ValueError("attention_rescoring needs a model with an attention decoder")
+    if not nbest:
+        raise ValueError("attention_rescoring: empty n-best list")
+    device = encoder_out.device
+    eos = torch.tensor([model.sos_eos])
+    hyps = [torch.tensor(tokens, dtype=torch.long) for tokens, _ in nbest]
+    ys_in = pad_sequence([torch.cat([eos, h]) for h in hyps], batch_first=True).to(device)
+    ys_out = pad_sequence([torch.cat([h, eos]) for h in hyps], batch_first=True).to(device)
+    lens = torch.tensor([len(h) + 1 for h in hyps], device=device)
+    n = len(hyps)
+    memory = encoder_out.unsqueeze(0).expand(n, -1, -1)
+    memory_lens = torch.full((n,), encoder_out.size(0), device=device)
+    log_probs = model.decoder(ys_in, lens, memory, memory_lens).float().log_softmax(-1)
+    token_scores = log_probs.gather(-1, ys_out.unsqueeze(-1)).squeeze(-1)
+    att = token_scores.masked_fill(padding_mask(lens, ys_out.size(1)), 0.0).sum(-1).cpu().double()
+    ctc = torch.tensor([score for _, score in nbest], dtype=torch.float64)
+    scores = ctc_weight * ctc + (1 - ctc_weight) * att
+    return list(nbest[int(scores.argmax())][0]), scores.tolist()
+
+
+def check_decoding_options(model: ASRModel, method: str, beam_size: int, ctc_weight: float) -> None:
+    """Raise ValueError for options :func:`decode_batch` cannot use with ``model``."""
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown decoding method {method!r}; expected one of {', '.join(METHODS)}"
+        )
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 0 <= ctc_weight <= 1:
+        raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    if method == "attention_rescoring" and model.decoder is None:
+        raise ValueError(
+            "attention_rescoring needs a model with an attention decoder (decoder_layers > 0)"
+        )
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block, then restore its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def decode_batch(
+    model: ASRModel,
+    feats: torch.Tensor,
+    feat_lens: torch.Tensor,
+    method: str = "ctc_greedy_search",
+    beam_size: int = 10,
+    ctc_weight: float = 0.3,
+) -> list[list[int]]:
+    """Token ids per utterance of a (B, T, F) batch, the encoder run once for the batch.
+
+    ``method``: ``ctc_greedy_search``, ``ctc_prefix_beam_search`` (per-frame tokens pruned to
+    the top ``beam_size``) or ``attention_rescoring`` (its n-best rescored by the decoder,
+    weighted by ``ctc_weight``). The model runs in eval mode; its mode is restored after.
+    """
+    check_decoding_options(model, method, beam_size, ctc_weight)
+    with eval_mode(model):
+        enc, enc_lens, _ = model.encoder(feats, feat_lens)
+        log_probs = model.ctc(enc).log_softmax(-1)
+        if method == "ctc_greedy_search":
+            return ctc_greedy_search(log_probs, enc_lens)
+        hyps = []
+        for i, n in enumerate(enc_lens.tolist()):
+            nbest = ctc_prefix_beam_search(log_probs[i, :n], beam_size, top_k=beam_size)
+            if method == "attention_rescoring" and len(nbest) > 1:
+                hyps.append(attention_rescoring(model, enc[i, :n], nbest, ctc_weight)[0])
+            else:
+                hyps.append(nbest[0][0])
+        return hyps
+
+
+@dataclass
+class DecodeResult:
+    """The decoded utterances of a set and the time it took."""
+
+    utts: list[dict]  # {"id", "ref", "hyp"} per utterance, in loader order
+    audio_seconds: float
+    decode_seconds: float  # copy to the device, model and search; data loading excluded
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: decoding time / audio duration."""
+        return self.decode_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+    def timing(self) -> dict:
+        """Counts and times for a scores file."""
+        return {
+            "num_utts": len(self.utts),
+            "audio_seconds": self.audio_seconds,
+            "decode_seconds": self.decode_seconds,
+            "rtf": self.rtf,
+        }
+
+
+def decode_set(
+    model: ASRModel,
+    loader: Iterable[dict],
+    tokenizer: Tokenizer,
+    method: str = "ctc_greedy_search",
+    beam_size: int = 10,
+    ctc_weight: float = 0.3,
+    device: str | torch.device = "cpu",
+) -> DecodeResult:
+    """Decode every batch of ``loader`` (:class:`comflp.data.AsrDataset` batches) with
+    :func:`decode_batch`; audio duration is counted from ``feat_lens`` (10 ms frames)."""
+    check_decoding_options(model, method, beam_size, ctc_weight)
+    utts: list[dict] = []
+    audio_seconds = decode_seconds = 0.0
+    for batch in loader:
+        start = time.perf_counter()
+        hyps = decode_batch(
+            model,
+            batch["feats"].to(device),
+            batch["feat_lens"].to(device),
+            method,
+            beam_size,
+            ctc_weight,
+        )
+        decode_seconds += time.perf_counter() - start
+        audio_seconds += batch["feat_lens"].sum().item() * FRAME_SHIFT
+        for utt_id, ref, hyp in zip(batch["ids"], batch["texts"], hyps, strict=True):
+            utts.append({"id": utt_id, "ref": ref, "hyp": tokenizer.decode(hyp)})
+    return DecodeResult(utts, audio_seconds, decode_seconds)
+
+
+@torch.no_grad()
+def evaluate_ctc(
+    model: ASRModel, loader, tokenizer: Tokenizer, device: str | torch.device = "cpu"
+) -> dict:
     """Mean CTC loss per utterance (final layer) and greedy-CTC CER and WER in percent."""
     was_training = model.training
     model.eval()
@@ -32,8 +274,13 @@ def evaluate_ctc(model: ASRModel, loader, tokenizer: Tokenizer, device: str | to
         log_probs, lens = model.ctc_log_probs(feats, feat_lens)
         targets = batch["targets"][~padding_mask(batch["target_lens"], batch["targets"].size(1))]
         loss = F.ctc_loss(
-            log_probs.transpose(0, 1).float(), targets.to(device), lens, batch["target_lens"].to(device),
-            blank=0, reduction="sum", zero_infinity=True,
+            log_probs.transpose(0, 1).float(),
+            targets.to(device),
+            lens,
+            batch["target_lens"].to(device),
+            blank=0,
+            reduction="sum",
+            zero_infinity=True,
         )
         total_loss += loss.item()
         count += feats.size(0)

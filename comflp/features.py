@@ -102,4 +102,6 @@ def load_cmvn(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: CMVN statistics not found (run stage 1)")
     stats = json.loads(Path(path).read_text())
-    return torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
+    return torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(
+        stats["std"], dtype=torch.float32
+    )

@@ -42,7 +42,9 @@ class PositionalEncoding(nn.Module):
     @staticmethod
     def _table(d_model: int, max_len: int) -> torch.Tensor:
         pos = torch.arange(max_len, dtype=torch.float32)[:, None]
-        div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        div = torch.exp(
+            torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+        )
         pe = torch.zeros(max_len, d_model)
         pe[:, 0::2] = torch.sin(pos * div)
         pe[:, 1::2] = torch.cos(pos * div)
@@ -118,7 +120,9 @@ class EncoderLayer(nn.Module):
     residual branches are scaled by 1 / (1 - drop_rate). In eval it always runs, unscaled.
     """
 
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, drop_rate: float):
+    def __init__(
+        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, drop_rate: float
+    ):
         super().__init__()
         self.norm_attn = nn.LayerNorm(d_model)
         self.attn = MultiHeadAttention(d_model, num_heads, dropout)
@@ -141,7 +145,9 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed = Conv2dSubsampling(cfg.input_dim, cfg.d_model, cfg.subsampling_channels, cfg.dropout)
+        self.embed = Conv2dSubsampling(
+            cfg.input_dim, cfg.d_model, cfg.subsampling_channels, cfg.dropout
+        )
         self.layers = nn.ModuleList(
             EncoderLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout, p)
             for p in cfg.layer_drop_rates()
@@ -200,7 +206,11 @@ class Decoder(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.vocab_size)
 
     def forward(
-        self, tokens: torch.Tensor, token_lens: torch.Tensor, memory: torch.Tensor, memory_lens: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        token_lens: torch.Tensor,
+        memory: torch.Tensor,
+        memory_lens: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (B, U, V) for input ``tokens`` (B, U) under a causal mask."""
         u = tokens.size(1)
@@ -221,7 +231,9 @@ class ASRModel(nn.Module):
         super().__init__()
         cfg.validate()
         if cfg.vocab_size < 3:
-            raise ValueError(f"model: 'vocab_size' must be >= 3 (blank, a token, <sos/eos>), got {cfg.vocab_size}")
+            raise ValueError(
+                f"model: 'vocab_size' must be >= 3 (blank, a token, <sos/eos>), got {cfg.vocab_size}"
+            )
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.ctc = nn.Linear(cfg.d_model, cfg.vocab_size)
@@ -241,11 +253,19 @@ class ASRModel(nn.Module):
     def _ctc_loss(self, hidden, hidden_lens, targets, target_lens) -> torch.Tensor:
         log_probs = self.ctc(hidden).log_softmax(-1).transpose(0, 1).float()
         loss = F.ctc_loss(
-            log_probs, targets, hidden_lens, target_lens, blank=0, reduction="sum", zero_infinity=True
+            log_probs,
+            targets,
+            hidden_lens,
+            target_lens,
+            blank=0,
+            reduction="sum",
+            zero_infinity=True,
         )
         return loss / hidden.size(0)
 
-    def _attention_loss(self, memory, memory_lens, targets, target_lens) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention_loss(
+        self, memory, memory_lens, targets, target_lens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Label-smoothed cross entropy of the decoder (teacher forcing) and its token accuracy."""
         b = targets.size(0)
         sos = torch.full((b, 1), self.sos_eos, dtype=targets.dtype, device=targets.device)
@@ -312,11 +332,15 @@ def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRMod
     if bad:
         raise ValueError(f"pruned layers {bad} are outside 1..{num_layers}")
     if not 1 <= len(pruned_set) < num_layers:
-        raise ValueError(f"can prune between 1 and {num_layers - 1} of {num_layers} layers, got {len(pruned_set)}")
+        raise ValueError(
+            f"can prune between 1 and {num_layers - 1} of {num_layers} layers, got {len(pruned_set)}"
+        )
     kept = [k for k in range(1, num_layers + 1) if k not in pruned_set]
     new_index = {old: new for new, old in enumerate(kept, start=1)}
     new_layers = len(kept)
-    interctc = [new_index[k] for k in cfg.interctc_layers if k in new_index and new_index[k] < new_layers]
+    interctc = [
+        new_index[k] for k in cfg.interctc_layers if k in new_index and new_index[k] < new_layers
+    ]
     rates = cfg.layer_drop_rates()
     original = cfg.kept_layers or list(range(1, num_layers + 1))
     new_cfg = copy.deepcopy(cfg)

@@ -58,7 +58,9 @@ VERBS_BASE = (
     "FIND CARRY OPEN CLOSE WATCH PAINT BUILD BUY SELL FIX FOLLOW HELP CALL MEET SEE HEAR "
     "TAKE GIVE SEND BRING HIDE CATCH DRAW WRITE READ MOVE PUSH PULL CLEAN CHECK COUNT LIFT"
 ).split()
-PREPOSITIONS = "NEAR BEHIND UNDER ABOVE BESIDE ACROSS THROUGH INSIDE OUTSIDE AROUND BEYOND TOWARDS".split()
+PREPOSITIONS = (
+    "NEAR BEHIND UNDER ABOVE BESIDE ACROSS THROUGH INSIDE OUTSIDE AROUND BEYOND TOWARDS".split()
+)
 ADVERBS = "SLOWLY QUICKLY QUIETLY CAREFULLY SUDDENLY GENTLY LOUDLY HAPPILY SADLY EARLY LATE TOGETHER".split()
 TIMES = (
     "YESTERDAY|THIS MORNING|LAST NIGHT|IN THE EVENING|AT NOON|ON MONDAY|ON FRIDAY|IN THE SPRING|"
@@ -72,8 +74,21 @@ CONNECTIVES = "AND BUT SO BECAUSE WHILE".split()
 def vocabulary() -> set[str]:
     """Every word the generator can produce."""
     words: set[str] = set()
-    for group in (NAMES, PRONOUNS, ADJECTIVES, COLOURS, NOUNS, VERBS_PAST, VERBS_INTRANSITIVE,
-                  VERBS_BASE, PREPOSITIONS, ADVERBS, NUMBERS, WH_WORDS, CONNECTIVES):
+    for group in (
+        NAMES,
+        PRONOUNS,
+        ADJECTIVES,
+        COLOURS,
+        NOUNS,
+        VERBS_PAST,
+        VERBS_INTRANSITIVE,
+        VERBS_BASE,
+        PREPOSITIONS,
+        ADVERBS,
+        NUMBERS,
+        WH_WORDS,
+        CONNECTIVES,
+    ):
         words.update(group)
     for phrase in TIMES:
         words.update(phrase.split())
@@ -82,7 +97,13 @@ def vocabulary() -> set[str]:
     return words
 
 
-IRREGULAR_PLURALS = {"MAN": "MEN", "WOMAN": "WOMEN", "CHILD": "CHILDREN", "FISH": "FISH", "WOLF": "WOLVES"}
+IRREGULAR_PLURALS = {
+    "MAN": "MEN",
+    "WOMAN": "WOMEN",
+    "CHILD": "CHILDREN",
+    "FISH": "FISH",
+    "WOLF": "WOLVES",
+}
 
 
 def plural(noun: str) -> str:
@@ -161,8 +182,16 @@ class SentenceGenerator:
 
 # --- voices ---------------------------------------------------------------------------------
 
-ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
-           "en-gb-x-gbcwmd"]
+ACCENTS = [
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-us-nyc",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+]
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt"]
 
 
@@ -220,10 +249,22 @@ def check_tools() -> None:
         )
 
 
-def speak(text: str, voice: str, speed: int, pitch: int, out: Path, language_voice: str | None = None) -> None:
+def speak(
+    text: str, voice: str, speed: int, pitch: int, out: Path, language_voice: str | None = None
+) -> None:
     """Synthesise ``text`` with espeak-ng into a 16 kHz mono 16-bit FLAC or WAV at ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    espeak = ["espeak-ng", "-v", language_voice or voice, "-s", str(speed), "-p", str(pitch), "--stdout", text]
+    espeak = [
+        "espeak-ng",
+        "-v",
+        language_voice or voice,
+        "-s",
+        str(speed),
+        "-p",
+        str(pitch),
+        "--stdout",
+        text,
+    ]
     with atomic_path(out) as tmp:
         wav = subprocess.run(espeak, check=True, capture_output=True).stdout
         if not wav:
@@ -238,7 +279,9 @@ def speak(text: str, voice: str, speed: int, pitch: int, out: Path, language_voi
 
 
 def _settings_hash(seed: int, size: int) -> str:
-    blob = json.dumps({"seed": seed, "size": size, "accents": ACCENTS, "variants": VARIANTS, "v": 1})
+    blob = json.dumps(
+        {"seed": seed, "size": size, "accents": ACCENTS, "variants": VARIANTS, "v": 1}
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -266,7 +309,9 @@ def synthesize_subset(root: Path, subset: str, size: int, seed: int, nj: int = 2
         speak(u.text, u.voice, u.speed, u.pitch, u.audio_path(root))
 
     with ThreadPoolExecutor(max(1, nj)) as pool:
-        for _ in tqdm(pool.map(work, todo), total=len(todo), desc=f"espeak-ng {subset}", mininterval=5):
+        for _ in tqdm(
+            pool.map(work, todo), total=len(todo), desc=f"espeak-ng {subset}", mininterval=5
+        ):
             pass
 
     chapters: dict[Path, list[Utterance]] = defaultdict(list)

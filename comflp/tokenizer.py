@@ -76,6 +76,7 @@ def train_tokenizer(texts: list[str], out_dir: Path, token_type: str, vocab_size
         )
     tokenizer = Tokenizer(out_dir / MODEL_NAME)
     atomic_write_text(
-        out_dir / TOKENS_NAME, "".join(f"{piece} {i}\n" for i, piece in enumerate(tokenizer.tokens()))
+        out_dir / TOKENS_NAME,
+        "".join(f"{piece} {i}\n" for i, piece in enumerate(tokenizer.tokens())),
     )
     return tokenizer

@@ -149,6 +149,7 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     epoch, batches_done, step, history = 1, 0, 0, []
+    sums: dict[str, float] = {}  # running sums of the logged losses over the current epoch
 
     ckpt_path = latest_checkpoint(exp_dir) if resume else None
     if ckpt_path is None and any(exp_dir.glob("epoch-*.pt")):
@@ -161,9 +162,17 @@ def train(
         load_state_into(model, ckpt["model"], f"--resume {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        epoch, batches_done, step, history = ckpt["epoch"], ckpt["batches_done"], ckpt["step"], ckpt["history"]
+        epoch, batches_done, step, history = (
+            ckpt["epoch"],
+            ckpt["batches_done"],
+            ckpt["step"],
+            ckpt["history"],
+        )
+        sums = ckpt["epoch_sums"]
         set_rng_state(ckpt["rng"])
-        logging.info(f"resumed from {ckpt_path}: epoch {epoch}, {batches_done} batches into it, step {step}")
+        logging.info(
+            f"resumed from {ckpt_path}: epoch {epoch}, {batches_done} batches into it, step {step}"
+        )
     elif init_state is not None:
         load_state_into(model, init_state, "initial weights")
 
@@ -180,20 +189,28 @@ def train(
 
     dataset = AsrDataset(tokenizer, cmvn)
     dev = eval_loader(dev_cuts, dataset, tc.max_duration, num_workers=tc.num_workers)
-    spec_augment = SpecAugment(
-        time_warp_factor=tc.time_warp_factor,
-        num_feature_masks=tc.num_feature_masks,
-        features_mask_size=tc.features_mask_size,
-        num_frame_masks=tc.num_frame_masks,
-        frames_mask_size=tc.frames_mask_size,
-        p=1.0,
-    ) if tc.spec_augment else None
+    spec_augment = (
+        SpecAugment(
+            time_warp_factor=tc.time_warp_factor,
+            num_feature_masks=tc.num_feature_masks,
+            features_mask_size=tc.features_mask_size,
+            num_frame_masks=tc.num_frame_masks,
+            frames_mask_size=tc.frames_mask_size,
+            p=1.0,
+        )
+        if tc.spec_augment
+        else None
+    )
     writer = None
     if dist_info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=step + 1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.startswith("cuda") else nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if amp and device.startswith("cuda")
+        else nullcontext()
+    )
     steps_this_run = 0
 
     def checkpoint(path: Path, epoch_: int, batches_: int) -> None:
@@ -208,6 +225,7 @@ def train(
                     "step": step,
                     "rng": rng_state(),
                     "history": history,
+                    "epoch_sums": sums if batches_ else {},
                     "config": cfg.to_dict(),
                 },
                 path,
@@ -215,8 +233,14 @@ def train(
 
     with _StopRequest() as stop:
         while epoch <= tc.num_epochs:
-            sampler = train_sampler(train_cuts, tc.max_duration, tc.num_buckets, tc.seed,
-                                    dist_info.world_size, dist_info.rank)
+            sampler = train_sampler(
+                train_cuts,
+                tc.max_duration,
+                tc.num_buckets,
+                tc.seed,
+                dist_info.world_size,
+                dist_info.rank,
+            )
             sampler.set_epoch(epoch)
             loader = DataLoader(
                 dataset,
@@ -228,21 +252,32 @@ def train(
             )
             model.train()
             t0 = time.time()
-            sums: dict[str, float] = {}
-            count = 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{tc.num_epochs}", disable=not dist_info.is_main,
-                       initial=batches_done, mininterval=2 if os.isatty(2) else 60, unit="batch")
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch}/{tc.num_epochs}",
+                disable=not dist_info.is_main,
+                initial=batches_done,
+                mininterval=2 if os.isatty(2) else 60,
+                unit="batch",
+            )
             for batch in bar:
                 feats = batch["feats"]
                 if spec_augment is not None:
                     segments = torch.stack(
-                        [torch.arange(feats.size(0)), torch.zeros_like(batch["feat_lens"]), batch["feat_lens"]], 1
+                        [
+                            torch.arange(feats.size(0)),
+                            torch.zeros_like(batch["feat_lens"]),
+                            batch["feat_lens"],
+                        ],
+                        1,
                     ).int()
                     feats = spec_augment(feats, segments)
                 with autocast:
                     loss, stats = ddp_model(
-                        feats.to(device), batch["feat_lens"].to(device),
-                        batch["targets"].to(device), batch["target_lens"].to(device),
+                        feats.to(device),
+                        batch["feat_lens"].to(device),
+                        batch["targets"].to(device),
+                        batch["target_lens"].to(device),
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -255,10 +290,13 @@ def train(
                 step += 1
                 steps_this_run += 1
                 batches_done += 1
-                count += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{stats['loss']:.2f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(
+                    loss=f"{stats['loss']:.2f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                    refresh=False,
+                )
                 if writer is not None and step % 10 == 0:
                     for k, v in stats.items():
                         writer.add_scalar(f"train/{k}", v, step)
@@ -268,8 +306,10 @@ def train(
                     checkpoint(exp_dir / LATEST_NAME, epoch, batches_done)
                 if stop.requested or (stop_after_steps and steps_this_run >= stop_after_steps):
                     checkpoint(exp_dir / LATEST_NAME, epoch, batches_done)
-                    logging.info(f"stopped at step {step} (epoch {epoch}, batch {batches_done}); "
-                                 f"rerun with --resume true to continue")
+                    logging.info(
+                        f"stopped at step {step} (epoch {epoch}, batch {batches_done}); "
+                        f"rerun with --resume true to continue"
+                    )
                     bar.close()
                     if writer is not None:
                         writer.close()
@@ -277,8 +317,13 @@ def train(
             bar.close()
 
             train_time = time.time() - t0
-            record = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_time": train_time}
-            record.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                "train_time": train_time,
+            }
+            record.update({f"train_{k}": v / max(batches_done, 1) for k, v in sums.items()})
             if dist_info.is_main:
                 dev_metrics = evaluate_ctc(model, dev, tokenizer, device)
                 record.update({f"dev_{k}": v for k, v in dev_metrics.items() if k != "num_utts"})
@@ -290,7 +335,7 @@ def train(
                 for k in ("loss", "cer", "wer"):
                     writer.add_scalar(f"dev/{k}", dev_metrics[k], epoch)
             history.append(record)
-            epoch, batches_done = epoch + 1, 0
+            epoch, batches_done, sums = epoch + 1, 0, {}
             checkpoint(exp_dir / f"epoch-{epoch - 1}.pt", epoch, 0)
             if dist_info.is_main:
                 (exp_dir / LATEST_NAME).unlink(missing_ok=True)
@@ -318,14 +363,23 @@ def select_for_average(exp_dir: Path, history: list[dict], n: int, by: str) -> l
     available = {int(p.stem.split("-")[1]): p for p in epoch_checkpoints(exp_dir)}
     epochs = [r["epoch"] for r in history if r["epoch"] in available]
     if by == "best":
-        epochs = sorted(epochs, key=lambda e: next(r["dev_loss"] for r in history if r["epoch"] == e))[:n]
+        epochs = sorted(
+            epochs, key=lambda e: next(r["dev_loss"] for r in history if r["epoch"] == e)
+        )[:n]
     else:
         epochs = epochs[-n:]
     return [available[e] for e in sorted(epochs)]
 
 
-def finish(cfg: ExperimentConfig, exp_dir: Path, model: ASRModel, history: list[dict], dev_loader,
-           tokenizer: Tokenizer, device: str) -> dict:
+def finish(
+    cfg: ExperimentConfig,
+    exp_dir: Path,
+    model: ASRModel,
+    history: list[dict],
+    dev_loader,
+    tokenizer: Tokenizer,
+    device: str,
+) -> dict:
     """Average the selected checkpoints into ``model.pt``, score it on dev, plot the curves."""
     tc = cfg.train
     chosen = select_for_average(exp_dir, history, tc.average_checkpoints, tc.average_by)

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

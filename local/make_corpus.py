@@ -30,7 +30,9 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus_dir", type=Path, required=True)
     parser.add_argument("--num_train", type=int, default=3000)
     parser.add_argument("--num_dev", type=int, default=200)

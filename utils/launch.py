@@ -31,8 +31,15 @@ class Task:
     command: str
 
 
+def substitute(text: str, var: str, index: int | None) -> str:
+    """Replace the task variable (a whole word) by the task number."""
+    return text if index is None else re.sub(rf"\b{var}\b", str(index), text)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Task]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", default="local", choices=["local"])
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--mem", default=None)
@@ -57,12 +64,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Task]]:
         parser.error(f"the log name {log} must contain {var} for a task array")
     tasks = []
     for i in indices:
-        def sub(s: str) -> str:
-            return s if i is None else re.sub(rf"\b{var}\b", str(i), s)
-
-        words = [sub(w) for w in command]
+        words = [substitute(w, var, i) for w in command]
         script = words[0] if len(words) == 1 else shlex.join(words)
-        tasks.append(Task(i, Path(sub(log)), script))
+        tasks.append(Task(i, Path(substitute(log, var, i)), script))
     return opts, tasks
 
 
@@ -74,8 +78,9 @@ def run_local(task: Task, num_threads: int, echo: bool) -> int:
     with task.log.open("w") as log:
         log.write(f"# {task.command}\n# Started at {time.ctime(start)}\n#\n")
         log.flush()
-        proc = subprocess.Popen(["bash", "-c", task.command], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            ["bash", "-c", task.command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):
             text = chunk.decode(errors="replace")
@@ -99,7 +104,9 @@ def main(argv: list[str]) -> int:
     failed = [t for t, c in zip(tasks, codes) if c != 0]
     if failed:
         logs = ", ".join(str(t.log) for t in failed)
-        print(f"launch.py: {len(failed)} of {len(tasks)} task(s) failed; see {logs}", file=sys.stderr)
+        print(
+            f"launch.py: {len(failed)} of {len(tasks)} task(s) failed; see {logs}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -1,0 +1,400 @@
+"""Layer-similarity measures of CoMFLP and the layer-to-layer correlation matrix.
+
+Every measure compares two representations of the same N samples (rows): ``x`` (N, D1) and
+``y`` (N, D2). All arithmetic is float64 on the device of the (first) input.
+
+| measure | value | options (default) |
+| --- | --- | --- |
+| ``dc`` | distance correlation dCor^2 of L2-normalised rows, in [0, 1] | ``batch_size`` (None) |
+| ``svcca`` | mean canonical correlation after SVD reduction, in [0, 1] | ``threshold`` (0.99) |
+| ``pwcca`` | projection-weighted CCA, weighted by x's neurons, in [0, 1] | ``threshold`` (1.0) |
+| ``cka`` | linear CKA, in [0, 1] | none |
+| ``cosine`` | mean cosine similarity of paired rows (D1 == D2), in [-1, 1] | none |
+
+``dc`` reports dCor^2, not its square root: the CoMFLP code (github.com/louislau1129/CoMFLP,
+``DC.py``: ``distance_correlation_from_distmat``, used by ``dc_analysis.py`` to write the
+published ``dump/dc_mat_mean_bs*_iter10.npy``) returns
+``mean(A * B) / sqrt(mean(A * A) * mean(B * B))`` for double-centred distance matrices A and
+B, which is dCov^2 / sqrt(dVar^2(x) dVar^2(y)) = dCor^2 (Szekely et al. 2007). We follow it
+(without its 1e-12 / 1e-9 stabilising epsilons) so our matrices are on the published scale.
+
+``svcca`` keeps, per input, the fewest top singular directions of the column-centred data
+whose singular values hold ``threshold`` of their sum; ``pwcca`` (Morcos et al. 2018) uses the
+same reduction, by default none (``threshold=1.0``: plain CCA on the numerical rank), and is
+not symmetric. Both need N well above the kept dimensions: when the two kept subspaces fill
+most of the (N-1)-dimensional centred sample space, the correlations tend to 1 whatever the
+data. With D = 1, the L2-normalised rows of ``dc`` are just the signs of the values.
+
+A degenerate input whose normalising term is zero (all rows equal for ``dc``/``cka``/
+``svcca``/``pwcca``, a zero row for ``cosine``) contributes similarity 0, not NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+
+MEASURES = ("dc", "svcca", "pwcca", "cka", "cosine")
+
+# Default value of every option each measure accepts.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dc": {"batch_size": None},
+    "svcca": {"threshold": 0.99},
+    "pwcca": {"threshold": 1.0},
+    "cka": {},
+    "cosine": {},
+}
+
+# Working memory for the N x N kernel rows that correlation_matrix stacks over all layers.
+_CHUNK_BYTES = 256 * 2**20
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _resolve_options(measure: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check ``measure`` and its options; return the options with defaults filled in."""
+    if measure not in _DEFAULTS:
+        raise ValueError(f"unknown measure {measure!r}; valid measures: {', '.join(MEASURES)}")
+    allowed = _DEFAULTS[measure]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        valid = ", ".join(allowed) if allowed else "none"
+        names = ", ".join(unknown)
+        raise ValueError(
+            f"unknown option(s) {names} for measure {measure!r}; valid options: {valid}"
+        )
+    resolved = {**allowed, **options}
+    if "threshold" in resolved:
+        _check_threshold(resolved["threshold"])
+    if "batch_size" in resolved:
+        _check_batch_size(resolved["batch_size"])
+    return resolved
+
+
+def _check_threshold(threshold: Any) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral):
+        raise ValueError(f"batch_size must be an integer >= 2 or None, got {batch_size!r}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (a batch needs 2 samples), got {batch_size}")
+
+
+def _as_float64(a: Any, name: str, device: torch.device | None) -> torch.Tensor:
+    """One (N, D) representation as a float64 tensor, checked for shape and finiteness."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach().to(device=device or a.device, dtype=torch.float64)
+    else:
+        try:
+            t = torch.from_numpy(np.asarray(a, dtype=np.float64)).to(device or "cpu")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be a numeric (N, D) array ({e})") from None
+    if t.ndim != 2 or t.shape[1] == 0:
+        raise ValueError(
+            f"{name} must be 2-D (N samples, D >= 1 features), got shape {tuple(t.shape)}"
+        )
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+    return t
+
+
+def _prepare(feats: Sequence[Any], names: Sequence[str]) -> list[torch.Tensor]:
+    """Convert and check representations that must share the same N >= 2 samples."""
+    out: list[torch.Tensor] = []
+    for a, name in zip(feats, names, strict=True):
+        out.append(_as_float64(a, name, out[0].device if out else None))
+    n = out[0].shape[0]
+    for t, name in zip(out, names, strict=True):
+        if t.shape[0] != n:
+            raise ValueError(
+                f"{name} has {t.shape[0]} samples but {names[0]} has {n}: "
+                "all representations must have the same number of samples (rows)"
+            )
+    if n < 2:
+        raise ValueError(f"need at least 2 samples (rows), got {n}")
+    return out
+
+
+def _check_same_dims(feats: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    dims = {t.shape[1] for t in feats}
+    if len(dims) > 1:
+        shown = ", ".join(f"{name}: {t.shape[1]}" for t, name in zip(feats, names, strict=True))
+        raise ValueError(f"cosine needs equal feature dimensions, got {shown}")
+
+
+def _batches(n: int, batch_size: int | None) -> list[slice]:
+    """Consecutive full batches of rows; a remainder smaller than ``batch_size`` is dropped."""
+    if batch_size is None:
+        return [slice(0, n)]
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the number of samples {n}")
+    return [slice(i, i + batch_size) for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; zero rows stay zero."""
+    norms = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _distance_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Euclidean distances from rows ``start:stop`` of ``x`` to all rows, (stop - start, N).
+
+    ``x`` must be column-centred: the Gram-matrix formula then cancels little, and equal
+    rows of a constant input come out at distance exactly 0.
+    """
+    sq = (x * x).sum(dim=1)
+    d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (x[start:stop] @ x.T)
+    d2.clamp_(min=0.0)
+    rows = torch.arange(stop - start, device=x.device)
+    d2[rows, rows + start] = 0.0
+    return d2.sqrt_()
+
+
+def _gram_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the linear kernel ``x x^T``."""
+    return x[start:stop] @ x.T
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _dc_input(x: torch.Tensor) -> torch.Tensor:
+    """CoMFLP's preprocessing for dc: L2-normalised rows (centred, which distances ignore)."""
+    return _centre(_unit_rows(x))
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor, low: float) -> torch.Tensor:
+    """``num / den`` clipped to [low, 1]; 0 where ``den`` is 0."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.zeros_like(num)).clamp(low, 1.0)
+
+
+def _reduce(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD reduction of the column-centred ``x`` for (SV/PW)CCA.
+
+    Keeps the fewest top singular directions whose singular values hold ``threshold`` of the
+    singular-value sum (ignoring numerically null directions). Returns ``u`` (N, k), an
+    orthonormal basis of the kept sample-space directions, and ``s v^T`` (k, D), the
+    coordinates of the original neurons (columns) in that basis.
+    """
+    u, s, vh = torch.linalg.svd(_centre(x), full_matrices=False)
+    if s[0] == 0:
+        return u[:, :0], vh[:0]
+    rank = int((s > s[0] * max(x.shape) * torch.finfo(s.dtype).eps).sum())
+    held = torch.cumsum(s[:rank], 0) / s[:rank].sum()
+    wanted = torch.tensor([threshold - 1e-12], dtype=held.dtype, device=held.device)
+    k = min(rank, int(torch.searchsorted(held, wanted)) + 1)
+    return u[:, :k], s[:k, None] * vh[:k]
+
+
+def _cca(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical correlations of two orthonormal bases and the canonical directions.
+
+    Returns ``(rho, p, q)``: the min(k1, k2) correlations, best first, and the coefficients
+    (k1, m), (k2, m) of the canonical variates ``u1 @ p`` and ``u2 @ q``.
+    """
+    p, rho, qh = torch.linalg.svd(u1.T @ u2, full_matrices=False)
+    return rho.clamp(0.0, 1.0), p, qh.T
+
+
+def _projection_weighted(rho: torch.Tensor, coef: torch.Tensor, neurons: torch.Tensor) -> float:
+    """Morcos et al. (2018): weight each correlation by how much of the neurons it accounts for.
+
+    ``alpha_i = sum_j |<h_i, z_j>|`` over the neurons z_j, with h_i = u coef[:, i] and
+    ``<h_i, z_j> = (coef^T s v^T)_ij`` since ``z_j = u (s v^T)[:, j]`` plus a null part.
+    """
+    alpha = (coef.T @ neurons).abs().sum(dim=1)
+    total = float(alpha.sum())
+    return float((alpha * rho).sum()) / total if total > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- one pair
+
+
+def _dc_pair(x: torch.Tensor, y: torch.Tensor) -> float:
+    """dCor^2 of the L2-normalised rows, from explicitly double-centred distance matrices."""
+    a, b = (_distance_rows(_dc_input(t), 0, t.shape[0]) for t in (x, y))
+    a, b = (m - m.mean(0) - m.mean(1, keepdim=True) + m.mean() for m in (a, b))
+    den = ((a * a).sum() * (b * b).sum()).sqrt()
+    return float(_safe_ratio((a * b).sum(), den, 0.0))
+
+
+def _dc_similarity(x: torch.Tensor, y: torch.Tensor, batch_size: int | None) -> float:
+    spans = _batches(x.shape[0], batch_size)
+    return sum(_dc_pair(x[s], y[s]) for s in spans) / len(spans)
+
+
+def _cka_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with X, Y column-centred."""
+    x, y = _centre(x), _centre(y)
+    den = torch.linalg.norm(x.T @ x) * torch.linalg.norm(y.T @ y)
+    return float(_safe_ratio(torch.linalg.norm(y.T @ x) ** 2, den, 0.0))
+
+
+def _svcca_similarity(x: torch.Tensor, y: torch.Tensor, threshold: float) -> float:
+    rho, _, _ = _cca(_reduce(x, threshold)[0], _reduce(y, threshold)[0])
+    return float(rho.mean()) if rho.numel() else 0.0
+
+
+def _pwcca_similarity(x: torch.Tensor, y: torch.Tensor, threshold: float) -> float:
+    (ux, neurons), (uy, _) = _reduce(x, threshold), _reduce(y, threshold)
+    rho, p, _ = _cca(ux, uy)
+    return _projection_weighted(rho, p, neurons)
+
+
+def _cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    den = x.norm(dim=1) * y.norm(dim=1)
+    return float(_safe_ratio((x * y).sum(dim=1), den, -1.0).mean())
+
+
+_PAIR: dict[str, Callable[..., float]] = {
+    "dc": _dc_similarity,
+    "svcca": _svcca_similarity,
+    "pwcca": _pwcca_similarity,
+    "cka": _cka_similarity,
+    "cosine": _cosine_similarity,
+}
+
+
+def similarity(x: Any, y: Any, measure: str, **options: Any) -> float:
+    """Similarity of two representations ``x`` (N, D1) and ``y`` (N, D2) of the same N samples.
+
+    ``measure`` is one of :data:`MEASURES` (see the module docstring for values and options).
+    ``dc`` with ``batch_size=B`` is CoMFLP's batched setting: the mean of dCor^2 over the
+    consecutive batches of B rows; trailing rows that do not fill a whole batch are dropped
+    (as CoMFLP averages full batches only), and B larger than N is an error. ``pwcca`` weights
+    the canonical correlations by the neurons (columns) of ``x``. Raises ValueError for an
+    unknown measure or option, a bad option value, or unusable inputs.
+    """
+    opts = _resolve_options(measure, options)
+    x, y = _prepare([x, y], ["x", "y"])
+    if measure == "cosine":
+        _check_same_dims([x, y], ["x", "y"])
+    return _PAIR[measure](x, y, **opts)
+
+
+# ----------------------------------------------------------------------------- all pairs
+
+
+def _centred_kernel_products(
+    kernel_rows: Callable[[torch.Tensor, int, int], torch.Tensor], inputs: list[torch.Tensor]
+) -> torch.Tensor:
+    """``<H K_l H, H K_m H> / n^2`` for all pairs of the per-layer N x N kernels (H centres).
+
+    ``kernel_rows(x, start, stop)`` gives rows ``start:stop`` of a layer's symmetric kernel.
+    They are built a block of rows at a time for all layers together, so memory stays near
+    ``_CHUNK_BYTES``. With row means m and grand means g of the kernels K and L,
+    ``<H K H, H L H> / n^2 = <K, L> / n^2 - 2 m_K . m_L / n + g_K g_L``.
+    """
+    layers, (n, _) = len(inputs), inputs[0].shape
+    step = max(1, _CHUNK_BYTES // (8 * n * layers))
+    products = torch.zeros(layers, layers, dtype=torch.float64, device=inputs[0].device)
+    means = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = products.new_empty(layers, stop - start, n)
+        for layer, x in enumerate(inputs):
+            block[layer] = kernel_rows(x, start, stop)
+        means.append(block.mean(dim=2))
+        flat = block.reshape(layers, -1)
+        products += flat @ flat.T
+    m = torch.cat(means, dim=1)
+    g = m.mean(dim=1)
+    return products / n**2 - 2.0 * (m @ m.T) / n + g[:, None] * g[None, :]
+
+
+def _kernel_matrix(
+    kernel_rows: Callable[[torch.Tensor, int, int], torch.Tensor], inputs: list[torch.Tensor]
+) -> torch.Tensor:
+    """Centred kernel products normalised to ``c_lm / sqrt(c_ll c_mm)``, symmetric, in [0, 1]."""
+    c = _centred_kernel_products(kernel_rows, inputs)
+    c = (c + c.T) / 2
+    d = c.diagonal().clamp(min=0.0)
+    return _safe_ratio(c, (d[:, None] * d[None, :]).sqrt(), 0.0)
+
+
+def _dc_matrix(feats: list[torch.Tensor], batch_size: int | None) -> torch.Tensor:
+    spans = _batches(feats[0].shape[0], batch_size)
+    total = sum(_kernel_matrix(_distance_rows, [_dc_input(f[s]) for f in feats]) for s in spans)
+    return total / len(spans)
+
+
+def _cka_matrix(feats: list[torch.Tensor]) -> torch.Tensor:
+    return _kernel_matrix(_gram_rows, [_centre(f) for f in feats])
+
+
+def _cosine_matrix(feats: list[torch.Tensor]) -> torch.Tensor:
+    flat = torch.stack([_unit_rows(f) for f in feats]).reshape(len(feats), -1)
+    m = flat @ flat.T / feats[0].shape[0]
+    return ((m + m.T) / 2).clamp(-1.0, 1.0)
+
+
+def _svcca_matrix(feats: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    bases = [_reduce(f, threshold)[0] for f in feats]
+    out = torch.zeros(len(feats), len(feats), dtype=torch.float64)
+    for i in range(len(feats)):
+        for j in range(i, len(feats)):
+            rho, _, _ = _cca(bases[i], bases[j])
+            out[i, j] = out[j, i] = float(rho.mean()) if rho.numel() else 0.0
+    return out
+
+
+def _pwcca_matrix(feats: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """Row i weights by layer i's neurons; one CCA per unordered pair serves both orders."""
+    reduced = [_reduce(f, threshold) for f in feats]
+    out = torch.zeros(len(feats), len(feats), dtype=torch.float64)
+    for i in range(len(feats)):
+        for j in range(i, len(feats)):
+            rho, p, q = _cca(reduced[i][0], reduced[j][0])
+            out[i, j] = _projection_weighted(rho, p, reduced[i][1])
+            out[j, i] = _projection_weighted(rho, q, reduced[j][1])
+    return out
+
+
+_MATRIX: dict[str, Callable[..., torch.Tensor]] = {
+    "dc": _dc_matrix,
+    "svcca": _svcca_matrix,
+    "pwcca": _pwcca_matrix,
+    "cka": _cka_matrix,
+    "cosine": _cosine_matrix,
+}
+
+
+def correlation_matrix(layer_feats: Sequence[Any], measure: str, **options: Any) -> np.ndarray:
+    """(L+1) x (L+1) float64 matrix of ``similarity(layer_feats[i], layer_feats[j], measure)``.
+
+    ``layer_feats`` holds L+1 (N, D) representations in layer-index order (index 0: the
+    encoder input). Per-layer work (distance/Gram matrices, SVD reductions, row norms) is
+    done once; all pairs then come from one matrix product (dc, cka, cosine) or a small CCA
+    per pair (svcca, pwcca). The matrix is symmetric except for ``pwcca``, whose entry
+    [i, j] weights by layer i. Options and errors are those of :func:`similarity`.
+    """
+    opts = _resolve_options(measure, options)
+    if len(layer_feats) == 0:
+        raise ValueError("layer_feats is empty: need one (N, D) array per layer index")
+    names = [f"layer_feats[{i}]" for i in range(len(layer_feats))]
+    feats = _prepare(layer_feats, names)
+    if measure == "cosine":
+        _check_same_dims(feats, names)
+    return _MATRIX[measure](feats, **opts).cpu().numpy().astype(np.float64)
+
+
+__all__ = ["MEASURES", "correlation_matrix", "similarity"]

@@ -1,0 +1,258 @@
+"""Coarse search of CoMFLP: rank layer-pruning proposals by a layer correlation matrix.
+
+Layers are numbered 1..L and the matrix is (L+1) x (L+1), index 0 being the encoder input.
+A proposal (a set of pruned layers) splits into maximal contiguous blocks [a..b]; a block
+scores ``M[a-1][b]`` (how alike the block's input and output are) and the proposal scores the
+mean of its blocks. Higher is better. Every ranking is a stable sort, so ties keep the order
+in which the candidates were generated.
+
+Search modes of :func:`coarse_search`:
+
+- ``exhaustive``: score all C(L, P) proposals (vectorised), in lexicographic order of their
+  layer tuples, and return the best ``top_k``.
+- ``beam``: start from the empty set; each step extends every beam entry by one more layer
+  (entries in beam order, layers ascending), drops repeated sets (the first one generated
+  stays), ranks the partial proposals and keeps the best ``beam_size``. The last step keeps
+  the best ``top_k`` instead, so with ``top_k <= beam_size`` the result is the top of the
+  final beam, and a larger ``top_k`` returns more of the final step's ranking. It returns
+  fewer than ``top_k`` when the last step has fewer distinct candidates.
+- ``greedy``: the beam search with a beam of one. It follows the single greedy path for P - 1
+  steps and returns the best ``top_k`` extensions of that path at the last step; the first
+  result is the greedy proposal itself (``top_k=1`` gives only that one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain, combinations
+from typing import Any
+
+import numpy as np
+
+MODES = ("beam", "greedy", "exhaustive")
+DEFAULT_MAX_EXHAUSTIVE = 2_000_000
+_CHUNK = 65_536  # proposals scored at once by the exhaustive search
+
+
+def blocks_of(layers: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal contiguous runs (a, b), inclusive, of layers: [1, 3, 4] -> [(1, 1), (3, 4)]."""
+    ordered = sorted(int(x) for x in layers)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"layers must be distinct, got {ordered}")
+    blocks: list[tuple[int, int]] = []
+    for layer in ordered:
+        if blocks and blocks[-1][1] == layer - 1:
+            blocks[-1] = (blocks[-1][0], layer)
+        else:
+            blocks.append((layer, layer))
+    return blocks
+
+
+def layers_of(blocks: Iterable[Sequence[int]]) -> tuple[int, ...]:
+    """The sorted layer numbers that inclusive blocks (a, b) cover."""
+    layers: list[int] = []
+    for a, b in blocks:
+        if int(a) > int(b):
+            raise ValueError(f"block [{a}, {b}] ends before it starts")
+        layers.extend(range(int(a), int(b) + 1))
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"blocks overlap: {[list(x) for x in blocks]}")
+    return tuple(sorted(layers))
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A set of pruned layers (1-indexed) and its coarse score."""
+
+    layers: tuple[int, ...]
+    score: float
+
+    def __post_init__(self) -> None:
+        layers = tuple(sorted(int(x) for x in self.layers))
+        if not layers or layers[0] < 1 or len(set(layers)) != len(layers):
+            raise ValueError(f"a proposal needs distinct layer numbers >= 1, got {list(layers)}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "score", float(self.score))
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        return blocks_of(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "blocks": [[a, b] for a, b in self.blocks],
+            "score": self.score,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Proposal:
+        """Inverse of :meth:`to_dict`; ``layers`` or ``blocks`` may be left out, not both."""
+        if "layers" not in d and "blocks" not in d:
+            raise ValueError("a proposal needs 'layers' or 'blocks'")
+        layers = tuple(sorted(d["layers"])) if "layers" in d else layers_of(d["blocks"])
+        if "blocks" in d and layers_of(d["blocks"]) != layers:
+            raise ValueError(f"blocks {d['blocks']} do not match layers {list(layers)}")
+        return cls(layers, d["score"])
+
+
+def validate_matrix(matrix: Any, num_layers: int | None = None) -> np.ndarray:
+    """Check a correlation matrix and return it as float64; ValueError says what is wrong.
+
+    With ``num_layers`` given, the matrix must belong to a model of that many layers.
+    """
+    try:
+        m = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"correlation matrix must be a numeric array ({e})") from None
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"correlation matrix must be a 2-D square array, got shape {m.shape}")
+    if m.shape[0] < 3:
+        raise ValueError(
+            f"correlation matrix is {m.shape[0]} x {m.shape[0]}: need at least 3 x 3 "
+            "(the encoder input and 2 or more layers)"
+        )
+    bad = np.argwhere(~np.isfinite(m))
+    if len(bad):
+        i, j = bad[0]
+        raise ValueError(
+            f"correlation matrix has {len(bad)} non-finite entries (NaN or inf), "
+            f"the first at [{i}, {j}]"
+        )
+    if num_layers is not None and m.shape[0] != num_layers + 1:
+        raise ValueError(
+            f"correlation matrix is {m.shape[0]} x {m.shape[0]}, i.e. for a "
+            f"{m.shape[0] - 1}-layer encoder, but the model has {num_layers} layers "
+            f"(expected {num_layers + 1} x {num_layers + 1})"
+        )
+    return m
+
+
+def _score(m: np.ndarray, layers: Sequence[int]) -> float:
+    """Mean block score, summed left to right exactly as :func:`_combination_scores` does."""
+    blocks = blocks_of(layers)
+    total = 0.0
+    for a, b in blocks:
+        total += m[a - 1, b]
+    return float(total / len(blocks))
+
+
+def score_proposal(matrix: Any, layers: Iterable[int]) -> float:
+    """CoMFLP score of pruning ``layers``: the mean over its blocks [a..b] of ``M[a-1][b]``."""
+    m = np.asarray(matrix, dtype=np.float64)
+    layers = sorted(int(x) for x in layers)
+    num_layers = m.shape[0] - 1
+    if not layers or layers[0] < 1 or layers[-1] > num_layers:
+        raise ValueError(f"layers must be a non-empty subset of 1..{num_layers}, got {layers}")
+    return _score(m, layers)
+
+
+def _check_count(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _ranked(candidates: list[Proposal], keep: int) -> list[Proposal]:
+    """The ``keep`` best, highest score first; a stable sort keeps ties in generation order."""
+    return sorted(candidates, key=lambda p: -p.score)[:keep]
+
+
+def _extensions(beam: list[tuple[int, ...]], num_layers: int) -> list[tuple[int, ...]]:
+    """Every beam entry plus one more layer, in generation order, repeated sets dropped."""
+    seen: dict[tuple[int, ...], None] = {}
+    for layers in beam:
+        for layer in range(1, num_layers + 1):
+            if layer not in layers:
+                seen.setdefault(tuple(sorted((*layers, layer))), None)
+    return list(seen)
+
+
+def _beam_search(m: np.ndarray, num_prune: int, beam_size: int, top_k: int) -> list[Proposal]:
+    beam: list[tuple[int, ...]] = [()]
+    ranked: list[Proposal] = []
+    for step in range(1, num_prune + 1):
+        candidates = [Proposal(c, _score(m, c)) for c in _extensions(beam, m.shape[0] - 1)]
+        ranked = _ranked(candidates, top_k if step == num_prune else beam_size)
+        beam = [p.layers for p in ranked]
+    return ranked
+
+
+def _combinations(num_layers: int, num_prune: int) -> np.ndarray:
+    """All C(L, P) sorted layer tuples as rows of an array, in lexicographic order."""
+    count = math.comb(num_layers, num_prune)
+    flat = chain.from_iterable(combinations(range(1, num_layers + 1), num_prune))
+    return np.fromiter(flat, dtype=np.int32, count=count * num_prune).reshape(count, num_prune)
+
+
+def _combination_scores(m: np.ndarray, combos: np.ndarray) -> np.ndarray:
+    """Scores of many proposals at once, one row of sorted layers each."""
+    n, p = combos.shape
+    gap = np.diff(combos, axis=1) != 1
+    starts = np.concatenate([np.ones((n, 1), dtype=bool), gap], axis=1)
+    ends = np.concatenate([gap, np.ones((n, 1), dtype=bool)], axis=1)
+    # the block holding position i ends at the first block end at or after i; ends increase
+    end_or_max = np.where(ends, combos, m.shape[0])
+    block_end = np.minimum.accumulate(end_or_max[:, ::-1], axis=1)[:, ::-1]
+    total = np.zeros(n)
+    for i in range(p):  # a loop over positions, not proposals; adds in the order _score does
+        total += np.where(starts[:, i], m[combos[:, i] - 1, block_end[:, i]], 0.0)
+    return total / starts.sum(axis=1)
+
+
+def _exhaustive_search(
+    m: np.ndarray, num_prune: int, top_k: int, max_exhaustive: int
+) -> list[Proposal]:
+    num_layers = m.shape[0] - 1
+    count = math.comb(num_layers, num_prune)
+    if count > max_exhaustive:
+        raise ValueError(
+            f"exhaustive search over C({num_layers}, {num_prune}) = {count} proposals exceeds "
+            f"max_exhaustive={max_exhaustive}; raise max_exhaustive (--max_exhaustive) "
+            "or use the beam search"
+        )
+    combos = _combinations(num_layers, num_prune)
+    scores = np.concatenate(
+        [_combination_scores(m, combos[i : i + _CHUNK]) for i in range(0, count, _CHUNK)]
+    )
+    best = np.argsort(-scores, kind="stable")[:top_k]
+    return [Proposal(tuple(combos[i].tolist()), scores[i]) for i in best]
+
+
+def coarse_search(
+    matrix: Any,
+    num_prune: int,
+    mode: str = "beam",
+    beam_size: int = 10,
+    top_k: int = 10,
+    max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
+) -> list[Proposal]:
+    """Best proposals for pruning ``num_prune`` layers, best first (modes: module docstring).
+
+    ``exhaustive`` refuses (ValueError) when C(L, P) exceeds ``max_exhaustive``;
+    ``beam_size`` is used by ``beam`` only.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
+    m = validate_matrix(matrix)
+    num_layers = m.shape[0] - 1
+    _check_count("num_prune", num_prune, 1, num_layers - 1)
+    _check_count("beam_size", beam_size, 1)
+    _check_count("top_k", top_k, 1)
+    _check_count("max_exhaustive", max_exhaustive, 1)
+    if mode == "exhaustive":
+        return _exhaustive_search(m, num_prune, top_k, max_exhaustive)
+    return _beam_search(m, num_prune, 1 if mode == "greedy" else beam_size, top_k)
+
+
+def format_proposals(proposals: Sequence[Proposal]) -> str:
+    """A small text table: rank, score, pruned blocks."""
+    lines = [f"{'rank':>4}  {'score':>10}  blocks"]
+    for rank, p in enumerate(proposals, 1):
+        blocks = " ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in p.blocks)
+        lines.append(f"{rank:>4}  {p.score:>10.6f}  {blocks}")
+    return "\n".join(lines)

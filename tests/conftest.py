@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny built-in corpus and a tiny trained baseline, made once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# Stage options for the tiny pipeline (kept small: the whole 0-3 run takes well under a minute).
+TINY_OPTIONS = [
+    "--num_train",
+    "48",
+    "--num_dev",
+    "8",
+    "--num_test",
+    "8",
+    "--nbpe",
+    "48",
+    "--train_config",
+    str(REPO / "conf/train_tiny.yaml"),
+    "--nj",
+    "2",
+]
+
+
+def run_cmd(
+    args: list[str],
+    cwd: Path | None = None,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; on unexpected failure show it in the assertion."""
+    proc = subprocess.run(
+        [str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def run_sh(workdir: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``run.sh`` from ``workdir`` (where data/ and exp/ go)."""
+    return run_cmd([REPO / "run.sh", *options], cwd=workdir, check=check)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict:
+    """Stages 0-3 of run.sh on a tiny built-in corpus with the tiny config; times per stage."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    times = {}
+    for stage in range(4):
+        t0 = time.time()
+        run_sh(workdir, "--stage", str(stage), "--stop_stage", str(stage), *TINY_OPTIONS)
+        times[stage] = time.time() - t0
+    return {"workdir": workdir, "exp_dir": workdir / "exp/baseline", "times": times}
+
+
+@pytest.fixture
+def tiny_data(pipeline, monkeypatch) -> dict:
+    """Paths of the tiny pipeline's manifests, tokenizer and CMVN.
+
+    Manifests hold paths relative to the recipe directory (as in ESPnet and icefall), so the
+    test runs from the pipeline's directory.
+    """
+    w = pipeline["workdir"]
+    monkeypatch.chdir(w)
+    return {
+        "train": w / "data/fbank/cuts_train-clean-100.jsonl.gz",
+        "dev": w / "data/fbank/cuts_dev-clean.jsonl.gz",
+        "test": w / "data/fbank/cuts_test-clean.jsonl.gz",
+        "lang_dir": w / "data/lang_bpe48",
+        "cmvn": w / "data/fbank/cmvn.json",
+        "corpus_dir": w / "data/builtin_corpus",
+    }
+
+
+@pytest.fixture
+def env_without(tmp_path):
+    """Build an environment whose PATH lacks some tools (for missing-dependency tests)."""
+
+    def make(missing: set[str], fake_uid: int | None = None) -> dict:
+        bin_dir = tmp_path / "fakebin"
+        bin_dir.mkdir(exist_ok=True)
+        for directory in os.environ["PATH"].split(os.pathsep):
+            d = Path(directory)
+            if not d.is_dir():
+                continue
+            for tool in d.iterdir():
+                link = bin_dir / tool.name
+                if tool.name in missing or link.exists():
+                    continue
+                link.symlink_to(tool)
+        if fake_uid is not None:
+            (bin_dir / "id").unlink(missing_ok=True)
+            (bin_dir / "id").write_text(f"#!/bin/sh\necho {fake_uid}\n")
+            (bin_dir / "id").chmod(0o755)
+        return {**os.environ, "PATH": str(bin_dir)}
+
+    return make
