@@ -5,15 +5,19 @@
 # Per-corpus recipes (egs/*/run.sh) call this script from their own directory: data/ and exp/
 # are always relative to the current directory.
 set -euo pipefail
+run_command="$0 $*"
 comflp_root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # ---- general ----
 stage=0                 # first stage to run
-stop_stage=3            # last stage to run
+stop_stage=6            # last stage to run
 nj=2                    # parallel jobs for data preparation and feature extraction
 # ---- corpus (stage 0) ----
-corpus=builtin          # builtin (espeak-ng synthesis) | librispeech
-corpus_dir=             # corpus location; builtin default: data/builtin_corpus
+corpus=builtin          # builtin (espeak-ng synthesis) | librispeech | aishell | kaldi
+corpus_dir=             # corpus location (kaldi: one data dir per subset); builtin default: data/builtin_corpus
+download=false          # librispeech, aishell: download with lhotse first (corpus_dir must end in LibriSpeech or aishell)
+download_url=http://www.openslr.org/resources  # OpenSLR or a mirror
+speed_perturb=false     # stage 1: add 0.9x and 1.1x speed copies of the training set
 train_set=train-clean-100
 dev_set=dev-clean
 test_sets=test-clean    # space-separated
@@ -30,12 +34,41 @@ train_config=conf/train.yaml
 exp_dir=exp/baseline    # the baseline's experiment directory
 resume=true             # continue from the latest checkpoint when there is one
 device=auto             # auto | cpu | cuda
+ngpu=0                  # GPUs per training job; > 1 trains with DDP (nccl) through torchrun
+nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo)
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
+# ---- CoMFLP search (stages 4-6) ----
+calib_set=              # set the calibration subset is drawn from (default: the training set)
+calib_num_utts=320      # calibration utterances (CoMFLP: 10 batches of 32)
+pooling=mean            # mean (utterance level) | frames
+frames_per_utt=0        # frames pooling: random frames kept per utterance (0: all)
+measures="dc svcca cka" # correlation measures; each gets its own matrix and search
+dc_batch_size=32        # dc: mean of DC over batches of this many utterances (CoMFLP's setting)
+svcca_threshold=0.99    # svcca: singular-value mass kept
+num_prune="6"           # layers to prune; several values allowed, e.g. "2 4 6"
+search_mode=beam        # beam | greedy | exhaustive
+beam_size=10
+top_k=10                # proposals passed to the fine search
+fine_metric=cer         # cer | wer | ctc_loss
+fine_num_utts=320       # dev utterances of the fine search
+prefix_cache=true       # fine search: compute layers shared by candidates once
+# ---- comparison and decoding (stage 7) ----
+random_seeds=5          # random layer selections per P
+glp=true                # run GLP, the greedy metric-based search
+oracle_max_evaluations=1000  # exhaustive metric search when C(L, P) is at most this (0: never)
+decoding_method=ctc_greedy_search  # ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring
+decode_beam_size=10
+decode_nj=2             # decoding jobs per set (a job array)
+# ---- fine-tuning (stage 8) ----
+finetune_config=conf/finetune.yaml
+finetune_measure=       # fine-tune the fine-searched model of this measure (default: the first of measures)
 
 help_message="Usage: $0 [--stage N] [--stop_stage M] [--name value ...]
-Stages: 0 data preparation, 1 features, 2 tokenizer, 3 train the baseline.
+Stages: 0 data preparation, 1 features, 2 tokenizer, 3 train the baseline,
+4 dump layer outputs, 5 correlation matrices, 6 coarse + fine search,
+7 compare layer-selection methods (decode, score, RESULTS.md), 8 fine-tune the pruned model.
 Options (defaults in brackets):
-$(sed -n '/^# ---- general/,/^train_args=/p' "$0" | grep -E '^[a-z_]+=' | sed -E 's/^([a-z_]+)=("[^"]*"|[^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
+$(sed -n '/^# ---- general/,/^finetune_measure=/p' "$0" | grep -E '^[a-z_]+=' | sed -E 's/^([a-z_]+)=("[^"]*"|[^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
 
 . "$comflp_root/utils/parse_options.sh"
 . "$comflp_root/utils/log.sh"
@@ -43,11 +76,12 @@ $(sed -n '/^# ---- general/,/^train_args=/p' "$0" | grep -E '^[a-z_]+=' | sed -E
 if [ -f ./cmd.sh ]; then . ./cmd.sh; else . "$comflp_root/cmd.sh"; fi
 
 [[ $stage =~ ^[0-9]+$ && $stop_stage =~ ^[0-9]+$ ]] || die "--stage and --stop_stage must be integers (got '$stage', '$stop_stage')"
+[[ $ngpu =~ ^[0-9]+$ && $nproc =~ ^[1-9][0-9]*$ ]] || die "--ngpu must be >= 0 and --nproc >= 1 (got '$ngpu', '$nproc')"
 [ "$stop_stage" -ge "$stage" ] || die "--stop_stage ($stop_stage) is smaller than --stage ($stage): nothing to run"
 case $corpus in
   builtin) corpus_dir=${corpus_dir:-data/builtin_corpus} ;;
-  librispeech) [ -n "$corpus_dir" ] || die "--corpus $corpus needs --corpus_dir" ;;
-  *) die "--corpus must be builtin or librispeech, got '$corpus'" ;;
+  librispeech|aishell|kaldi) [ -n "$corpus_dir" ] || die "--corpus $corpus needs --corpus_dir" ;;
+  *) die "--corpus must be builtin, librispeech, aishell or kaldi, got '$corpus'" ;;
 esac
 case $token_type in
   bpe) lang_dir=data/lang_bpe${nbpe} ;;
@@ -60,6 +94,20 @@ log_dir=exp/log
 
 run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 
+# Training jobs (stages 3 and 8): one process, or torchrun with one process per GPU / CPU slot.
+if [ "$ngpu" -gt 0 ]; then
+  train_job="$cuda_cmd --gpu $ngpu"
+  procs=$ngpu
+else
+  train_job=$train_cmd
+  procs=$nproc
+fi
+if [ "$procs" -gt 1 ]; then
+  train_python=(python -m torch.distributed.run --standalone --nproc_per_node "$procs")
+else
+  train_python=(python)
+fi
+
 if run_stage 0; then
   log "Stage 0: data preparation ($corpus corpus in $corpus_dir)"
   if [ "$corpus" = builtin ]; then
@@ -68,16 +116,19 @@ if run_stage 0; then
         --num_train "$num_train" --num_dev "$num_dev" --num_test "$num_test" \
         --seed "$corpus_seed" --nj "$nj"
   fi
+  layout=$corpus; [ "$corpus" = builtin ] && layout=librispeech  # the built-in corpus is in LibriSpeech's layout
   $train_cmd $log_dir/prepare_data.log \
-    python "$bin/prepare_data.py" --corpus librispeech --corpus_dir "$corpus_dir" \
-      --subsets "$all_sets" --output_dir data/manifests --nj "$nj"
+    python "$bin/prepare_data.py" --corpus "$layout" --corpus_dir "$corpus_dir" \
+      --subsets "$all_sets" --download "$download" --download_url "$download_url" \
+      --output_dir data/manifests --nj "$nj"
 fi
 
 if run_stage 1; then
   log "Stage 1: 80-dim fbank, length filtering, global CMVN"
   $train_cmd $log_dir/compute_fbank.log \
     python "$bin/compute_fbank.py" --manifest_dir data/manifests --output_dir data/fbank \
-      --subsets "$all_sets" --train_set "$train_set" --max_utt_duration "$max_utt_duration" --nj "$nj"
+      --subsets "$all_sets" --train_set "$train_set" --max_utt_duration "$max_utt_duration" \
+      --speed_perturb "$speed_perturb" --nj "$nj"
 fi
 
 if run_stage 2; then
@@ -90,11 +141,96 @@ fi
 if run_stage 3; then
   log "Stage 3: train the baseline with $train_config into $exp_dir"
   # shellcheck disable=SC2086  # train_args holds several words on purpose
-  $train_cmd "$exp_dir/log/train.log" \
-    python "$bin/train.py" --config "$train_config" --exp_dir "$exp_dir" \
+  $train_job "$exp_dir/log/train.log" \
+    "${train_python[@]}" "$bin/train.py" --config "$train_config" --exp_dir "$exp_dir" \
       --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" \
       --lang_dir "$lang_dir" --cmvn data/fbank/cmvn.json --resume "$resume" --device "$device" $train_args
   log "Stage 3 done: $exp_dir/model.pt, curves in $exp_dir/training_curves.png"
+fi
+
+calib_set=${calib_set:-$train_set}
+dump_dir=$exp_dir/dump
+
+if run_stage 4; then
+  log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $dump_dir"
+  $train_cmd "$exp_dir/log/dump_layers.log" \
+    python "$bin/dump_layers.py" --exp_dir "$exp_dir" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
+      --num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
+      --output_dir "$dump_dir" --device "$device"
+fi
+
+if run_stage 5; then
+  for measure in $measures; do
+    log "Stage 5: $measure correlation matrix into $exp_dir/correlation/$measure"
+    $train_cmd "$exp_dir/log/correlation_${measure}.log" \
+      python "$bin/correlation.py" --dump_dir "$dump_dir" --measure "$measure" \
+        --batch_size "$dc_batch_size" --threshold "$svcca_threshold" \
+        --output_dir "$exp_dir/correlation/$measure"
+  done
+fi
+
+if run_stage 6; then
+  for measure in $measures; do
+    for p in $num_prune; do
+      out=$exp_dir/search/${measure}_prune$p
+      log "Stage 6: $search_mode search + fine search ($fine_metric) pruning $p layers by $measure into $out"
+      $train_cmd "$exp_dir/log/search_${measure}_prune$p.log" \
+        python "$bin/search.py" --matrix "$exp_dir/correlation/$measure/matrix.npy" --num_prune "$p" \
+          --mode "$search_mode" --beam_size "$beam_size" --top_k "$top_k" --output "$out/proposals.json" \
+          --exp_dir "$exp_dir" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" \
+          --metric "$fine_metric" --prefix_cache "$prefix_cache" --device "$device"
+    done
+  done
+fi
+
+compare_dir=$exp_dir/compare
+eval_sets="$dev_set $test_sets"
+
+decode_and_score() {  # decode_and_score METHOD_FILE... : decode every eval set, then rebuild the table
+  local set
+  for set in $eval_sets; do
+    log "Stage $1: decoding $set with $decoding_method ($decode_nj parts)"
+    $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$(basename "$2" .json).JOB.log" \
+      python "$bin/decode.py" --methods "$2" --cuts "data/fbank/cuts_${set}.jsonl.gz" \
+        --part JOB --num_parts "$decode_nj" --decoding_method "$decoding_method" \
+        --beam_size "$decode_beam_size" --device "$device" --output_dir "$compare_dir/decode/$set"
+  done
+  local methods=("$compare_dir/methods.json")
+  [ -f "$compare_dir/methods_finetuned.json" ] && methods+=("$compare_dir/methods_finetuned.json")
+  $train_cmd "$compare_dir/log/results.log" \
+    python "$bin/results.py" --exp_dir "$exp_dir" --compare_dir "$compare_dir" --methods "${methods[@]}" \
+      --sets "$eval_sets" --command "$run_command"
+}
+
+if run_stage 7; then
+  log "Stage 7: layers chosen by each method for P in {$num_prune} (GLP and the oracle search run here)"
+  $train_cmd "$compare_dir/log/select_layers.log" \
+    python "$bin/select_layers.py" --exp_dir "$exp_dir" --num_prune "$num_prune" --measures "$measures" \
+      --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" --metric "$fine_metric" \
+      --random_seeds "$random_seeds" --glp "$glp" --oracle_max_evaluations "$oracle_max_evaluations" \
+      --prefix_cache "$prefix_cache" --device "$device" --output "$compare_dir/methods.json"
+  rm -f "$compare_dir/methods_finetuned.json"  # stage 8 adds its rows again
+  decode_and_score 7 "$compare_dir/methods.json"
+  log "Stage 7 done: $exp_dir/RESULTS.md"
+fi
+
+if run_stage 8; then
+  finetune_measure=${finetune_measure:-${measures%% *}}
+  ft_dirs=()
+  for p in $num_prune; do
+    src=$exp_dir/search/${finetune_measure}_prune$p/pruned
+    ft=$exp_dir/finetune/comflp_${finetune_measure}_prune$p
+    log "Stage 8: fine-tune $src into $ft with $finetune_config"
+    $train_job "$ft/log/train.log" \
+      "${train_python[@]}" "$bin/train.py" --config "$finetune_config" --exp_dir "$ft" --init_model "$src/model.pt" \
+        --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" \
+        --resume "$resume" --device "$device"
+    ft_dirs+=("$ft")
+  done
+  python "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
+    --finetuned_dirs "${ft_dirs[@]}" --output "$compare_dir/methods_finetuned.json"
+  decode_and_score 8 "$compare_dir/methods_finetuned.json"
+  log "Stage 8 done: fine-tuned rows added to $exp_dir/RESULTS.md"
 fi
 
 log "Finished stages $stage..$stop_stage"

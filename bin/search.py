@@ -4,15 +4,26 @@
 The coarse search ranks pruning proposals by a layer correlation matrix (CoMFLP: a block
 [a..b] scores M[a-1][b], a proposal the mean of its blocks) and writes them, best first, as a
 JSON list of {"layers", "blocks", "score"}; it also prints them as a table.
+
+Given a model (--exp_dir) and a dev set (--dev_cuts), it goes on to the fine search: each
+proposal's pruned model is evaluated on a dev subset with --metric, the results are written to
+fine_search.json beside --output, and the best pruned model to --pruned_dir.
 """
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
-from comflp.cli import UsageError, add_common_args, run
+from comflp.checkpoint import CMVN_NAME, copy_assets, load_experiment_config, load_model, save_model
+from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
+from comflp.data import AsrDataset, eval_loader, load_cuts, random_subset
+from comflp.features import load_cmvn
+from comflp.fine_search import fine_search
+from comflp.layer_eval import METRICS, load_batches
+from comflp.model import prune_layers
 from comflp.search import (
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
@@ -21,6 +32,8 @@ from comflp.search import (
     format_proposals,
     validate_matrix,
 )
+from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.tokenizer import Tokenizer
 from comflp.utils import atomic_write_json
 
 
@@ -52,9 +65,19 @@ def load_matrix(path: Path) -> np.ndarray:
         raise UsageError(f"--matrix {path}: {e}") from None
 
 
-def coarse(args: argparse.Namespace) -> list[Proposal]:
-    """The coarse search the options ask for, best proposal first."""
+def coarse(args: argparse.Namespace, model_layers: int | None = None) -> list[Proposal]:
+    """The coarse search the options ask for, best proposal first.
+
+    With ``model_layers`` given, the matrix must belong to a model of that depth.
+    """
     matrix = load_matrix(args.matrix)
+    if model_layers is not None:
+        try:
+            validate_matrix(matrix, model_layers)
+        except ValueError as e:
+            raise UsageError(
+                f"--matrix {args.matrix} does not fit --exp_dir {args.exp_dir}: {e}"
+            ) from None
     num_layers = matrix.shape[0] - 1
     if not 1 <= args.num_prune < num_layers:
         raise UsageError(
@@ -74,11 +97,80 @@ def coarse(args: argparse.Namespace) -> list[Proposal]:
     return proposals
 
 
+def fine_search_inputs(args: argparse.Namespace):
+    """Model, tokenizer and dev batches for the fine search, or None when it was not asked for."""
+    if (args.exp_dir is None) != (args.dev_cuts is None):
+        raise UsageError(
+            "the fine search needs both --exp_dir and --dev_cuts (or neither, for coarse only)"
+        )
+    if args.exp_dir is None:
+        return None
+    if args.num_utts < 2:
+        raise UsageError(f"--num_utts must be >= 2, got {args.num_utts}")
+    model = load_model(args.exp_dir, args.checkpoint)
+    tokenizer = Tokenizer(args.exp_dir / TOKENIZER_NAME)
+    cuts = random_subset(load_cuts(args.dev_cuts), args.num_utts, args.seed)
+    dataset = AsrDataset(tokenizer, load_cmvn(args.exp_dir / CMVN_NAME))
+    return model, tokenizer, load_batches(eval_loader(cuts, dataset, args.max_duration))
+
+
 def main(args: argparse.Namespace) -> None:
-    proposals = coarse(args)
-    atomic_write_json(args.output, [p.to_dict() for p in proposals])
-    logging.info(f"wrote {args.output}")
+    inputs = fine_search_inputs(args)
+    start = time.perf_counter()
+    proposals = coarse(args, inputs[0].cfg.num_layers if inputs else None)
+    coarse_seconds = time.perf_counter() - start
+    logging.info(f"coarse search: {coarse_seconds:.3f} s")
     print(format_proposals(proposals))
+    if inputs is None:
+        atomic_write_json(args.output, [p.to_dict() for p in proposals])
+        logging.info(f"wrote {args.output}")
+        return
+
+    model, tokenizer, batches = inputs
+    device = resolve_device(args.device)
+    result = fine_search(
+        model, batches, tokenizer, proposals, args.metric, args.prefix_cache, device
+    )
+    logging.info(
+        f"fine search: {len(proposals)} candidates on {sum(len(b['ids']) for b in batches)} utterances "
+        f"in {result.seconds:.2f} s ({result.layer_evaluations} layer passes per batch, "
+        f"prefix cache {'on' if args.prefix_cache else 'off'})"
+    )
+    for row in result.rows:
+        mark = "*" if row["coarse_rank"] == result.best + 1 else " "
+        print(
+            f"{mark} rank {row['coarse_rank']:>2}  layers {row['layers']}  "
+            f"{args.metric} {row['metric']:.3f}  ({row['seconds']:.2f} s)"
+        )
+    pruned = prune_layers(model, result.best_layers)
+    cfg = load_experiment_config(args.exp_dir)
+    pruned_dir = args.pruned_dir or args.output.parent / "pruned"
+    copy_assets(args.exp_dir, args.exp_dir / CMVN_NAME, pruned_dir)
+    save_model(
+        pruned,
+        cfg,
+        pruned_dir,
+        extra={
+            "pruned_layers": list(result.best_layers),
+            "source": str(args.exp_dir / args.checkpoint),
+        },
+    )
+    atomic_write_json(args.output, [p.to_dict() for p in proposals])
+    atomic_write_json(
+        args.output.parent / "fine_search.json",
+        {
+            **result.to_dict(),
+            "coarse_seconds": coarse_seconds,
+            "num_utts": args.num_utts,
+            "matrix": str(args.matrix),
+            "mode": args.mode,
+            "pruned_dir": str(pruned_dir),
+        },
+    )
+    logging.info(
+        f"best: prune layers {list(result.best_layers)} ({args.metric} {result.rows[result.best]['metric']:.3f}); "
+        f"pruned model in {pruned_dir}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse an exhaustive search over more proposals than this",
     )
     group.add_argument("--output", type=Path, required=True, help="proposals JSON to write")
+    fine = parser.add_argument_group("fine search (needs --exp_dir and --dev_cuts)")
+    fine.add_argument("--exp_dir", type=Path, help="experiment directory of the model to prune")
+    fine.add_argument("--checkpoint", default="model.pt")
+    fine.add_argument("--dev_cuts", type=Path, help="cuts of the dev set")
+    fine.add_argument(
+        "--num_utts", type=int, default=320, help="dev utterances evaluated (random subset)"
+    )
+    fine.add_argument("--seed", type=int, default=0)
+    fine.add_argument("--metric", choices=METRICS, default="cer")
+    fine.add_argument(
+        "--prefix_cache",
+        type=str2bool,
+        default=True,
+        help="compute layers shared by candidates' prefixes once",
+    )
+    fine.add_argument(
+        "--max_duration", type=float, default=100.0, help="seconds of audio per batch"
+    )
+    fine.add_argument(
+        "--pruned_dir",
+        type=Path,
+        help="where the best pruned model goes (default: beside --output)",
+    )
+    fine.add_argument("--device", default="auto")
     add_common_args(parser)
     return parser
 

@@ -44,6 +44,9 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     """Parse arguments, set up logging and threads, run ``main``; known errors exit 1 cleanly."""
     args = parser.parse_args()
     setup_logging(getattr(args, "log_file", None))
+    # Denormal floats appear as training goes on and make CPU arithmetic several times slower
+    # (measured here: 1 s -> 6 s per step by the second epoch); flush them to zero.
+    torch.set_flush_denormal(True)
     if getattr(args, "nthreads", 0):
         torch.set_num_threads(args.nthreads)
     logging.info("command: " + " ".join(sys.argv))

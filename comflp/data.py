@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
@@ -77,6 +78,17 @@ def ctc_feasible(cuts: CutSet, tokenizer: Tokenizer, what: str) -> CutSet:
     if removed:
         logging.info(f"{what}: removed {removed} utterances with more tokens than encoder frames")
     return kept
+
+
+def random_subset(cuts: CutSet, num_utts: int, seed: int) -> CutSet:
+    """``num_utts`` utterances drawn at random (all if there are fewer), in id order."""
+    if num_utts < 2:
+        raise ValueError(f"a subset needs at least 2 utterances, got {num_utts}")
+    ids = sorted(c.id for c in cuts)
+    if num_utts < len(ids):
+        rng = np.random.default_rng(seed)
+        ids = sorted(rng.choice(ids, size=num_utts, replace=False).tolist())
+    return cuts.subset(cut_ids=ids)
 
 
 class SkipFirst:

@@ -41,3 +41,52 @@ def plot_training_curves(history: list[dict], path: Path, final_cer: float | Non
     ax_cer.grid(alpha=0.3)
     fig.suptitle("Baseline training")
     _save(fig, path)
+
+
+def plot_matrix(matrix, path: Path, title: str) -> None:
+    """Heatmap of an (L+1) x (L+1) layer correlation matrix, labelled 'in', 1..L."""
+    n = matrix.shape[0]
+    labels = ["in"] + [str(k) for k in range(1, n)]
+    size = max(5.0, 0.45 * n)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
+    ax.set_xticks(range(n), labels, fontsize=8 if n <= 25 else 5)
+    ax.set_yticks(range(n), labels, fontsize=8 if n <= 25 else 5)
+    ax.set_xlabel("layer index (output of layer k; 'in' = encoder input)")
+    ax.set_ylabel("layer index")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                value = matrix[i, j]
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if value > 0.6 else "white",
+                )
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_error_vs_prune(rows, test_set: str, path: Path) -> None:
+    """Test WER and CER against the number of pruned layers, one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    base = next((r for r in rows if r.num_prune == 0), None)
+    names = sorted({r.method for r in rows if r.num_prune > 0})
+    for ax, unit in zip(axes, ("wer", "cer")):
+        for i, name in enumerate(names):
+            points = sorted((r.num_prune, r.errors[test_set][unit]) for r in rows if r.method == name)
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="os^vD<>pP*hX"[i % 12], label=name)
+        if base is not None:
+            ax.axhline(base.errors[test_set][unit], color="black", ls="--", label="unpruned")
+        ax.set_xlabel("pruned layers P")
+        ax.set_ylabel(f"{test_set} {unit.upper()} (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Error against the number of pruned layers")
+    _save(fig, path)

@@ -271,7 +271,7 @@ def speak(
             raise RuntimeError(f"espeak-ng produced no audio for {out.name}: {text!r}")
         fmt = out.suffix.lstrip(".")
         subprocess.run(
-            ["sox", "-t", "wav", "-", "-t", fmt, "-r", "16000", "-b", "16", "-c", "1", str(tmp)],
+            ["sox", "-D", "-t", "wav", "-", "-t", fmt, "-r", "16000", "-b", "16", "-c", "1", str(tmp)],
             input=wav,
             check=True,
             capture_output=True,
@@ -280,7 +280,7 @@ def speak(
 
 def _settings_hash(seed: int, size: int) -> str:
     blob = json.dumps(
-        {"seed": seed, "size": size, "accents": ACCENTS, "variants": VARIANTS, "v": 1}
+        {"seed": seed, "size": size, "accents": ACCENTS, "variants": VARIANTS, "v": 2}
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -115,6 +115,16 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _should_stop(signalled: bool, step_limit: bool, dist_info: Dist, device: str) -> bool:
+    """Whether to checkpoint and stop now; under DDP every rank agrees (a signal may reach
+    the ranks at different steps, and a rank leaving alone would hang the others)."""
+    if dist_info.world_size == 1:
+        return signalled or step_limit
+    flag = torch.tensor([float(signalled or step_limit)], device=device)  # nccl needs it on the GPU
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -169,7 +179,11 @@ def train(
             ckpt["history"],
         )
         sums = ckpt["epoch_sums"]
-        set_rng_state(ckpt["rng"])
+        # Under DDP every rank resumes its own generators (dropout, stochastic depth and
+        # SpecAugment draw different numbers on each rank).
+        rank_states = ckpt.get("rng_per_rank") or []
+        same_world = len(rank_states) == dist_info.world_size
+        set_rng_state(rank_states[dist_info.rank] if same_world else ckpt["rng"])
         logging.info(
             f"resumed from {ckpt_path}: epoch {epoch}, {batches_done} batches into it, step {step}"
         )
@@ -214,6 +228,10 @@ def train(
     steps_this_run = 0
 
     def checkpoint(path: Path, epoch_: int, batches_: int) -> None:
+        rank_states = None
+        if dist_info.world_size > 1:
+            rank_states = [None] * dist_info.world_size
+            dist.all_gather_object(rank_states, rng_state())
         if dist_info.is_main:
             save_checkpoint(
                 {
@@ -224,6 +242,7 @@ def train(
                     "batches_done": batches_,
                     "step": step,
                     "rng": rng_state(),
+                    "rng_per_rank": rank_states,
                     "history": history,
                     "epoch_sums": sums if batches_ else {},
                     "config": cfg.to_dict(),
@@ -304,7 +323,12 @@ def train(
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
                 if tc.save_every_n_steps and step % tc.save_every_n_steps == 0:
                     checkpoint(exp_dir / LATEST_NAME, epoch, batches_done)
-                if stop.requested or (stop_after_steps and steps_this_run >= stop_after_steps):
+                if _should_stop(
+                    stop.requested,
+                    bool(stop_after_steps) and steps_this_run >= stop_after_steps,
+                    dist_info,
+                    device,
+                ):
                     checkpoint(exp_dir / LATEST_NAME, epoch, batches_done)
                     logging.info(
                         f"stopped at step {step} (epoch {epoch}, batch {batches_done}); "

@@ -66,6 +66,19 @@ def pipeline(tmp_path_factory) -> dict:
     return {"workdir": workdir, "exp_dir": workdir / "exp/baseline", "times": times}
 
 
+SEARCH_OPTIONS = [
+    "--num_prune", "1 2", "--dc_batch_size", "8", "--calib_num_utts", "24", "--fine_num_utts", "8",
+    "--measures", "dc svcca cka",
+]
+
+
+@pytest.fixture(scope="session")
+def searched(pipeline) -> dict:
+    """Stages 4-6 on the tiny baseline (measures dc, svcca, cka; P = 1 and 2)."""
+    proc = run_sh(pipeline["workdir"], "--stage", "4", "--stop_stage", "6", *TINY_OPTIONS, *SEARCH_OPTIONS)
+    return {**pipeline, "log": proc.stderr}
+
+
 @pytest.fixture
 def tiny_data(pipeline, monkeypatch) -> dict:
     """Paths of the tiny pipeline's manifests, tokenizer and CMVN.

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Stage 4: dump the encoder input and every layer's output for a calibration subset (kaldiio ark/scp)."""
+
+import argparse
+from pathlib import Path
+
+from comflp.checkpoint import CMVN_NAME, load_model
+from comflp.cli import add_common_args, resolve_device, run
+from comflp.data import AsrDataset, eval_loader, load_cuts, random_subset
+from comflp.dump import POOLINGS, dump_layers
+from comflp.features import load_cmvn
+from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.tokenizer import Tokenizer
+
+
+def main(args: argparse.Namespace) -> None:
+    model = load_model(args.exp_dir, args.checkpoint)
+    cuts = random_subset(load_cuts(args.cuts), args.num_utts, args.seed)
+    dataset = AsrDataset(
+        Tokenizer(args.exp_dir / TOKENIZER_NAME), load_cmvn(args.exp_dir / CMVN_NAME)
+    )
+    dump_layers(
+        model,
+        eval_loader(cuts, dataset, args.max_duration),
+        args.output_dir,
+        pooling=args.pooling,
+        frames_per_utt=args.frames_per_utt,
+        seed=args.seed,
+        device=resolve_device(args.device),
+        extra_info={
+            "exp_dir": str(args.exp_dir),
+            "checkpoint": args.checkpoint,
+            "cuts": str(args.cuts),
+        },
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--exp_dir", type=Path, required=True, help="experiment directory of the model"
+    )
+    parser.add_argument("--checkpoint", default="model.pt")
+    parser.add_argument(
+        "--cuts", type=Path, required=True, help="cuts to draw the calibration subset from"
+    )
+    parser.add_argument(
+        "--num_utts", type=int, default=320, help="calibration utterances (CoMFLP: 32 x 10)"
+    )
+    parser.add_argument("--pooling", choices=POOLINGS, default="mean")
+    parser.add_argument(
+        "--frames_per_utt",
+        type=int,
+        default=0,
+        help="frames pooling: random frames kept per utterance (0: all)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max_duration", type=float, default=100.0, help="seconds of audio per batch"
+    )
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--device", default="auto")
+    add_common_args(parser)
+    run(main, parser)

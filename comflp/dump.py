@@ -1,0 +1,154 @@
+"""Stage 4: capture the encoder input and every layer's output over a calibration subset.
+
+One forward pass with forward hooks on the subsampling front end (index 0) and on each
+encoder layer (index k = 1..L). Each batch is pooled and written at once to one Kaldi archive
+per layer index (``layerKK.ark`` + ``layerKK.scp``, one key per utterance), so memory stays
+that of one batch however many utterances are dumped. Pooling:
+
+- ``mean``: the utterance-level mean over its valid (non-padding) frames, a (D,) vector;
+- ``frames``: the valid frames, (T', D), or a random sample of ``frames_per_utt`` of them
+  (the same frames at every layer index, drawn from a generator seeded by the utterance id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import kaldiio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from comflp.model import ASRModel
+from comflp.utils import atomic_write_json
+
+POOLINGS = ("mean", "frames")
+INFO_NAME = "info.json"
+
+
+def layer_file(dump_dir: Path, index: int) -> Path:
+    return Path(dump_dir) / f"layer{index:02d}"
+
+
+class LayerCapture:
+    """Forward hooks that keep the latest output of the front end and of each encoder layer."""
+
+    def __init__(self, model: ASRModel):
+        self.outputs: dict[int, torch.Tensor] = {}
+        modules = [model.encoder.embed, *model.encoder.layers]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _frame_sample(utt_id: str, num_frames: int, frames_per_utt: int, seed: int) -> np.ndarray:
+    if frames_per_utt <= 0 or frames_per_utt >= num_frames:
+        return np.arange(num_frames)
+    digest = hashlib.sha1(f"{seed}/{utt_id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return np.sort(rng.choice(num_frames, size=frames_per_utt, replace=False))
+
+
+@torch.no_grad()
+def dump_layers(
+    model: ASRModel,
+    loader,
+    out_dir: Path,
+    pooling: str = "mean",
+    frames_per_utt: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    extra_info: dict | None = None,
+) -> dict:
+    """Write every layer index's pooled outputs for the utterances of ``loader`` to ``out_dir``.
+
+    The archives are written to a staging directory that replaces ``out_dir`` only when
+    complete. Returns the ``info.json`` contents (settings, utterance ids, dimensions).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    num_indices = model.cfg.num_layers + 1
+    writers = [
+        kaldiio.WriteHelper(f"ark,scp:{layer_file(staging, k)}.ark,{layer_file(staging, k)}.scp")
+        for k in range(num_indices)
+    ]
+    capture = LayerCapture(model)
+    model.eval().to(device)
+    ids: list[str] = []
+    rows = 0
+    try:
+        for batch in tqdm(loader, desc="dump layers", unit="batch", mininterval=10):
+            capture.outputs.clear()
+            _, lens, _ = model.encoder(batch["feats"].to(device), batch["feat_lens"].to(device))
+            hidden = [capture.outputs[k].float().cpu() for k in range(num_indices)]
+            for i, utt_id in enumerate(batch["ids"]):
+                n = int(lens[i])
+                if pooling == "mean":
+                    pooled = [h[i, :n].mean(0).numpy() for h in hidden]
+                else:
+                    keep = torch.from_numpy(_frame_sample(utt_id, n, frames_per_utt, seed))
+                    pooled = [h[i, keep].numpy() for h in hidden]
+                for writer, array in zip(writers, pooled):
+                    writer(utt_id, array)
+                ids.append(utt_id)
+                rows += 1 if pooling == "mean" else len(pooled[0])
+    finally:
+        capture.remove()
+        for writer in writers:
+            writer.close()
+    # The scp files name their archives by path: point them at the final directory.
+    for k in range(num_indices):
+        scp = layer_file(staging, k).with_suffix(".scp")
+        scp.write_text(scp.read_text().replace(str(staging), str(out_dir)))
+    info = {
+        "num_layers": model.cfg.num_layers,
+        "d_model": model.cfg.d_model,
+        "pooling": pooling,
+        "frames_per_utt": frames_per_utt,
+        "seed": seed,
+        "num_utts": len(ids),
+        "num_rows": rows,
+        "utts": ids,
+        "seconds": time.perf_counter() - start,
+        **(extra_info or {}),
+    }
+    atomic_write_json(staging / INFO_NAME, info)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    logging.info(f"{out_dir}: {num_indices} layer indices x {rows} rows ({pooling} pooling)")
+    return info
+
+
+def load_layer_feats(dump_dir: Path) -> list[np.ndarray]:
+    """The L+1 (N, D) arrays of a dump, in layer-index order, rows in utterance order."""
+    dump_dir = Path(dump_dir)
+    info_path = dump_dir / INFO_NAME
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path}: not found (run stage 4, the layer dump)")
+    info = json.loads(info_path.read_text())
+    feats = []
+    for k in range(info["num_layers"] + 1):
+        table = kaldiio.load_scp(str(layer_file(dump_dir, k).with_suffix(".scp")))
+        arrays = [np.atleast_2d(table[utt]) for utt in info["utts"]]
+        feats.append(np.concatenate(arrays, axis=0))
+    return feats

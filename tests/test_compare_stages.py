@@ -1,0 +1,96 @@
+"""Stages 7-8: the comparison table, fine-tuning, and their refusals of bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from comflp.compare import MethodList
+from comflp.strategies import drop_bottom, drop_top, every_other, random_layers
+
+from .conftest import PYTHON, REPO, SEARCH_OPTIONS, TINY_OPTIONS, run_cmd, run_sh
+
+
+def test_fixed_rules():
+    assert drop_top(12, 6) == (7, 8, 9, 10, 11, 12)
+    assert drop_bottom(12, 2) == (1, 2)
+    assert every_other(12, 6) == (2, 4, 6, 8, 10, 12)
+    assert every_other(12, 4) == (3, 6, 9, 12)
+    assert every_other(12, 3) == (4, 8, 12)
+    assert random_layers(12, 6, 3) == random_layers(12, 6, 3)
+    assert len(set(random_layers(12, 6, 3))) == 6
+    with pytest.raises(ValueError, match="between 1 and 11"):
+        drop_top(12, 12)
+
+
+@pytest.fixture(scope="module")
+def compared(searched):
+    proc = run_sh(searched["workdir"], "--stage", "7", "--stop_stage", "8", *TINY_OPTIONS, *SEARCH_OPTIONS,
+                  "--random_seeds", "3", "--decode_nj", "2",
+                  "--finetune_config", str(REPO / "conf/train_tiny.yaml"))
+    return {**searched, "log": proc.stderr}
+
+
+def test_stages_7_and_8_write_the_table(compared):
+    exp = compared["exp_dir"]
+    results = (exp / "RESULTS.md").read_text()
+    for method in ("unpruned", "comflp_dc_coarse", "comflp_dc_fine", "comflp_svcca_fine", "comflp_cka_fine",
+                   "drop_top", "interctc_on_demand", "drop_bottom", "every_other", "random", "glp", "oracle",
+                   "comflp_dc_fine+finetune"):
+        assert f"| {method} |" in results, method
+    assert "3 seeds" in results and "run.sh --stage 7 --stop_stage 8" in results
+    assert (exp / "compare/error_vs_prune.png").stat().st_size > 1000
+    rows = json.loads((exp / "compare/results.json").read_text())["rows"]
+    by = {(r["method"], r["num_prune"]): r for r in rows}
+    assert by[("glp", 2)]["evaluations"] == 4 + 3
+    assert by[("oracle", 2)]["evaluations"] == 6  # C(4, 2)
+    assert by[("comflp_dc_fine", 1)]["evaluations"] == 4  # every 1-layer proposal of 4 layers
+    assert by[("unpruned", 0)]["params"] > by[("drop_top", 2)]["params"]
+    assert by[("drop_top", 2)]["errors"] == by[("interctc_on_demand", 2)]["errors"]
+    # Two decoding parts per set, merged: every dev utterance scored once.
+    scores = json.loads(next((exp / "compare/decode/dev-clean").glob("*prune_none/scores.json")).read_text())
+    assert scores["wer"]["snt"] == 8
+    assert len(list((exp / "compare/decode/dev-clean").glob("*prune_none/part*.json"))) == 2
+    # The fine-tuned model starts from the fine-searched pruned model.
+    ft = MethodList.load(exp / "compare/methods_finetuned.json").methods
+    fine = json.loads((exp / "search/dc_prune2/fine_search.json").read_text())
+    assert [m.original_pruned for m in ft if m.num_prune == 2] == [fine["best_layers"]]
+
+
+def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
+    """Stages 4-7 need nothing but the trained experiment and the data directory."""
+    work = tmp_path / "copy"
+    shutil.copytree(compared["workdir"] / "data", work / "data")
+    exp = work / "exp/baseline"
+    exp.mkdir(parents=True)
+    for name in ("config.yaml", "model.pt", "tokenizer.model", "tokens.txt", "cmvn.json"):
+        shutil.copy(compared["exp_dir"] / name, exp / name)
+    run_sh(work, "--stage", "4", "--stop_stage", "7", *TINY_OPTIONS, "--num_prune", "2", "--measures", "dc",
+           "--dc_batch_size", "8", "--fine_num_utts", "8", "--random_seeds", "2", "--decode_nj", "1")
+    assert "| comflp_dc_fine | 2 |" in (exp / "RESULTS.md").read_text()
+
+
+def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
+    monkeypatch.chdir(compared["workdir"])
+    exp = compared["exp_dir"]
+    base = [PYTHON, REPO / "bin/decode.py", "--output_dir", tmp_path / "out"]
+    proc = run_cmd([*base, "--model_dir", exp, "--cuts", "data/fbank/cuts_nope.jsonl.gz"], check=False)
+    assert proc.returncode == 1 and "manifest not found" in proc.stderr
+    # A pruned checkpoint whose config does not match its weights.
+    broken = tmp_path / "broken"
+    shutil.copytree(exp / "search/dc_prune2/pruned", broken)
+    shutil.copy(exp / "model.pt", broken / "model.pt")
+    proc = run_cmd([*base, "--model_dir", broken, "--cuts", "data/fbank/cuts_dev-clean.jsonl.gz"], check=False)
+    assert proc.returncode == 1 and "checkpoint does not fit the model config" in proc.stderr
+    proc = run_cmd([*base, "--model_dir", exp, "--prune_layers", "2 7", "--cuts",
+                    "data/fbank/cuts_dev-clean.jsonl.gz"], check=False)
+    assert proc.returncode == 1 and "outside 1..4" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_prune_that_does_not_fit_the_model(compared, tmp_path, monkeypatch):
+    monkeypatch.chdir(compared["workdir"])
+    proc = run_cmd([PYTHON, REPO / "bin/select_layers.py", "--exp_dir", compared["exp_dir"], "--num_prune", "2 4",
+                    "--output", tmp_path / "m.json"], check=False)
+    assert proc.returncode == 1 and "between 1 and 3 for the 4-layer model" in proc.stderr
+    assert not (tmp_path / "m.json").exists()

@@ -1,0 +1,289 @@
+"""The LibriSpeech and AISHELL-1 recipes (egs/*/run.sh) end to end on tiny corpora in the real
+corpora's layouts, speed perturbation, the download option, and stage 0's refusals of bad
+corpus directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from lhotse import CutSet
+
+from comflp.config import load_config
+
+from .conftest import PYTHON, REPO, run_cmd
+from .corpora import AISHELL_TRANSCRIPT, build_aishell, build_librispeech
+
+pytestmark = pytest.mark.e2e
+
+TINY = ["--train_config", str(REPO / "conf/train_tiny.yaml"), "--nj", "1"]  # no process pool
+SEARCH = [
+    "--measures", "dc", "--num_prune", "1", "--calib_num_utts", "16", "--dc_batch_size", "8",
+    "--fine_num_utts", "6", "--top_k", "2", "--random_seeds", "2", "--glp", "false",
+    "--oracle_max_evaluations", "0", "--decode_nj", "1",
+]  # fmt: skip
+LIBRISPEECH_SIZES = {
+    "train-clean-100": 10,
+    "train-clean-360": 10,
+    "train-other-500": 10,
+    "dev-clean": 6,
+    "test-clean": 6,
+}
+AISHELL_SIZES = {"train": 30, "dev": 6, "test": 6}
+
+
+def recipe_dir(tmp: Path, name: str) -> Path:
+    """A working directory for egs/<name>: its run.sh and conf/ linked in; data/ and exp/ go here."""
+    work = tmp / "recipes" / name
+    work.mkdir(parents=True)
+    (work / "run.sh").symlink_to(REPO / "egs" / name / "run.sh")
+    (work / "conf").symlink_to(REPO / "egs" / name / "conf")
+    return work
+
+
+def run_recipe(work: Path, *options: str, check: bool = True):
+    return run_cmd([work / "run.sh", *options], cwd=work, check=check)
+
+
+def prepare_data(corpus: str, corpus_dir: Path, subsets: str, out: Path, *extra: str):
+    return run_cmd(
+        [PYTHON, REPO / "bin/prepare_data.py", "--corpus", corpus, "--corpus_dir", corpus_dir,
+         "--subsets", subsets, "--output_dir", out, *extra],
+        check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def librispeech(tmp_path_factory) -> dict:
+    """The LibriSpeech recipe, stages 0-3 then 4-7, on train-960 made of three tiny parts."""
+    tmp = tmp_path_factory.mktemp("librispeech")
+    corpus = build_librispeech(tmp / "LibriSpeech", LIBRISPEECH_SIZES)
+    work = recipe_dir(tmp, "librispeech")
+    options = ["--corpus_dir", str(corpus), "--test_sets", "test-clean", "--nbpe", "48", *TINY]
+    train = run_recipe(work, "--stage", "0", "--stop_stage", "3", *options)
+    search = run_recipe(work, "--stage", "4", "--stop_stage", "7", *options, *SEARCH)
+    return {"work": work, "corpus": corpus, "log": train.stderr + search.stderr}
+
+
+@pytest.fixture(scope="module")
+def aishell(tmp_path_factory) -> dict:
+    """The AISHELL-1 recipe, stages 0-3 then 4-7 (speed perturbation off to stay fast)."""
+    tmp = tmp_path_factory.mktemp("aishell")
+    corpus = build_aishell(tmp / "aishell", AISHELL_SIZES)
+    work = recipe_dir(tmp, "aishell")
+    options = ["--corpus_dir", str(corpus), "--speed_perturb", "false", *TINY]
+    train = run_recipe(work, "--stage", "0", "--stop_stage", "3", *options)
+    search = run_recipe(work, "--stage", "4", "--stop_stage", "7", *options, *SEARCH)
+    return {"work": work, "corpus": corpus, "log": train.stderr + search.stderr}
+
+
+def assert_training_loss_falls(exp: Path) -> None:
+    history = json.loads((exp / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_librispeech_recipe(librispeech):
+    work = librispeech["work"]
+    train = CutSet.from_file(work / "data/manifests/cuts_train-960.jsonl.gz")
+    assert len(train) == 30  # the three training parts in one cut set
+    speakers = {c.supervisions[0].speaker for c in train}
+    assert len(speakers) == 6
+    assert all(c.id == c.supervisions[0].id for c in train)
+    for subset, n in (("dev-clean", 6), ("test-clean", 6)):
+        assert len(CutSet.from_file(work / f"data/manifests/cuts_{subset}.jsonl.gz")) == n
+    assert (work / "data/lang_bpe48/tokenizer.model").is_file()
+    assert_training_loss_falls(work / "exp/baseline")
+    fine = json.loads((work / "exp/baseline/search/dc_prune1/fine_search.json").read_text())
+    assert fine["metric"] == "wer"  # the recipe's task metric
+    results = (work / "exp/baseline/RESULTS.md").read_text()
+    assert "| dev-clean WER |" in results and "| test-clean WER |" in results
+    assert "| comflp_dc_fine | 1 |" in results
+
+
+def test_aishell_recipe(aishell):
+    work = aishell["work"]
+    train = CutSet.from_file(work / "data/manifests/cuts_train.jsonl.gz")
+    assert len(train) == 30  # the wav without a transcript line is skipped
+    assert "skipping 1 .wav files without a transcript line" in aishell["log"]
+    assert "ignoring 1 lines without a .wav file" in aishell["log"]
+    first = sorted(train, key=lambda c: c.id)[0]
+    assert first.id == "BAC009S0002W0121" and first.supervisions[0].speaker == "S0002"
+    text = first.supervisions[0].text
+    assert " " not in text and all("\u4e00" <= ch <= "\u9fff" for ch in text)
+    tokens = (work / "data/lang_char/tokens.txt").read_text().split("\n")
+    assert any(line.split(" ")[0] == text[0] for line in tokens)  # one unit per character
+    assert_training_loss_falls(work / "exp/baseline")
+    fine = json.loads((work / "exp/baseline/search/dc_prune1/fine_search.json").read_text())
+    assert fine["metric"] == "cer"
+    results = (work / "exp/baseline/RESULTS.md").read_text()
+    assert "| dev CER |" in results and "| test CER |" in results
+    scores = json.loads((work / "exp/baseline/compare/results.json").read_text())
+    unpruned = next(r for r in scores["rows"] if r["method"] == "unpruned")
+    assert 0 <= unpruned["errors"]["test"]["cer"] <= 100
+
+
+def test_speed_perturbation_of_the_training_set(aishell, tmp_path):
+    """Stage 1 of the AISHELL-1 recipe with its default --speed_perturb true."""
+    work = recipe_dir(tmp_path, "aishell")
+    shutil.copytree(aishell["work"] / "data/manifests", work / "data/manifests")
+    run_recipe(
+        work,
+        "--stage",
+        "1",
+        "--stop_stage",
+        "1",
+        "--corpus_dir",
+        str(aishell["corpus"]),
+        "--nj",
+        "1",
+    )
+    original = {c.id: c for c in CutSet.from_file(work / "data/manifests/cuts_train.jsonl.gz")}
+    perturbed = {c.id: c for c in CutSet.from_file(work / "data/fbank/cuts_train.jsonl.gz")}
+    assert len(perturbed) == 3 * len(original)
+    for utt_id, cut in original.items():
+        for factor in (0.9, 1.1):
+            copy = perturbed[f"{utt_id}_sp{factor}"]
+            assert copy.duration == pytest.approx(cut.duration / factor, abs=0.01)
+            assert copy.supervisions[0].text == cut.supervisions[0].text
+            assert copy.has_features
+    dev = CutSet.from_file(work / "data/fbank/cuts_dev.jsonl.gz")
+    assert not any("_sp" in c.id for c in dev)
+
+
+def test_recipe_help_shows_its_settings(tmp_path):
+    proc = run_recipe(recipe_dir(tmp_path, "librispeech"), "--help")
+    assert "--train_set train-960" in proc.stdout and "--nbpe 5000" in proc.stdout
+    assert "--stop_stage" in proc.stdout  # the driver's own options follow
+    assert not (tmp_path / "recipes/librispeech/data").exists()
+
+
+@pytest.mark.parametrize("name", ["librispeech", "aishell"])
+def test_recipe_configs_are_valid_and_paper_sized(name):
+    for config, layers in (("train.yaml", 12), ("train_18layer.yaml", 18)):
+        cfg = load_config(REPO / "egs" / name / "conf" / config)
+        assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.num_heads) == (layers, 256, 4)
+        assert cfg.model.ffn_dim == 2048 and cfg.model.decoder_layers == 0
+        assert cfg.model.interctc_weight == 0.3 and cfg.model.stochastic_depth_rate > 0
+    load_config(REPO / "egs" / name / "conf/finetune.yaml")
+    assert "No result has been produced yet" in (REPO / "egs" / name / "RESULTS.md").read_text()
+
+
+def test_download_offline_fails_clearly(tmp_path):
+    corpus_dir = tmp_path / "download/LibriSpeech"
+    url = "http://127.0.0.1:9/resources"  # nothing listens there
+    proc = prepare_data(
+        "librispeech", corpus_dir, "train-960 dev-clean", tmp_path / "out",
+        "--download", "true", "--download_url", url,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"could not download {url}/12/train-clean-100.tar.gz" in proc.stderr
+    assert f"{url}/12/dev-clean.tar.gz" in proc.stderr and "--download false" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "download").glob("*.tar.gz"))  # no empty partial archives left
+
+
+def test_download_needs_lhotse_directory_name(tmp_path):
+    proc = prepare_data(
+        "aishell", tmp_path / "corpus", "train dev test", tmp_path / "out", "--download", "true"
+    )
+    assert proc.returncode == 1
+    assert "must end with /aishell" in proc.stderr and not (tmp_path / "out").exists()
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_librispeech(tmp_path_factory) -> Path:
+    return build_librispeech(
+        tmp_path_factory.mktemp("small") / "LibriSpeech", {"dev-clean": 3, "test-clean": 3}
+    )
+
+
+@pytest.fixture(scope="module")
+def small_aishell(tmp_path_factory) -> Path:
+    return build_aishell(
+        tmp_path_factory.mktemp("small") / "aishell", {"train": 2, "dev": 2, "test": 2}
+    )
+
+
+def test_librispeech_transcript_line_without_audio_is_refused(small_librispeech, tmp_path):
+    corpus = shutil.copytree(small_librispeech, tmp_path / "LibriSpeech")
+    flac = sorted(corpus.glob("test-clean/*/*/*.flac"))[0]
+    flac.unlink()
+    extra = sorted(corpus.glob("dev-clean/*/*"))[0] / "orphan.flac"
+    shutil.copy(sorted(corpus.glob("dev-clean/*/*/*.flac"))[0], extra)
+    out = tmp_path / "out"
+    proc = prepare_data("librispeech", corpus, "dev-clean test-clean", out)
+    assert proc.returncode == 1
+    assert f"{flac}: audio file missing" in proc.stderr and "1 problem(s)" in proc.stderr
+    assert "skipping 1 .flac files without a transcript line" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_dir", "corpus directory does not exist (expected <corpus_dir>/data_aishell/wav/"),
+        ("no_transcript", "transcript file missing (expected"),
+        ("no_test", "data_aishell/wav/test: subset directory does not exist"),
+        ("flat", "no .wav file with a line in"),
+        ("empty_wav", "audio file is empty"),
+        ("empty_text", "empty transcript for BAC009S0764W0121"),
+    ],
+)
+def test_bad_aishell_directories(small_aishell, tmp_path, damage, message):
+    corpus = shutil.copytree(small_aishell, tmp_path / "aishell")
+    wav_dir = corpus / "data_aishell/wav"
+    if damage == "no_dir":
+        shutil.rmtree(corpus)
+    elif damage == "no_transcript":
+        (corpus / AISHELL_TRANSCRIPT).unlink()
+    elif damage == "no_test":
+        shutil.rmtree(wav_dir / "test")
+    elif damage == "flat":  # wavs renamed: none matches the transcript
+        for wav in wav_dir.glob("dev/*/*.wav"):
+            wav.rename(wav.with_name("x" + wav.name))
+    elif damage == "empty_wav":
+        sorted(wav_dir.glob("train/*/*.wav"))[0].write_bytes(b"")
+    else:
+        transcript = corpus / AISHELL_TRANSCRIPT
+        lines = transcript.read_text().splitlines()
+        transcript.write_text(
+            "\n".join("BAC009S0764W0121" if line.startswith("BAC009S0764W0121") else line
+                      for line in lines) + "\n"
+        )  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cuts_dev.jsonl.gz").write_bytes(b"earlier output")
+    proc = prepare_data("aishell", corpus, "train dev test", out)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["cuts_dev.jsonl.gz"]
+    assert (out / "cuts_dev.jsonl.gz").read_bytes() == b"earlier output"
+
+
+def test_aishell_refuses_librispeech_subset_names(small_aishell, tmp_path):
+    proc = prepare_data("aishell", small_aishell, "train-clean-100 dev", tmp_path / "out")
+    assert proc.returncode == 1
+    assert "AISHELL-1 subsets are train, dev, test; got train-clean-100" in proc.stderr
+
+
+def test_recipe_stage_0_refuses_a_missing_corpus(tmp_path):
+    work = recipe_dir(tmp_path, "aishell")
+    proc = run_recipe(
+        work,
+        "--stage",
+        "0",
+        "--stop_stage",
+        "0",
+        "--corpus_dir",
+        str(tmp_path / "nope"),
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "corpus directory does not exist" in (work / "exp/log/prepare_data.log").read_text()
+    assert not (work / "data/manifests").exists()
