@@ -10,7 +10,7 @@ comflp_root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # ---- general ----
 stage=0                 # first stage to run
-stop_stage=6            # last stage to run
+stop_stage=8            # last stage to run
 nj=2                    # parallel jobs for data preparation and feature extraction
 # ---- corpus (stage 0) ----
 corpus=builtin          # builtin (espeak-ng synthesis) | librispeech | aishell | kaldi
@@ -21,13 +21,13 @@ speed_perturb=false     # stage 1: add 0.9x and 1.1x speed copies of the trainin
 train_set=train-clean-100
 dev_set=dev-clean
 test_sets=test-clean    # space-separated
-num_train=3000          # builtin corpus: utterances per subset
+num_train=8000          # builtin corpus: utterances per subset
 num_dev=200
 num_test=200
 corpus_seed=0           # builtin corpus: same seed, same corpus
 # ---- features and units (stages 1-2) ----
 max_utt_duration=20     # seconds; longer utterances are dropped
-token_type=bpe          # bpe | char
+token_type=char         # bpe | char
 nbpe=256                # BPE vocabulary size
 # ---- training (stage 3) ----
 train_config=conf/train.yaml
@@ -35,7 +35,7 @@ exp_dir=exp/baseline    # the baseline's experiment directory
 resume=true             # continue from the latest checkpoint when there is one
 device=auto             # auto | cpu | cuda
 ngpu=0                  # GPUs per training job; > 1 trains with DDP (nccl) through torchrun
-nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo)
+nproc=2                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo), 1 thread each
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
 # ---- CoMFLP search (stages 4-6) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)
@@ -59,6 +59,7 @@ oracle_max_evaluations=1000  # exhaustive metric search when C(L, P) is at most 
 decoding_method=ctc_greedy_search  # ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring
 decode_beam_size=10
 decode_nj=2             # decoding jobs per set (a job array)
+score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)
 # ---- fine-tuning (stage 8) ----
 finetune_config=conf/finetune.yaml
 finetune_measure=       # fine-tune the fine-searched model of this measure (default: the first of measures)
@@ -79,7 +80,8 @@ if [ -f ./cmd.sh ]; then . ./cmd.sh; else . "$comflp_root/cmd.sh"; fi
 [[ $ngpu =~ ^[0-9]+$ && $nproc =~ ^[1-9][0-9]*$ ]] || die "--ngpu must be >= 0 and --nproc >= 1 (got '$ngpu', '$nproc')"
 [ "$stop_stage" -ge "$stage" ] || die "--stop_stage ($stop_stage) is smaller than --stage ($stage): nothing to run"
 case $corpus in
-  builtin) corpus_dir=${corpus_dir:-data/builtin_corpus} ;;
+  builtin) corpus_dir=${corpus_dir:-data/builtin_corpus}
+    [ "$download" = false ] || die "--download true needs --corpus librispeech or aishell (the built-in corpus is synthesised)" ;;
   librispeech|aishell|kaldi) [ -n "$corpus_dir" ] || die "--corpus $corpus needs --corpus_dir" ;;
   *) die "--corpus must be builtin, librispeech, aishell or kaldi, got '$corpus'" ;;
 esac
@@ -124,11 +126,14 @@ if run_stage 0; then
 fi
 
 if run_stage 1; then
-  log "Stage 1: 80-dim fbank, length filtering, global CMVN"
-  $train_cmd $log_dir/compute_fbank.log \
+  log "Stage 1: 80-dim fbank in $nj parts, length filtering, global CMVN"
+  $train_cmd JOB=1:"$nj" $log_dir/compute_fbank.JOB.log \
     python "$bin/compute_fbank.py" --manifest_dir data/manifests --output_dir data/fbank \
       --subsets "$all_sets" --train_set "$train_set" --max_utt_duration "$max_utt_duration" \
-      --speed_perturb "$speed_perturb" --nj "$nj"
+      --speed_perturb "$speed_perturb" --part JOB --num_parts "$nj"
+  $train_cmd $log_dir/merge_fbank.log \
+    python "$bin/merge_fbank.py" --output_dir data/fbank --subsets "$all_sets" --train_set "$train_set" \
+      --num_parts "$nj"
 fi
 
 if run_stage 2; then
@@ -152,11 +157,13 @@ calib_set=${calib_set:-$train_set}
 dump_dir=$exp_dir/dump
 
 if run_stage 4; then
-  log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $dump_dir"
-  $train_cmd "$exp_dir/log/dump_layers.log" \
+  log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $dump_dir ($nj parts)"
+  $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers.JOB.log" \
     python "$bin/dump_layers.py" --exp_dir "$exp_dir" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
       --num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
-      --output_dir "$dump_dir" --device "$device"
+      --part JOB --num_parts "$nj" --output_dir "$dump_dir/parts/JOB" --device "$device"
+  $train_cmd "$exp_dir/log/merge_dump.log" \
+    python "$bin/merge_dump.py" --dump_dir "$dump_dir" --num_parts "$nj"
 fi
 
 if run_stage 5; then
@@ -199,7 +206,7 @@ decode_and_score() {  # decode_and_score METHOD_FILE... : decode every eval set,
   [ -f "$compare_dir/methods_finetuned.json" ] && methods+=("$compare_dir/methods_finetuned.json")
   $train_cmd "$compare_dir/log/results.log" \
     python "$bin/results.py" --exp_dir "$exp_dir" --compare_dir "$compare_dir" --methods "${methods[@]}" \
-      --sets "$eval_sets" --command "$run_command"
+      --sets "$eval_sets" --metrics "$score_metrics" --command "$run_command"
 }
 
 if run_stage 7; then

@@ -15,23 +15,13 @@ from pathlib import Path
 from comflp.checkpoint import CMVN_NAME, load_model
 from comflp.cli import UsageError, add_common_args, resolve_device, run
 from comflp.compare import Method, MethodList
-from comflp.data import AsrDataset, eval_loader, load_cuts
+from comflp.data import AsrDataset, eval_loader, load_cuts, part_of
 from comflp.decode import METHODS, decode_set
 from comflp.features import load_cmvn
 from comflp.model import count_parameters, prune_layers
 from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from comflp.tokenizer import Tokenizer
 from comflp.utils import atomic_write_json
-
-
-def part_of(cuts, part: int, num_parts: int):
-    """Part ``part`` (1-based) of ``num_parts`` contiguous parts, in id order."""
-    if not 1 <= part <= num_parts:
-        raise UsageError(f"--part {part} must be between 1 and --num_parts {num_parts}")
-    ids = sorted(c.id for c in cuts)
-    size, extra = divmod(len(ids), num_parts)
-    start = (part - 1) * size + min(part - 1, extra)
-    return cuts.subset(cut_ids=ids[start : start + size + (part <= extra)])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -46,7 +36,10 @@ def main(args: argparse.Namespace) -> None:
     cuts = load_cuts(args.cuts)
     if len(cuts) == 0:
         raise UsageError(f"--cuts {args.cuts}: the set is empty")
-    cuts = part_of(cuts, args.part, args.num_parts)
+    try:
+        cuts = part_of(cuts, args.part, args.num_parts)
+    except ValueError as e:
+        raise UsageError(f"--part/--num_parts: {e}") from None
     models = {}
     for key, method in methods.unique().items():
         model_dir = Path(method.model_dir)

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Stage 4: dump the encoder input and every layer's output for a calibration subset (kaldiio ark/scp)."""
+"""Stage 4, step 1: dump the encoder input and every layer's output for part --part of --num_parts
+of a calibration subset (kaldiio ark/scp); bin/merge_dump.py joins the parts."""
 
 import argparse
 from pathlib import Path
 
 from comflp.checkpoint import CMVN_NAME, load_model
-from comflp.cli import add_common_args, resolve_device, run
-from comflp.data import AsrDataset, eval_loader, load_cuts, random_subset
+from comflp.cli import UsageError, add_common_args, resolve_device, run
+from comflp.data import AsrDataset, eval_loader, load_cuts, part_of, random_subset
 from comflp.dump import POOLINGS, dump_layers
 from comflp.features import load_cmvn
 from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
@@ -15,7 +16,10 @@ from comflp.tokenizer import Tokenizer
 
 def main(args: argparse.Namespace) -> None:
     model = load_model(args.exp_dir, args.checkpoint)
-    cuts = random_subset(load_cuts(args.cuts), args.num_utts, args.seed)
+    if not 1 <= args.part <= args.num_parts:
+        raise UsageError(f"--part {args.part} must be between 1 and --num_parts {args.num_parts}")
+    calibration = random_subset(load_cuts(args.cuts), args.num_utts, args.seed)
+    cuts = part_of(calibration, args.part, args.num_parts)
     dataset = AsrDataset(
         Tokenizer(args.exp_dir / TOKENIZER_NAME), load_cmvn(args.exp_dir / CMVN_NAME)
     )
@@ -58,7 +62,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--max_duration", type=float, default=100.0, help="seconds of audio per batch"
     )
-    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--part", type=int, default=1, help="which part (1-based) to dump")
+    parser.add_argument("--num_parts", type=int, default=1)
+    parser.add_argument("--output_dir", type=Path, required=True, help="this part's dump directory")
     parser.add_argument("--device", default="auto")
     add_common_args(parser)
     run(main, parser)

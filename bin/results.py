@@ -57,9 +57,12 @@ def main(args: argparse.Namespace) -> None:
             params[key] = merged["params"]
             if s == rtf_set:
                 rtf[key] = timing["rtf"]
+    metrics = tuple(args.metrics.split())
+    if not metrics or set(metrics) - {"wer", "cer"}:
+        raise UsageError(f"--metrics {args.metrics!r}: expected wer, cer or both")
     rows = build_rows(methods, scores, params, rtf)
-    table = results_table(rows, sets)
-    plot_error_vs_prune(rows, sets[-1], args.compare_dir / "error_vs_prune.png")
+    table = results_table(rows, sets, metrics)
+    plot_error_vs_prune(rows, sets[-1], args.compare_dir / "error_vs_prune.png", metrics)
     atomic_write_json(args.compare_dir / "results.json",
                       {"rows": [r.__dict__ for r in rows], "sets": sets, "rtf_set": rtf_set})
     config = (args.exp_dir / "config.yaml").read_text()
@@ -95,6 +98,7 @@ if __name__ == "__main__":
     parser.add_argument("--methods", type=Path, nargs="+", required=True)
     parser.add_argument("--sets", required=True, help="space-separated set names, as decoded")
     parser.add_argument("--rtf_set", default="", help="set whose decoding gives the RTF (default: the last)")
+    parser.add_argument("--metrics", default="wer cer", help="error rates in the table: wer, cer or both")
     parser.add_argument("--command", default="", help="the command line that produced these results")
     add_common_args(parser)
     run(main, parser)

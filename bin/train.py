@@ -35,6 +35,10 @@ def parse_overrides(items: list[str]) -> dict:
 def main(args: argparse.Namespace) -> None:
     dist_info = Dist.from_env()
     device = resolve_device(args.device)
+    if dist_info.world_size > 1 and not args.nthreads:
+        # The processes on this node share its cores (several threads each would thrash).
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if dist_info.world_size > 1:
         import torch.distributed as dist
 
@@ -122,6 +126,4 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", type=str2bool, default=False, help="bf16 autocast on GPU")
     add_common_args(parser)
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
     run(main, parser)

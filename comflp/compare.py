@@ -133,17 +133,21 @@ def _fmt_error(row: Row, s: str, unit: str) -> str:
     return value + (f" ± {row.spread[s][unit]:.2f}" if s in row.spread else "")
 
 
-def results_table(rows: list[Row], sets: list[str]) -> str:
-    """Markdown: method, P, pruned layers, WER/CER per set, parameters, RTF, search cost."""
+def results_table(rows: list[Row], sets: list[str], metrics: tuple[str, ...] = ("wer", "cer")) -> str:
+    """Markdown: method, P, pruned layers, error rates per set, parameters, RTF, search cost.
+
+    ``metrics``: the error rates shown (``wer``, ``cer``); Mandarin, written without spaces,
+    shows CER only.
+    """
     head = ["method", "P", "pruned layers"]
     for s in sets:
-        head += [f"{s} WER", f"{s} CER"]
+        head += [f"{s} {m.upper()}" for m in metrics]
     head += ["params", "RTF", "search (s)", "evaluations"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, str(r.num_prune), r.pruned]
         for s in sets:
-            cells += [_fmt_error(r, s, "wer"), _fmt_error(r, s, "cer")]
+            cells += [_fmt_error(r, s, m) for m in metrics]
         cells += [
             f"{r.params / 1e6:.2f}M",
             f"{r.rtf:.4f}",

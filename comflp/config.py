@@ -101,10 +101,13 @@ class TrainConfig:
     """Optimisation, batching, augmentation and checkpointing of stage 3 (and 8)."""
 
     num_epochs: int = 10
-    max_duration: float = 100.0  # seconds of audio per batch
+    max_duration: float = 100.0  # seconds of audio per optimiser step, over all DDP processes
     num_buckets: int = 10
     lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 500
+    lr_schedule: str = (
+        "noam"  # after warm-up: noam (inverse square root) | cosine (to min_lr at the end)
+    )
     min_lr: float = 1e-5  # floor of the decay after warm-up
     weight_decay: float = 0.0
     grad_clip: float = 5.0
@@ -134,6 +137,8 @@ class TrainConfig:
             raise bad("lr", f"must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule not in ("noam", "cosine"):
+            raise bad("lr_schedule", f"must be 'noam' or 'cosine', got {self.lr_schedule!r}")
         if self.average_by not in ("last", "best"):
             raise bad("average_by", f"must be 'last' or 'best', got {self.average_by!r}")
         if self.average_checkpoints < 1:

@@ -91,6 +91,17 @@ def random_subset(cuts: CutSet, num_utts: int, seed: int) -> CutSet:
     return cuts.subset(cut_ids=ids)
 
 
+def part_of(cuts: CutSet, part: int, num_parts: int) -> CutSet:
+    """Part ``part`` (1-based) of ``num_parts`` contiguous parts of ``cuts`` in id order,
+    the same for every caller: the pieces a job array works on."""
+    if not 1 <= part <= num_parts:
+        raise ValueError(f"part {part} is not between 1 and num_parts {num_parts}")
+    ids = sorted(c.id for c in cuts)
+    size, extra = divmod(len(ids), num_parts)
+    start = (part - 1) * size + min(part - 1, extra)
+    return cuts.subset(cut_ids=ids[start : start + size + (part <= extra)])
+
+
 class SkipFirst:
     """Iterate a sampler from its ``skip``-th batch on (for resuming mid-epoch)."""
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from comflp.model import ASRModel
-from comflp.utils import atomic_write_json
+from comflp.utils import atomic_write_json, atomic_write_text
 
 POOLINGS = ("mean", "frames")
 INFO_NAME = "info.json"
@@ -152,3 +152,35 @@ def load_layer_feats(dump_dir: Path) -> list[np.ndarray]:
         arrays = [np.atleast_2d(table[utt]) for utt in info["utts"]]
         feats.append(np.concatenate(arrays, axis=0))
     return feats
+
+
+def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
+    """Combine the dumps of a job array's parts into one dump in ``out_dir``.
+
+    The per-layer scp files are concatenated in part order (the archives stay in the part
+    directories); ``info.json`` lists every utterance and sums the rows and compute seconds.
+    """
+    infos = []
+    for d in part_dirs:
+        path = Path(d) / INFO_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (run the layer dump for every part)")
+        infos.append(json.loads(path.read_text()))
+    settings = ("num_layers", "d_model", "pooling", "frames_per_utt", "seed")
+    for d, info in zip(part_dirs, infos):
+        if any(info[k] != infos[0][k] for k in settings):
+            raise ValueError(f"{d}: dumped with other settings than {part_dirs[0]}")
+    for k in range(infos[0]["num_layers"] + 1):
+        text = "".join(layer_file(d, k).with_suffix(".scp").read_text() for d in part_dirs)
+        atomic_write_text(layer_file(out_dir, k).with_suffix(".scp"), text)
+    info = {
+        **infos[0],
+        "num_utts": sum(i["num_utts"] for i in infos),
+        "num_rows": sum(i["num_rows"] for i in infos),
+        "utts": [u for i in infos for u in i["utts"]],
+        "seconds": sum(i["seconds"] for i in infos),
+        "num_parts": len(part_dirs),
+    }
+    atomic_write_json(Path(out_dir) / INFO_NAME, info)
+    logging.info(f"{out_dir}: merged {len(part_dirs)} part(s), {info['num_utts']} utterances")
+    return info

@@ -15,6 +15,16 @@ from comflp.model import MIN_INPUT_FRAMES
 from comflp.utils import atomic_path, atomic_write_json
 
 NUM_MEL_BINS = 80
+SPEED_FACTORS = (0.9, 1.1)
+
+
+def add_speed_perturbation(cuts: CutSet, factors: tuple[float, ...] = SPEED_FACTORS) -> CutSet:
+    """``cuts`` plus one speed-perturbed copy per factor (lhotse's perturb_speed: resampled
+    audio, so pitch and duration change); copies' ids end with ``_sp<factor>``."""
+    combined = cuts
+    for factor in factors:
+        combined = combined + cuts.perturb_speed(factor)
+    return combined.to_eager()
 
 
 def filter_lengths(cuts: CutSet, max_duration: float, what: str) -> CutSet:

@@ -72,12 +72,13 @@ def plot_matrix(matrix, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_error_vs_prune(rows, test_set: str, path: Path) -> None:
-    """Test WER and CER against the number of pruned layers, one line per method."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def plot_error_vs_prune(rows, test_set: str, path: Path, metrics: tuple[str, ...] = ("wer", "cer")) -> None:
+    """Test error rates against the number of pruned layers, one line per method."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    axes = axes[0]
     base = next((r for r in rows if r.num_prune == 0), None)
     names = sorted({r.method for r in rows if r.num_prune > 0})
-    for ax, unit in zip(axes, ("wer", "cer")):
+    for ax, unit in zip(axes, metrics):
         for i, name in enumerate(names):
             points = sorted((r.num_prune, r.errors[test_set][unit]) for r in rows if r.method == name)
             xs, ys = zip(*points)
@@ -87,6 +88,6 @@ def plot_error_vs_prune(rows, test_set: str, path: Path) -> None:
         ax.set_xlabel("pruned layers P")
         ax.set_ylabel(f"{test_set} {unit.upper()} (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left")
+    axes[-1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Error against the number of pruned layers")
     _save(fig, path)

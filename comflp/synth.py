@@ -249,10 +249,29 @@ def check_tools() -> None:
         )
 
 
+# sox effects: cut espeak-ng's leading and trailing silence, keep 50 ms of it at each end.
+TRIM_SILENCE = [
+    "silence",
+    "1",
+    "0.02",
+    "0.5%",
+    "reverse",
+    "silence",
+    "1",
+    "0.02",
+    "0.5%",
+    "reverse",
+    "pad",
+    "0.05",
+    "0.05",
+]
+
+
 def speak(
     text: str, voice: str, speed: int, pitch: int, out: Path, language_voice: str | None = None
 ) -> None:
-    """Synthesise ``text`` with espeak-ng into a 16 kHz mono 16-bit FLAC or WAV at ``out``."""
+    """Synthesise ``text`` with espeak-ng into a 16 kHz mono 16-bit FLAC or WAV at ``out``
+    (no dither, so the same text and voice give the same file; silence trimmed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     espeak = [
         "espeak-ng",
@@ -271,16 +290,33 @@ def speak(
             raise RuntimeError(f"espeak-ng produced no audio for {out.name}: {text!r}")
         fmt = out.suffix.lstrip(".")
         subprocess.run(
-            ["sox", "-D", "-t", "wav", "-", "-t", fmt, "-r", "16000", "-b", "16", "-c", "1", str(tmp)],
+            [
+                "sox",
+                "-D",
+                "-t",
+                "wav",
+                "-",
+                "-t",
+                fmt,
+                "-r",
+                "16000",
+                "-b",
+                "16",
+                "-c",
+                "1",
+                str(tmp),
+                *TRIM_SILENCE,
+            ],
             input=wav,
             check=True,
             capture_output=True,
         )
 
 
-def _settings_hash(seed: int, size: int) -> str:
+def _settings_hash(seed: int) -> str:
+    """What the audio of an utterance depends on, besides its index."""
     blob = json.dumps(
-        {"seed": seed, "size": size, "accents": ACCENTS, "variants": VARIANTS, "v": 2}
+        {"seed": seed, "accents": ACCENTS, "variants": VARIANTS, "trim": TRIM_SILENCE, "v": 2}
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -289,19 +325,29 @@ def synthesize_subset(root: Path, subset: str, size: int, seed: int, nj: int = 2
     """Write ``size`` utterances of ``subset`` under ``root``; skip a subset already complete.
 
     Audio files are written atomically, so a rerun after an interruption redoes only what is
-    missing. A subset made with other settings (seed, size) is removed and made again.
+    missing. Each utterance depends only on (seed, subset, index): another size keeps the
+    utterances that still fit and removes the rest; other settings (seed, voices) start over.
     """
     check_tools()
     subset_dir = root / subset
     marker = subset_dir / ".complete"
-    settings = _settings_hash(seed, size)
+    settings = _settings_hash(seed)
     if marker.is_file():
-        if marker.read_text().strip() == settings:
+        recorded = marker.read_text().split()
+        if recorded == [settings, str(size)]:
             logging.info(f"{subset_dir}: complete, {size} utterances (seed {seed}); nothing to do")
             return
-        logging.info(f"{subset_dir}: made with other settings; synthesising it again")
-        shutil.rmtree(subset_dir)
+        if recorded[:1] != [settings]:
+            logging.info(f"{subset_dir}: made with other settings; synthesising it again")
+            shutil.rmtree(subset_dir)
+        else:
+            marker.unlink()
     plans = [plan_utterance(seed, subset, i) for i in range(size)]
+    wanted = {u.audio_path(root) for u in plans}
+    if subset_dir.is_dir():
+        for stale in [*subset_dir.glob("*/*/*.flac"), *subset_dir.glob("*/*/*.trans.txt")]:
+            if stale not in wanted:
+                stale.unlink()
     todo = [u for u in plans if not u.audio_path(root).is_file()]
     logging.info(f"{subset_dir}: synthesising {len(todo)} of {size} utterances with {nj} jobs")
 
@@ -320,7 +366,10 @@ def synthesize_subset(root: Path, subset: str, size: int, seed: int, nj: int = 2
     for chapter_dir, utts in chapters.items():
         lines = "".join(f"{u.utt_id} {u.text}\n" for u in sorted(utts, key=lambda u: u.utt_id))
         atomic_write_text(chapter_dir / f"{utts[0].speaker}-{utts[0].chapter}.trans.txt", lines)
-    atomic_write_text(marker, settings + "\n")
+    for empty in sorted(subset_dir.glob("*/*"), reverse=True) + sorted(subset_dir.glob("*")):
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()
+    atomic_write_text(marker, f"{settings} {size}\n")
 
 
 def synthesize_corpus(root: Path, sizes: dict[str, int], seed: int, nj: int) -> None:

@@ -66,15 +66,20 @@ class Dist:
         )
 
 
-def lr_lambda(train: TrainConfig):
-    """Linear warm-up to the peak, then inverse square-root decay, floored at ``min_lr``."""
+def lr_lambda(train: TrainConfig, total_steps: int):
+    """Linear warm-up to the peak, then inverse square-root decay (noam) or a cosine decay
+    reaching ``min_lr`` at ``total_steps`` (cosine); never below ``min_lr``."""
     floor = train.min_lr / train.lr
+    warmup = train.warmup_steps
 
     def factor(step: int) -> float:
         step = max(step, 1)
-        if train.warmup_steps == 0:
-            return 1.0
-        return max(floor, min(step / train.warmup_steps, math.sqrt(train.warmup_steps / step)))
+        if step < warmup:
+            return max(floor, step / warmup)
+        if train.lr_schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return max(floor, math.sqrt(warmup / step)) if warmup else 1.0
 
     return factor
 
@@ -113,6 +118,20 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _epoch_sampler(cuts: CutSet, tc: TrainConfig, dist_info: Dist, epoch: int):
+    """This rank's batches of one epoch; ``max_duration`` is shared by the ranks."""
+    sampler = train_sampler(
+        cuts,
+        tc.max_duration / dist_info.world_size,
+        tc.num_buckets,
+        tc.seed,
+        dist_info.world_size,
+        dist_info.rank,
+    )
+    sampler.set_epoch(epoch)
+    return sampler
 
 
 def _should_stop(signalled: bool, step_limit: bool, dist_info: Dist, device: str) -> bool:
@@ -157,7 +176,10 @@ def train(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=tc.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=tc.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    steps_per_epoch = sum(1 for _ in _epoch_sampler(train_cuts, tc, dist_info, 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc, tc.num_epochs * steps_per_epoch)
+    )
     epoch, batches_done, step, history = 1, 0, 0, []
     sums: dict[str, float] = {}  # running sums of the logged losses over the current epoch
 
@@ -252,15 +274,7 @@ def train(
 
     with _StopRequest() as stop:
         while epoch <= tc.num_epochs:
-            sampler = train_sampler(
-                train_cuts,
-                tc.max_duration,
-                tc.num_buckets,
-                tc.seed,
-                dist_info.world_size,
-                dist_info.rank,
-            )
-            sampler.set_epoch(epoch)
+            sampler = _epoch_sampler(train_cuts, tc, dist_info, epoch)
             loader = DataLoader(
                 dataset,
                 sampler=SkipFirst(sampler, batches_done),

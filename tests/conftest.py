@@ -79,6 +79,15 @@ def searched(pipeline) -> dict:
     return {**pipeline, "log": proc.stderr}
 
 
+@pytest.fixture(scope="session")
+def compared(searched) -> dict:
+    """Stages 7-8 on top of :func:`searched`."""
+    proc = run_sh(searched["workdir"], "--stage", "7", "--stop_stage", "8", *TINY_OPTIONS, *SEARCH_OPTIONS,
+                  "--random_seeds", "3", "--decode_nj", "2",
+                  "--finetune_config", str(REPO / "conf/train_tiny.yaml"))
+    return {**searched, "log": proc.stderr}
+
+
 @pytest.fixture
 def tiny_data(pipeline, monkeypatch) -> dict:
     """Paths of the tiny pipeline's manifests, tokenizer and CMVN.

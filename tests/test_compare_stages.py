@@ -8,7 +8,7 @@ import pytest
 from comflp.compare import MethodList
 from comflp.strategies import drop_bottom, drop_top, every_other, random_layers
 
-from .conftest import PYTHON, REPO, SEARCH_OPTIONS, TINY_OPTIONS, run_cmd, run_sh
+from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
 
 
 def test_fixed_rules():
@@ -21,14 +21,6 @@ def test_fixed_rules():
     assert len(set(random_layers(12, 6, 3))) == 6
     with pytest.raises(ValueError, match="between 1 and 11"):
         drop_top(12, 12)
-
-
-@pytest.fixture(scope="module")
-def compared(searched):
-    proc = run_sh(searched["workdir"], "--stage", "7", "--stop_stage", "8", *TINY_OPTIONS, *SEARCH_OPTIONS,
-                  "--random_seeds", "3", "--decode_nj", "2",
-                  "--finetune_config", str(REPO / "conf/train_tiny.yaml"))
-    return {**searched, "log": proc.stderr}
 
 
 def test_stages_7_and_8_write_the_table(compared):

@@ -3,11 +3,14 @@ plain paths and ``cmd |`` pipes, segments, resampling, and the refusal of bad di
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from lhotse import CutSet
+
+from comflp.corpus import CorpusError, prepare_kaldi_cuts
 
 from .conftest import PYTHON, REPO, run_cmd, run_sh
 from .corpora import build_kaldi_dir, build_librispeech
@@ -29,13 +32,15 @@ def kaldi(tmp_path_factory) -> dict:
     return {"root": tmp / "data", "expected": expected, "tmp": tmp}
 
 
-def test_stages_0_and_1_on_kaldi_directories(kaldi, tmp_path):
+@pytest.mark.e2e
+def test_stages_0_and_1_on_kaldi_directories(kaldi, tmp_path, monkeypatch):
     before = {p: p.read_bytes() for p in kaldi["root"].rglob("*") if p.is_file()}
     run_sh(
         tmp_path, "--stage", "0", "--stop_stage", "1", "--corpus", "kaldi",
         "--corpus_dir", str(kaldi["root"]), "--train_set", "train", "--dev_set", "dev",
         "--test_sets", "test", "--nj", "1",
     )  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # manifests hold paths relative to where run.sh ran
     for subset, expected in kaldi["expected"].items():
         cuts = CutSet.from_file(tmp_path / f"data/manifests/cuts_{subset}.jsonl.gz")
         assert sorted(c.id for c in cuts) == sorted(expected)  # cut id = utterance id
@@ -52,7 +57,12 @@ def test_stages_0_and_1_on_kaldi_directories(kaldi, tmp_path):
     train = CutSet.from_file(tmp_path / "data/manifests/cuts_train.jsonl.gz")
     assert {c.recording.sources[0].type for c in train} == {"file", "command"}
     dev = CutSet.from_file(tmp_path / "data/manifests/cuts_dev.jsonl.gz")
-    assert {c.recording.sampling_rate for c in dev} == {8000}  # resampled to 16 kHz on reading
+    resampled = {
+        (t.source_sampling_rate, t.target_sampling_rate)
+        for c in dev
+        for t in c.recording.transforms
+    }
+    assert resampled == {(8000, 16000)}  # the 8 kHz recordings, resampled on reading
     after = {p: p.read_bytes() for p in kaldi["root"].rglob("*") if p.is_file()}
     assert after == before  # the Kaldi directories are only read
 
@@ -66,7 +76,9 @@ def prepare(corpus_dir: Path, subsets: str, out: Path):
 
 
 def edit_lines(path: Path, edit) -> None:
-    path.write_text("".join(edit(line) + "\n" for line in path.read_text().splitlines() if edit(line)))
+    path.write_text(
+        "".join(edit(line) + "\n" for line in path.read_text().splitlines() if edit(line))
+    )
 
 
 def test_bad_utterances_are_all_listed(kaldi, tmp_path):
@@ -85,7 +97,9 @@ def test_bad_utterances_are_all_listed(kaldi, tmp_path):
         }.get(utt, line)
 
     edit_lines(root / "train/wav.scp", damage_wav_scp)
-    edit_lines(root / "train/text", lambda line: line.split()[0] if line.startswith(ids[3]) else line)
+    edit_lines(
+        root / "train/text", lambda line: line.split()[0] if line.startswith(ids[3]) else line
+    )
     edit_lines(root / "train/utt2spk", lambda line: "" if line.startswith(ids[4]) else line)
     edit_lines(root / "dev/segments", lambda line: line.rsplit(" ", 1)[0] + " 99.0")
     out = tmp_path / "out"
@@ -93,13 +107,15 @@ def test_bad_utterances_are_all_listed(kaldi, tmp_path):
     (out / "cuts_train.jsonl.gz").write_bytes(b"earlier output")
     proc = prepare(root, "train dev", out)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"{root}/train/wav.scp: {ids[0]}: command `{failing}` failed (exit status 2" in proc.stderr
+    assert (
+        f"{root}/train/wav.scp: {ids[0]}: command `{failing}` failed (exit status 2" in proc.stderr
+    )
     assert f"{ids[1]}: /no/such/audio.wav: audio file missing" in proc.stderr
-    assert "different sampling rates (4 at 16000 Hz, 1 at 8000 Hz)" in proc.stderr
+    assert "different sampling rates (2 at 16000 Hz, 1 at 8000 Hz)" in proc.stderr
     assert f"text: empty or missing transcript for {ids[3]}" in proc.stderr
     assert f"wav.scp: {ids[4]} has no line in utt2spk" in proc.stderr
     assert "ends at 99.0 s, after the end of rec000" in proc.stderr
-    assert "problem(s) in this Kaldi data directory corpus" in proc.stderr
+    assert "problem(s) in this Kaldi-format corpus" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["cuts_train.jsonl.gz"]
     assert (out / "cuts_train.jsonl.gz").read_bytes() == b"earlier output"
 
@@ -107,24 +123,27 @@ def test_bad_utterances_are_all_listed(kaldi, tmp_path):
 def test_a_command_without_audio_output_is_refused(kaldi, tmp_path):
     root = shutil.copytree(kaldi["root"], tmp_path / "data")
     utt = sorted(kaldi["expected"]["test"])[0]
-    edit_lines(root / "test/wav.scp", lambda line: f"{utt} echo hello |" if line.startswith(utt) else line)
-    proc = prepare(root, "test", tmp_path / "out")
-    assert proc.returncode == 1
-    assert f"{utt}: output of `echo hello` is not audio" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    edit_lines(
+        root / "test/wav.scp", lambda line: f"{utt} echo hello |" if line.startswith(utt) else line
+    )
+    with pytest.raises(CorpusError, match=f"{utt}: output of `echo hello` is not audio"):
+        prepare_kaldi_cuts(root, ["test"], 1)
 
 
 @pytest.mark.parametrize(
     "subsets, remove, message",
     [
-        ("train", "train/text", "train: text missing (expected <corpus_dir>/<subset>/ holding wav.scp"),
-        ("train eval", None, "eval: Kaldi data directory does not exist"),
+        (
+            ["train"],
+            "train/text",
+            "train: text missing (expected <corpus_dir>/<subset>/ holding wav.scp",
+        ),
+        (["train", "eval"], None, "eval: Kaldi data directory does not exist"),
     ],
 )
 def test_bad_directory_layouts(kaldi, tmp_path, subsets, remove, message):
     root = shutil.copytree(kaldi["root"], tmp_path / "data")
     if remove:
         (root / remove).unlink()
-    proc = prepare(root, subsets, tmp_path / "out")
-    assert proc.returncode == 1 and message in proc.stderr
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(CorpusError, match=re.escape(message)):
+        prepare_kaldi_cuts(root, subsets, 1)

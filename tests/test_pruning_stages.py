@@ -98,8 +98,8 @@ def test_prefix_cache_gives_identical_results_with_fewer_layer_passes(batches):
     for a, b in zip(cached, plain):
         assert (a.kept, a.cer, a.wer) == (b.kept, b.cer, b.wer)
         assert a.ctc_loss == pytest.approx(b.ctc_loss, rel=1e-6)
-    # trie: 1-2-{4,5}, 1-3-4, 2-3-6 -> 8 nodes; without it 15 layer passes
-    assert layer_evaluations(subsets, True) == 8
+    # trie nodes: 1, 1-2, 1-2-4, 1-2-5, 1-3, 1-3-4, 2, 2-3, 2-3-6; without it 15 layer passes
+    assert layer_evaluations(subsets, True) == 9
     assert layer_evaluations(subsets, False) == 15
     # Each subset equals its physically pruned model.
     pruned = prune_layers(model, [3, 5, 6])

@@ -5,6 +5,8 @@ corpus directories."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -12,11 +14,16 @@ import pytest
 from lhotse import CutSet
 
 from comflp.config import load_config
+from comflp.corpus import (
+    DEFAULT_DOWNLOAD_URL,
+    CorpusError,
+    download_corpus,
+    prepare_aishell_cuts,
+    prepare_librispeech_cuts,
+)
 
-from .conftest import PYTHON, REPO, run_cmd
+from .conftest import PYTHON, REPO, run_cmd, run_sh
 from .corpora import AISHELL_TRANSCRIPT, build_aishell, build_librispeech
-
-pytestmark = pytest.mark.e2e
 
 TINY = ["--train_config", str(REPO / "conf/train_tiny.yaml"), "--nj", "1"]  # no process pool
 SEARCH = [
@@ -85,6 +92,7 @@ def assert_training_loss_falls(exp: Path) -> None:
     assert history[1]["train_loss"] < history[0]["train_loss"]
 
 
+@pytest.mark.e2e
 def test_librispeech_recipe(librispeech):
     work = librispeech["work"]
     train = CutSet.from_file(work / "data/manifests/cuts_train-960.jsonl.gz")
@@ -103,6 +111,7 @@ def test_librispeech_recipe(librispeech):
     assert "| comflp_dc_fine | 1 |" in results
 
 
+@pytest.mark.e2e
 def test_aishell_recipe(aishell):
     work = aishell["work"]
     train = CutSet.from_file(work / "data/manifests/cuts_train.jsonl.gz")
@@ -113,33 +122,25 @@ def test_aishell_recipe(aishell):
     assert first.id == "BAC009S0002W0121" and first.supervisions[0].speaker == "S0002"
     text = first.supervisions[0].text
     assert " " not in text and all("\u4e00" <= ch <= "\u9fff" for ch in text)
-    tokens = (work / "data/lang_char/tokens.txt").read_text().split("\n")
-    assert any(line.split(" ")[0] == text[0] for line in tokens)  # one unit per character
+    units = {line.rsplit(" ", 1)[0] for line in (work / "data/lang_char/tokens.txt").open()}
+    assert set("".join(c.supervisions[0].text for c in train)) <= units  # one unit per character
     assert_training_loss_falls(work / "exp/baseline")
     fine = json.loads((work / "exp/baseline/search/dc_prune1/fine_search.json").read_text())
     assert fine["metric"] == "cer"
     results = (work / "exp/baseline/RESULTS.md").read_text()
     assert "| dev CER |" in results and "| test CER |" in results
+    assert "WER" not in results.split("## Model config")[0]  # no word error rate for Mandarin
     scores = json.loads((work / "exp/baseline/compare/results.json").read_text())
     unpruned = next(r for r in scores["rows"] if r["method"] == "unpruned")
-    assert 0 <= unpruned["errors"]["test"]["cer"] <= 100
+    assert unpruned["errors"]["test"]["cer"] >= 0
 
 
+@pytest.mark.e2e
 def test_speed_perturbation_of_the_training_set(aishell, tmp_path):
     """Stage 1 of the AISHELL-1 recipe with its default --speed_perturb true."""
     work = recipe_dir(tmp_path, "aishell")
     shutil.copytree(aishell["work"] / "data/manifests", work / "data/manifests")
-    run_recipe(
-        work,
-        "--stage",
-        "1",
-        "--stop_stage",
-        "1",
-        "--corpus_dir",
-        str(aishell["corpus"]),
-        "--nj",
-        "1",
-    )
+    run_recipe(work, "--stage", "1", "--stop_stage", "1", "--nj", "1")
     original = {c.id: c for c in CutSet.from_file(work / "data/manifests/cuts_train.jsonl.gz")}
     perturbed = {c.id: c for c in CutSet.from_file(work / "data/fbank/cuts_train.jsonl.gz")}
     assert len(perturbed) == 3 * len(original)
@@ -185,12 +186,19 @@ def test_download_offline_fails_clearly(tmp_path):
     assert not list((tmp_path / "download").glob("*.tar.gz"))  # no empty partial archives left
 
 
-def test_download_needs_lhotse_directory_name(tmp_path):
-    proc = prepare_data(
-        "aishell", tmp_path / "corpus", "train dev test", tmp_path / "out", "--download", "true"
-    )
-    assert proc.returncode == 1
-    assert "must end with /aishell" in proc.stderr and not (tmp_path / "out").exists()
+def test_download_refusals(tmp_path):
+    with pytest.raises(CorpusError, match="must end with /aishell"):
+        download_corpus("aishell", tmp_path / "corpus", ["train"], DEFAULT_DOWNLOAD_URL)
+    with pytest.raises(CorpusError, match="lhotse can download librispeech or aishell, not kaldi"):
+        download_corpus("kaldi", tmp_path / "corpus", ["train"], DEFAULT_DOWNLOAD_URL)
+    for options, message in (
+        (["--download", "true"], "--download true needs --corpus librispeech or aishell"),
+        (["--corpus", "timit"], "--corpus must be builtin, librispeech, aishell or kaldi"),
+        (["--corpus", "kaldi"], "--corpus kaldi needs --corpus_dir"),
+    ):
+        proc = run_sh(tmp_path, *options, check=False)
+        assert proc.returncode != 0 and message in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 # --- refusals ------------------------------------------------------------------------------
@@ -210,18 +218,41 @@ def small_aishell(tmp_path_factory) -> Path:
     )
 
 
-def test_librispeech_transcript_line_without_audio_is_refused(small_librispeech, tmp_path):
+def test_librispeech_transcript_line_without_audio_is_refused(small_librispeech, tmp_path, caplog):
     corpus = shutil.copytree(small_librispeech, tmp_path / "LibriSpeech")
     flac = sorted(corpus.glob("test-clean/*/*/*.flac"))[0]
     flac.unlink()
     extra = sorted(corpus.glob("dev-clean/*/*"))[0] / "orphan.flac"
     shutil.copy(sorted(corpus.glob("dev-clean/*/*/*.flac"))[0], extra)
-    out = tmp_path / "out"
-    proc = prepare_data("librispeech", corpus, "dev-clean test-clean", out)
-    assert proc.returncode == 1
-    assert f"{flac}: audio file missing" in proc.stderr and "1 problem(s)" in proc.stderr
-    assert "skipping 1 .flac files without a transcript line" in proc.stderr
-    assert not out.exists()
+    caplog.set_level(logging.INFO)
+    with pytest.raises(
+        CorpusError, match=f"1 problem.*\n  {re.escape(str(flac))}: audio file missing"
+    ):
+        prepare_librispeech_cuts(corpus, ["dev-clean", "test-clean"], 1)
+    assert "skipping 1 .flac files without a transcript line" in caplog.text
+
+
+def damage_aishell(corpus: Path, damage: str) -> None:
+    """Break a copy of the small AISHELL-1 corpus in one way."""
+    wav_dir = corpus / "data_aishell/wav"
+    transcript = corpus / AISHELL_TRANSCRIPT
+    if damage == "no_dir":
+        shutil.rmtree(corpus)
+    elif damage == "no_transcript":
+        transcript.unlink()
+    elif damage == "no_test":
+        shutil.rmtree(wav_dir / "test")
+    elif damage == "renamed":  # no dev wav matches a transcript line
+        for wav in wav_dir.glob("dev/*/*.wav"):
+            wav.rename(wav.with_name("x" + wav.name))
+    elif damage == "empty_wav":
+        sorted(wav_dir.glob("train/*/*.wav"))[0].write_bytes(b"")
+    elif damage == "empty_text":
+        lines = transcript.read_text().splitlines()
+        cut = [
+            "BAC009S0764W0121" if line.startswith("BAC009S0764W0121") else line for line in lines
+        ]
+        transcript.write_text("\n".join(cut) + "\n")
 
 
 @pytest.mark.parametrize(
@@ -230,59 +261,43 @@ def test_librispeech_transcript_line_without_audio_is_refused(small_librispeech,
         ("no_dir", "corpus directory does not exist (expected <corpus_dir>/data_aishell/wav/"),
         ("no_transcript", "transcript file missing (expected"),
         ("no_test", "data_aishell/wav/test: subset directory does not exist"),
-        ("flat", "no .wav file with a line in"),
+        ("renamed", "no .wav file with a line in"),
         ("empty_wav", "audio file is empty"),
         ("empty_text", "empty transcript for BAC009S0764W0121"),
     ],
 )
 def test_bad_aishell_directories(small_aishell, tmp_path, damage, message):
     corpus = shutil.copytree(small_aishell, tmp_path / "aishell")
-    wav_dir = corpus / "data_aishell/wav"
-    if damage == "no_dir":
-        shutil.rmtree(corpus)
-    elif damage == "no_transcript":
-        (corpus / AISHELL_TRANSCRIPT).unlink()
-    elif damage == "no_test":
-        shutil.rmtree(wav_dir / "test")
-    elif damage == "flat":  # wavs renamed: none matches the transcript
-        for wav in wav_dir.glob("dev/*/*.wav"):
-            wav.rename(wav.with_name("x" + wav.name))
-    elif damage == "empty_wav":
-        sorted(wav_dir.glob("train/*/*.wav"))[0].write_bytes(b"")
-    else:
-        transcript = corpus / AISHELL_TRANSCRIPT
-        lines = transcript.read_text().splitlines()
-        transcript.write_text(
-            "\n".join("BAC009S0764W0121" if line.startswith("BAC009S0764W0121") else line
-                      for line in lines) + "\n"
-        )  # fmt: skip
+    damage_aishell(corpus, damage)
+    with pytest.raises(CorpusError, match=re.escape(message)):
+        prepare_aishell_cuts(corpus, ["train", "dev", "test"], 1)
+
+
+def test_aishell_refuses_librispeech_subset_names(small_aishell):
+    with pytest.raises(
+        CorpusError, match="AISHELL-1 subsets are train, dev, test; got train-clean-100"
+    ):
+        prepare_aishell_cuts(small_aishell, ["train-clean-100", "dev"], 1)
+
+
+def test_stage_0_exits_1_and_keeps_earlier_output(small_aishell, tmp_path):
+    corpus = shutil.copytree(small_aishell, tmp_path / "aishell")
+    damage_aishell(corpus, "empty_wav")
     out = tmp_path / "out"
     out.mkdir()
     (out / "cuts_dev.jsonl.gz").write_bytes(b"earlier output")
     proc = prepare_data("aishell", corpus, "train dev test", out)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert message in proc.stderr
+    assert "1 problem(s) in this AISHELL-1 corpus" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["cuts_dev.jsonl.gz"]
     assert (out / "cuts_dev.jsonl.gz").read_bytes() == b"earlier output"
 
 
-def test_aishell_refuses_librispeech_subset_names(small_aishell, tmp_path):
-    proc = prepare_data("aishell", small_aishell, "train-clean-100 dev", tmp_path / "out")
-    assert proc.returncode == 1
-    assert "AISHELL-1 subsets are train, dev, test; got train-clean-100" in proc.stderr
-
-
 def test_recipe_stage_0_refuses_a_missing_corpus(tmp_path):
     work = recipe_dir(tmp_path, "aishell")
+    missing = str(tmp_path / "nope")
     proc = run_recipe(
-        work,
-        "--stage",
-        "0",
-        "--stop_stage",
-        "0",
-        "--corpus_dir",
-        str(tmp_path / "nope"),
-        check=False,
+        work, "--stage", "0", "--stop_stage", "0", "--corpus_dir", missing, check=False
     )
     assert proc.returncode != 0
     assert "corpus directory does not exist" in (work / "exp/log/prepare_data.log").read_text()

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Does intermediate CTC + stochastic depth make a model degrade gracefully when layers go?
+
+Trains the same architecture twice on the built-in corpus (stages 0-2 must have run in
+--workdir): once with intermediate CTC and stochastic depth, once with neither. Then evaluates
+each with all layers and pruned to L - P layers (drop the top P = early exit through the shared
+final norm and CTC head; and every other layer), greedy-CTC CER on the dev set. Prints a
+Markdown table and writes it to --output.
+
+    python bench/interctc_ablation.py --workdir . --epochs 6 --output exp/interctc_ablation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from comflp.checkpoint import CMVN_NAME, copy_assets, load_model
+from comflp.cli import add_common_args, run
+from comflp.config import load_config
+from comflp.data import AsrDataset, ctc_feasible, eval_loader, load_cuts
+from comflp.features import load_cmvn
+from comflp.layer_eval import evaluate_subsets, kept_layers, load_batches
+from comflp.strategies import drop_top, every_other
+from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.tokenizer import Tokenizer
+from comflp.trainer import train
+from comflp.utils import atomic_write_text
+
+VARIANTS = {
+    "interctc + stochastic depth": {},
+    "plain (neither)": {"model.interctc_layers": [], "model.interctc_weight": 0.0,
+                        "model.stochastic_depth_rate": 0.0},
+}
+
+
+def main(args: argparse.Namespace) -> None:
+    w = args.workdir
+    lang = w / args.lang_dir
+    train_cuts_path, dev_cuts_path = w / f"data/fbank/cuts_{args.train_set}.jsonl.gz", w / f"data/fbank/cuts_{args.dev_set}.jsonl.gz"
+    rows = []
+    for name, overrides in VARIANTS.items():
+        exp = args.exp_root / name.split()[0]
+        cfg = load_config(args.config, {**overrides, "train.num_epochs": args.epochs})
+        copy_assets(lang, w / "data/fbank/cmvn.json", exp)
+        tokenizer = Tokenizer(exp / TOKENIZER_NAME)
+        cfg.model.vocab_size = tokenizer.vocab_size
+        cmvn = load_cmvn(exp / CMVN_NAME)
+        start = time.time()
+        train(cfg, exp, ctc_feasible(load_cuts(train_cuts_path), tokenizer, "train"),
+              load_cuts(dev_cuts_path), tokenizer, cmvn, resume=True)
+        seconds = time.time() - start
+        model = load_model(exp)
+        num_layers = model.cfg.num_layers
+        batches = load_batches(eval_loader(load_cuts(dev_cuts_path), AsrDataset(tokenizer, cmvn), 100))
+        subsets = {
+            f"all {num_layers} layers": tuple(range(1, num_layers + 1)),
+            f"drop top {args.num_prune}": kept_layers(num_layers, drop_top(num_layers, args.num_prune)),
+            f"every other ({args.num_prune})": kept_layers(num_layers, every_other(num_layers, args.num_prune)),
+        }
+        results = evaluate_subsets(model, batches, tokenizer, list(subsets.values()))
+        rows.append((name, seconds, {k: r.cer for k, r in zip(subsets, results)}))
+        logging.info(f"{name}: {rows[-1][2]}")
+    columns = list(rows[0][2])
+    lines = ["| model | " + " | ".join(f"dev CER, {c}" for c in columns) + " | training (s) |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for name, seconds, cers in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{cers[c]:.2f}" for c in columns) + f" | {seconds:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.output:
+        atomic_write_text(args.output, f"Config: {args.config}, {args.epochs} epochs.\n\n{table}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("."), help="where stages 0-2 ran")
+    parser.add_argument("--config", type=Path, default=Path("conf/train.yaml"))
+    parser.add_argument("--lang_dir", default="data/lang_char")
+    parser.add_argument("--train_set", default="train-clean-100")
+    parser.add_argument("--dev_set", default="dev-clean")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--num_prune", type=int, default=6)
+    parser.add_argument("--exp_root", type=Path, default=Path("exp/interctc_ablation"))
+    parser.add_argument("--output", type=Path)
+    add_common_args(parser)
+    run(main, parser)
