@@ -158,7 +158,9 @@ def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
     """Combine the dumps of a job array's parts into one dump in ``out_dir``.
 
     The per-layer scp files are concatenated in part order (the archives stay in the part
-    directories); ``info.json`` lists every utterance and sums the rows and compute seconds.
+    directories); ``info.json`` lists every utterance, sorted by id so that the rows' order (and
+    so the batches of a batched correlation) does not depend on how the work was split, and sums
+    the rows and compute seconds.
     """
     infos = []
     for d in part_dirs:
@@ -177,7 +179,7 @@ def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
         **infos[0],
         "num_utts": sum(i["num_utts"] for i in infos),
         "num_rows": sum(i["num_rows"] for i in infos),
-        "utts": [u for i in infos for u in i["utts"]],
+        "utts": sorted(u for i in infos for u in i["utts"]),
         "seconds": sum(i["seconds"] for i in infos),
         "num_parts": len(part_dirs),
     }

@@ -21,6 +21,8 @@ TINY_OPTIONS = [
     "8",
     "--num_test",
     "8",
+    "--token_type",
+    "bpe",
     "--nbpe",
     "48",
     "--train_config",

@@ -40,9 +40,10 @@ def test_stages_7_and_8_write_the_table(compared):
     assert by[("unpruned", 0)]["params"] > by[("drop_top", 2)]["params"]
     assert by[("drop_top", 2)]["errors"] == by[("interctc_on_demand", 2)]["errors"]
     # Two decoding parts per set, merged: every dev utterance scored once.
-    scores = json.loads(next((exp / "compare/decode/dev-clean").glob("*prune_none/scores.json")).read_text())
+    unpruned = exp / "compare/decode/dev-clean/exp_baseline__prune_none"
+    scores = json.loads((unpruned / "scores.json").read_text())
     assert scores["wer"]["snt"] == 8
-    assert len(list((exp / "compare/decode/dev-clean").glob("*prune_none/part*.json"))) == 2
+    assert len(list(unpruned.glob("part*.json"))) == 2
     # The fine-tuned model starts from the fine-searched pruned model.
     ft = MethodList.load(exp / "compare/methods_finetuned.json").methods
     fine = json.loads((exp / "search/dc_prune2/fine_search.json").read_text())
