@@ -31,15 +31,21 @@ from comflp.utils import atomic_write_text
 
 VARIANTS = {
     "interctc + stochastic depth": {},
-    "plain (neither)": {"model.interctc_layers": [], "model.interctc_weight": 0.0,
-                        "model.stochastic_depth_rate": 0.0},
+    "plain (neither)": {
+        "model.interctc_layers": [],
+        "model.interctc_weight": 0.0,
+        "model.stochastic_depth_rate": 0.0,
+    },
 }
 
 
 def main(args: argparse.Namespace) -> None:
     w = args.workdir
     lang = w / args.lang_dir
-    train_cuts_path, dev_cuts_path = w / f"data/fbank/cuts_{args.train_set}.jsonl.gz", w / f"data/fbank/cuts_{args.dev_set}.jsonl.gz"
+    train_cuts_path, dev_cuts_path = (
+        w / f"data/fbank/cuts_{args.train_set}.jsonl.gz",
+        w / f"data/fbank/cuts_{args.dev_set}.jsonl.gz",
+    )
     rows = []
     for name, overrides in VARIANTS.items():
         exp = args.exp_root / name.split()[0]
@@ -49,25 +55,42 @@ def main(args: argparse.Namespace) -> None:
         cfg.model.vocab_size = tokenizer.vocab_size
         cmvn = load_cmvn(exp / CMVN_NAME)
         start = time.time()
-        train(cfg, exp, ctc_feasible(load_cuts(train_cuts_path), tokenizer, "train"),
-              load_cuts(dev_cuts_path), tokenizer, cmvn, resume=True)
+        train(
+            cfg,
+            exp,
+            ctc_feasible(load_cuts(train_cuts_path), tokenizer, "train"),
+            load_cuts(dev_cuts_path),
+            tokenizer,
+            cmvn,
+            resume=True,
+        )
         seconds = time.time() - start
         model = load_model(exp)
         num_layers = model.cfg.num_layers
-        batches = load_batches(eval_loader(load_cuts(dev_cuts_path), AsrDataset(tokenizer, cmvn), 100))
+        batches = load_batches(
+            eval_loader(load_cuts(dev_cuts_path), AsrDataset(tokenizer, cmvn), 100)
+        )
         subsets = {
             f"all {num_layers} layers": tuple(range(1, num_layers + 1)),
-            f"drop top {args.num_prune}": kept_layers(num_layers, drop_top(num_layers, args.num_prune)),
-            f"every other ({args.num_prune})": kept_layers(num_layers, every_other(num_layers, args.num_prune)),
+            f"drop top {args.num_prune}": kept_layers(
+                num_layers, drop_top(num_layers, args.num_prune)
+            ),
+            f"every other ({args.num_prune})": kept_layers(
+                num_layers, every_other(num_layers, args.num_prune)
+            ),
         }
         results = evaluate_subsets(model, batches, tokenizer, list(subsets.values()))
         rows.append((name, seconds, {k: r.cer for k, r in zip(subsets, results)}))
         logging.info(f"{name}: {rows[-1][2]}")
     columns = list(rows[0][2])
-    lines = ["| model | " + " | ".join(f"dev CER, {c}" for c in columns) + " | training (s) |",
-             "|---|" + "---|" * (len(columns) + 1)]
+    lines = [
+        "| model | " + " | ".join(f"dev CER, {c}" for c in columns) + " | training (s) |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
     for name, seconds, cers in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{cers[c]:.2f}" for c in columns) + f" | {seconds:.0f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{cers[c]:.2f}" for c in columns) + f" | {seconds:.0f} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.output:
@@ -75,7 +98,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("."), help="where stages 0-2 ran")
     parser.add_argument("--config", type=Path, default=Path("conf/train.yaml"))
     parser.add_argument("--lang_dir", default="data/lang_char")

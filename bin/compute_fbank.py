@@ -38,11 +38,19 @@ if __name__ == "__main__":
     parser.add_argument("--manifest_dir", type=Path, default=Path("data/manifests"))
     parser.add_argument("--output_dir", type=Path, default=Path("data/fbank"))
     parser.add_argument("--subsets", required=True, help="space-separated subset names")
-    parser.add_argument("--train_set", required=True, help="the subset speed perturbation applies to")
+    parser.add_argument(
+        "--train_set", required=True, help="the subset speed perturbation applies to"
+    )
     parser.add_argument("--part", type=int, default=1, help="which part (1-based) to compute")
     parser.add_argument("--num_parts", type=int, default=1)
-    parser.add_argument("--max_utt_duration", type=float, default=20.0, help="drop longer utterances (s)")
-    parser.add_argument("--speed_perturb", type=str2bool, default=False,
-                        help="add 0.9x and 1.1x speed copies of the training set")
+    parser.add_argument(
+        "--max_utt_duration", type=float, default=20.0, help="drop longer utterances (s)"
+    )
+    parser.add_argument(
+        "--speed_perturb",
+        type=str2bool,
+        default=False,
+        help="add 0.9x and 1.1x speed copies of the training set",
+    )
     add_common_args(parser)
     run(main, parser)

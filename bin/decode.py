@@ -49,17 +49,36 @@ def main(args: argparse.Namespace) -> None:
         try:
             pruned = prune_layers(model, method.pruned) if method.pruned else model
         except ValueError as e:
-            raise UsageError(f"{method.name} (P={method.num_prune}) does not fit {model_dir}: {e}") from None
+            raise UsageError(
+                f"{method.name} (P={method.num_prune}) does not fit {model_dir}: {e}"
+            ) from None
         tokenizer = Tokenizer(model_dir / TOKENIZER_NAME)
-        loader = eval_loader(cuts, AsrDataset(tokenizer, load_cmvn(model_dir / CMVN_NAME)), args.max_duration)
-        result = decode_set(pruned.eval(), loader, tokenizer, args.decoding_method, args.beam_size,
-                            args.ctc_weight, device)
+        loader = eval_loader(
+            cuts, AsrDataset(tokenizer, load_cmvn(model_dir / CMVN_NAME)), args.max_duration
+        )
+        result = decode_set(
+            pruned.eval(),
+            loader,
+            tokenizer,
+            args.decoding_method,
+            args.beam_size,
+            args.ctc_weight,
+            device,
+        )
         atomic_write_json(
             args.output_dir / key / f"part{args.part}.json",
-            {"part": args.part, "num_parts": args.num_parts, "key": key, "model_dir": str(model_dir),
-             "pruned": method.pruned, "params": count_parameters(pruned),
-             "decoding_method": args.decoding_method, "beam_size": args.beam_size,
-             **result.timing(), "utts": result.utts},
+            {
+                "part": args.part,
+                "num_parts": args.num_parts,
+                "key": key,
+                "model_dir": str(model_dir),
+                "pruned": method.pruned,
+                "params": count_parameters(pruned),
+                "decoding_method": args.decoding_method,
+                "beam_size": args.beam_size,
+                **result.timing(),
+                "utts": result.utts,
+            },
         )
         logging.info(f"{key}: {len(result.utts)} utterances, RTF {result.rtf:.4f}")
 
@@ -68,13 +87,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--methods", type=Path, nargs="*", help="methods.json files of stage 7/8")
     parser.add_argument("--model_dir", type=Path, help="decode this one model instead")
-    parser.add_argument("--prune_layers", default="", help="with --model_dir: layers to remove first")
+    parser.add_argument(
+        "--prune_layers", default="", help="with --model_dir: layers to remove first"
+    )
     parser.add_argument("--cuts", type=Path, required=True)
     parser.add_argument("--part", type=int, default=1)
     parser.add_argument("--num_parts", type=int, default=1)
     parser.add_argument("--decoding_method", choices=METHODS, default="ctc_greedy_search")
     parser.add_argument("--beam_size", type=int, default=10)
-    parser.add_argument("--ctc_weight", type=float, default=0.3, help="attention_rescoring: CTC score weight")
+    parser.add_argument(
+        "--ctc_weight", type=float, default=0.3, help="attention_rescoring: CTC score weight"
+    )
     parser.add_argument("--max_duration", type=float, default=100.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", type=Path, required=True)

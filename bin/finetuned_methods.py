@@ -19,9 +19,18 @@ def main(args: argparse.Namespace) -> None:
         num_prune = num_layers - len(kept)
         fine = comflp_methods(args.exp_dir, args.measure, num_prune)[1]
         epochs = len(json.loads((ft_dir / "history.json").read_text()))
-        methods.add(Method(f"comflp_{args.measure}_fine+finetune", num_prune, [], str(ft_dir),
-                           fine.search_seconds, fine.evaluations,
-                           note=f"fine-tuned {epochs} epochs", original_pruned=fine.pruned))
+        methods.add(
+            Method(
+                f"comflp_{args.measure}_fine+finetune",
+                num_prune,
+                [],
+                str(ft_dir),
+                fine.search_seconds,
+                fine.evaluations,
+                note=f"fine-tuned {epochs} epochs",
+                original_pruned=fine.pruned,
+            )
+        )
     methods.save(args.output)
 
 

@@ -24,16 +24,22 @@ def main(args: argparse.Namespace) -> None:
         for part in range(1, args.num_parts + 1):
             path = args.output_dir / "parts" / f"cuts_{subset}.{part}.jsonl.gz"
             if not path.is_file():
-                raise UsageError(f"{path}: missing (run bin/compute_fbank.py for parts 1..{args.num_parts})")
+                raise UsageError(
+                    f"{path}: missing (run bin/compute_fbank.py for parts 1..{args.num_parts})"
+                )
             parts.append(load_cuts(path))
         merged[subset] = CutSet.from_cuts(sorted((c for p in parts for c in p), key=lambda c: c.id))
     for subset, cuts in merged.items():
         with atomic_path(args.output_dir / f"cuts_{subset}.jsonl.gz") as tmp:
             cuts.to_file(tmp)
-        logging.info(f"{args.output_dir}/cuts_{subset}.jsonl.gz: {len(cuts)} utterances from {args.num_parts} part(s)")
+        logging.info(
+            f"{args.output_dir}/cuts_{subset}.jsonl.gz: {len(cuts)} utterances from {args.num_parts} part(s)"
+        )
     stats = compute_cmvn(merged[args.train_set])
     save_cmvn(stats, args.output_dir / "cmvn.json")
-    logging.info(f"{args.output_dir}/cmvn.json: global CMVN over {stats['frames']} frames of {args.train_set}")
+    logging.info(
+        f"{args.output_dir}/cmvn.json: global CMVN over {stats['frames']} frames of {args.train_set}"
+    )
 
 
 if __name__ == "__main__":

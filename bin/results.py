@@ -31,7 +31,9 @@ def merge_parts(key_dir: Path) -> dict:
     expected = loaded[0]["num_parts"]
     have = sorted(d["part"] for d in loaded)
     if have != list(range(1, expected + 1)) or any(d["num_parts"] != expected for d in loaded):
-        raise UsageError(f"{key_dir}: parts {have} found, expected 1..{expected} of one decoding run")
+        raise UsageError(
+            f"{key_dir}: parts {have} found, expected 1..{expected} of one decoding run"
+        )
     merged = {k: loaded[0][k] for k in ("key", "params", "decoding_method")}
     merged["utts"] = [u for d in loaded for u in d["utts"]]
     merged["audio_seconds"] = sum(d["audio_seconds"] for d in loaded)
@@ -50,9 +52,14 @@ def main(args: argparse.Namespace) -> None:
         for s in sets:
             merged = merge_parts(args.compare_dir / "decode" / s / key)
             decoding_method = merged["decoding_method"]
-            timing = {"audio_seconds": merged["audio_seconds"], "decode_seconds": merged["decode_seconds"],
-                      "rtf": merged["decode_seconds"] / max(merged["audio_seconds"], 1e-9)}
-            stats = write_scores(args.compare_dir / "decode" / s / key, f"{s} {key}", merged["utts"], timing)
+            timing = {
+                "audio_seconds": merged["audio_seconds"],
+                "decode_seconds": merged["decode_seconds"],
+                "rtf": merged["decode_seconds"] / max(merged["audio_seconds"], 1e-9),
+            }
+            stats = write_scores(
+                args.compare_dir / "decode" / s / key, f"{s} {key}", merged["utts"], timing
+            )
             scores[key][s] = {"wer": stats["wer"].err, "cer": stats["cer"].err}
             params[key] = merged["params"]
             if s == rtf_set:
@@ -63,12 +70,14 @@ def main(args: argparse.Namespace) -> None:
     rows = build_rows(methods, scores, params, rtf)
     table = results_table(rows, sets, metrics)
     plot_error_vs_prune(rows, sets[-1], args.compare_dir / "error_vs_prune.png", metrics)
-    atomic_write_json(args.compare_dir / "results.json",
-                      {"rows": [r.__dict__ for r in rows], "sets": sets, "rtf_set": rtf_set})
+    atomic_write_json(
+        args.compare_dir / "results.json",
+        {"rows": [r.__dict__ for r in rows], "sets": sets, "rtf_set": rtf_set},
+    )
     config = (args.exp_dir / "config.yaml").read_text()
     doc = f"""# Results: {args.exp_dir}
 
-Produced by `{args.command or 'bin/results.py'}` on {time.strftime('%Y-%m-%d %H:%M')},
+Produced by `{args.command or "bin/results.py"}` on {time.strftime("%Y-%m-%d %H:%M")},
 {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.
 Decoding: {decoding_method}. RTF measured on {rtf_set}. Error rates in percent; random
 selection: mean ± std over its seeds. Search time: CoMFLP counts the layer dump, the
@@ -77,7 +86,7 @@ search (oracle) count their evaluations on the dev subset; fixed rules cost noth
 "evaluations": pruned models evaluated with the task metric.
 
 {table}
-![test error against the number of pruned layers]({(args.compare_dir / 'error_vs_prune.png').relative_to(args.exp_dir)})
+![test error against the number of pruned layers]({(args.compare_dir / "error_vs_prune.png").relative_to(args.exp_dir)})
 
 Per-model scores, hypotheses and alignments: `{args.compare_dir.relative_to(args.exp_dir)}/decode/<set>/<model>/`.
 
@@ -97,8 +106,14 @@ if __name__ == "__main__":
     parser.add_argument("--compare_dir", type=Path, required=True)
     parser.add_argument("--methods", type=Path, nargs="+", required=True)
     parser.add_argument("--sets", required=True, help="space-separated set names, as decoded")
-    parser.add_argument("--rtf_set", default="", help="set whose decoding gives the RTF (default: the last)")
-    parser.add_argument("--metrics", default="wer cer", help="error rates in the table: wer, cer or both")
-    parser.add_argument("--command", default="", help="the command line that produced these results")
+    parser.add_argument(
+        "--rtf_set", default="", help="set whose decoding gives the RTF (default: the last)"
+    )
+    parser.add_argument(
+        "--metrics", default="wer cer", help="error rates in the table: wer, cer or both"
+    )
+    parser.add_argument(
+        "--command", default="", help="the command line that produced these results"
+    )
     add_common_args(parser)
     run(main, parser)

@@ -35,11 +35,15 @@ def main(args: argparse.Namespace) -> None:
     try:
         prunes = [int(p) for p in args.num_prune.split()]
     except ValueError:
-        raise UsageError(f"--num_prune {args.num_prune!r}: expected integers, e.g. \"2 4 6\"") from None
+        raise UsageError(
+            f'--num_prune {args.num_prune!r}: expected integers, e.g. "2 4 6"'
+        ) from None
     bad = [p for p in prunes if not 1 <= p < num_layers]
     if bad or not prunes:
-        raise UsageError(f"--num_prune {args.num_prune!r}: each value must be between 1 and "
-                         f"{num_layers - 1} for the {num_layers}-layer model in {exp}")
+        raise UsageError(
+            f"--num_prune {args.num_prune!r}: each value must be between 1 and "
+            f"{num_layers - 1} for the {num_layers}-layer model in {exp}"
+        )
     tokenizer = Tokenizer(exp / TOKENIZER_NAME)
     need_dev = args.glp or args.oracle_max_evaluations > 0
     batches = []
@@ -55,32 +59,84 @@ def main(args: argparse.Namespace) -> None:
             for m in comflp_methods(exp, measure, p):
                 methods.add(m)
         methods.add(Method("drop_top", p, list(drop_top(num_layers, p)), str(exp), 0.0, 0))
-        methods.add(Method("interctc_on_demand", p, list(drop_top(num_layers, p)), str(exp), 0.0, 0,
-                           note="exit at layer L-P via the shared final norm and CTC head: same model as drop_top"))
+        methods.add(
+            Method(
+                "interctc_on_demand",
+                p,
+                list(drop_top(num_layers, p)),
+                str(exp),
+                0.0,
+                0,
+                note="exit at layer L-P via the shared final norm and CTC head: same model as drop_top",
+            )
+        )
         methods.add(Method("drop_bottom", p, list(drop_bottom(num_layers, p)), str(exp), 0.0, 0))
         methods.add(Method("every_other", p, list(every_other(num_layers, p)), str(exp), 0.0, 0))
         for seed in range(args.random_seeds):
-            methods.add(Method("random", p, list(random_layers(num_layers, p, seed)), str(exp), 0.0, 0,
-                               seed=seed))
+            methods.add(
+                Method(
+                    "random",
+                    p,
+                    list(random_layers(num_layers, p, seed)),
+                    str(exp),
+                    0.0,
+                    0,
+                    seed=seed,
+                )
+            )
         if args.glp:
-            glp = greedy_layer_pruning(model, batches, tokenizer, p, args.metric, args.prefix_cache, device)
-            logging.info(f"GLP, P={p}: layers {list(glp.pruned)} ({args.metric} {glp.metric_value:.2f}) "
-                         f"after {glp.evaluations} evaluations in {glp.seconds:.1f} s")
-            methods.add(Method("glp", p, list(glp.pruned), str(exp), glp.seconds, glp.evaluations,
-                               note="greedy by dev " + args.metric))
+            glp = greedy_layer_pruning(
+                model, batches, tokenizer, p, args.metric, args.prefix_cache, device
+            )
+            logging.info(
+                f"GLP, P={p}: layers {list(glp.pruned)} ({args.metric} {glp.metric_value:.2f}) "
+                f"after {glp.evaluations} evaluations in {glp.seconds:.1f} s"
+            )
+            methods.add(
+                Method(
+                    "glp",
+                    p,
+                    list(glp.pruned),
+                    str(exp),
+                    glp.seconds,
+                    glp.evaluations,
+                    note="greedy by dev " + args.metric,
+                )
+            )
         if args.oracle_max_evaluations > 0:
             try:
-                oracle = exhaustive_metric_search(model, batches, tokenizer, p, args.metric,
-                                                  args.oracle_max_evaluations, args.prefix_cache, device)
+                oracle = exhaustive_metric_search(
+                    model,
+                    batches,
+                    tokenizer,
+                    p,
+                    args.metric,
+                    args.oracle_max_evaluations,
+                    args.prefix_cache,
+                    device,
+                )
             except ValueError as e:
                 logging.info(f"oracle skipped for P={p}: {e}")
                 continue
-            logging.info(f"exhaustive metric search, P={p}: layers {list(oracle.pruned)} "
-                         f"({args.metric} {oracle.metric_value:.2f}) in {oracle.seconds:.1f} s")
-            methods.add(Method("oracle", p, list(oracle.pruned), str(exp), oracle.seconds, oracle.evaluations,
-                               note="exhaustive by dev " + args.metric))
+            logging.info(
+                f"exhaustive metric search, P={p}: layers {list(oracle.pruned)} "
+                f"({args.metric} {oracle.metric_value:.2f}) in {oracle.seconds:.1f} s"
+            )
+            methods.add(
+                Method(
+                    "oracle",
+                    p,
+                    list(oracle.pruned),
+                    str(exp),
+                    oracle.seconds,
+                    oracle.evaluations,
+                    note="exhaustive by dev " + args.metric,
+                )
+            )
     methods.save(args.output)
-    logging.info(f"{args.output}: {len(methods.methods)} entries, {len(methods.unique())} distinct models to decode")
+    logging.info(
+        f"{args.output}: {len(methods.methods)} entries, {len(methods.unique())} distinct models to decode"
+    )
 
 
 if __name__ == "__main__":
@@ -93,9 +149,15 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metric", choices=METRICS, default="cer")
     parser.add_argument("--random_seeds", type=int, default=5, help="random selections per P")
-    parser.add_argument("--glp", type=str2bool, default=True, help="run the greedy metric search (GLP)")
-    parser.add_argument("--oracle_max_evaluations", type=int, default=1000,
-                        help="run the exhaustive metric search when C(L, P) is at most this (0: never)")
+    parser.add_argument(
+        "--glp", type=str2bool, default=True, help="run the greedy metric search (GLP)"
+    )
+    parser.add_argument(
+        "--oracle_max_evaluations",
+        type=int,
+        default=1000,
+        help="run the exhaustive metric search when C(L, P) is at most this (0: never)",
+    )
     parser.add_argument("--prefix_cache", type=str2bool, default=True)
     parser.add_argument("--max_duration", type=float, default=100.0)
     parser.add_argument("--device", default="auto")

@@ -52,7 +52,9 @@ class MethodList:
         out = cls()
         for path in paths:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: method list not found (run stage 7's layer selection)")
+                raise FileNotFoundError(
+                    f"{path}: method list not found (run stage 7's layer selection)"
+                )
             out.methods += [Method(**m) for m in json.loads(Path(path).read_text())]
         return out
 
@@ -73,19 +75,36 @@ def comflp_methods(exp_dir: Path, measure: str, num_prune: int) -> list[Method]:
     search_dir = exp_dir / "search" / f"{measure}_prune{num_prune}"
     fine_path = search_dir / "fine_search.json"
     if not fine_path.is_file():
-        raise FileNotFoundError(f"{fine_path}: not found (run stage 6 with --num_prune {num_prune} "
-                                f"and --measures including {measure})")
+        raise FileNotFoundError(
+            f"{fine_path}: not found (run stage 6 with --num_prune {num_prune} "
+            f"and --measures including {measure})"
+        )
     fine = json.loads(fine_path.read_text())
     proposals = json.loads((search_dir / "proposals.json").read_text())
     dump_seconds = json.loads((exp_dir / "dump/info.json").read_text()).get("seconds", 0.0)
-    corr_seconds = json.loads((exp_dir / f"correlation/{measure}/settings.json").read_text())["seconds"]
+    corr_seconds = json.loads((exp_dir / f"correlation/{measure}/settings.json").read_text())[
+        "seconds"
+    ]
     coarse_cost = dump_seconds + corr_seconds + fine["coarse_seconds"]
     return [
-        Method(f"comflp_{measure}_coarse", num_prune, proposals[0]["layers"], str(exp_dir),
-               coarse_cost, 0, note="top coarse proposal"),
-        Method(f"comflp_{measure}_fine", num_prune, fine["best_layers"], str(exp_dir),
-               coarse_cost + fine["seconds"], len(fine["candidates"]),
-               note=f"best of {len(fine['candidates'])} by dev {fine['metric']}"),
+        Method(
+            f"comflp_{measure}_coarse",
+            num_prune,
+            proposals[0]["layers"],
+            str(exp_dir),
+            coarse_cost,
+            0,
+            note="top coarse proposal",
+        ),
+        Method(
+            f"comflp_{measure}_fine",
+            num_prune,
+            fine["best_layers"],
+            str(exp_dir),
+            coarse_cost + fine["seconds"],
+            len(fine["candidates"]),
+            note=f"best of {len(fine['candidates'])} by dev {fine['metric']}",
+        ),
     ]
 
 
@@ -102,8 +121,12 @@ class Row:
     evaluations: int | None
 
 
-def build_rows(methods: MethodList, scores: dict[str, dict[str, dict]], params: dict[str, int],
-               rtf: dict[str, float]) -> list[Row]:
+def build_rows(
+    methods: MethodList,
+    scores: dict[str, dict[str, dict]],
+    params: dict[str, int],
+    rtf: dict[str, float],
+) -> list[Row]:
     """One row per (method name, P); ``scores[key][set]`` holds ``{"wer": , "cer": }``."""
     groups: dict[tuple[str, int], list[Method]] = {}
     for m in methods.methods:
@@ -113,18 +136,31 @@ def build_rows(methods: MethodList, scores: dict[str, dict[str, dict]], params: 
         sets = list(scores[group[0].key])
         errors, spread = {}, {}
         for s in sets:
-            errors[s] = {u: statistics.mean(scores[m.key][s][u] for m in group) for u in ("wer", "cer")}
+            errors[s] = {
+                u: statistics.mean(scores[m.key][s][u] for m in group) for u in ("wer", "cer")
+            }
             if len(group) > 1:
-                spread[s] = {u: statistics.stdev(scores[m.key][s][u] for m in group) for u in ("wer", "cer")}
-        shown = group[0].original_pruned if group[0].original_pruned is not None else group[0].pruned
+                spread[s] = {
+                    u: statistics.stdev(scores[m.key][s][u] for m in group) for u in ("wer", "cer")
+                }
+        shown = (
+            group[0].original_pruned if group[0].original_pruned is not None else group[0].pruned
+        )
         pruned = (" ".join(map(str, shown)) or "-") if len(group) == 1 else f"{len(group)} seeds"
         costs = [m.search_seconds for m in group if m.search_seconds is not None]
-        rows.append(Row(
-            method=name, num_prune=p, pruned=pruned, errors=errors, spread=spread,
-            params=params[group[0].key], rtf=statistics.mean(rtf[m.key] for m in group),
-            search_seconds=statistics.mean(costs) if costs else None,
-            evaluations=group[0].evaluations,
-        ))
+        rows.append(
+            Row(
+                method=name,
+                num_prune=p,
+                pruned=pruned,
+                errors=errors,
+                spread=spread,
+                params=params[group[0].key],
+                rtf=statistics.mean(rtf[m.key] for m in group),
+                search_seconds=statistics.mean(costs) if costs else None,
+                evaluations=group[0].evaluations,
+            )
+        )
     return sorted(rows, key=lambda r: r.num_prune)
 
 
@@ -133,7 +169,9 @@ def _fmt_error(row: Row, s: str, unit: str) -> str:
     return value + (f" ± {row.spread[s][unit]:.2f}" if s in row.spread else "")
 
 
-def results_table(rows: list[Row], sets: list[str], metrics: tuple[str, ...] = ("wer", "cer")) -> str:
+def results_table(
+    rows: list[Row], sets: list[str], metrics: tuple[str, ...] = ("wer", "cer")
+) -> str:
     """Markdown: method, P, pruned layers, error rates per set, parameters, RTF, search cost.
 
     ``metrics``: the error rates shown (``wer``, ``cer``); Mandarin, written without spaces,

@@ -72,7 +72,9 @@ def plot_matrix(matrix, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_error_vs_prune(rows, test_set: str, path: Path, metrics: tuple[str, ...] = ("wer", "cer")) -> None:
+def plot_error_vs_prune(
+    rows, test_set: str, path: Path, metrics: tuple[str, ...] = ("wer", "cer")
+) -> None:
     """Test error rates against the number of pruned layers, one line per method."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     axes = axes[0]
@@ -80,7 +82,9 @@ def plot_error_vs_prune(rows, test_set: str, path: Path, metrics: tuple[str, ...
     names = sorted({r.method for r in rows if r.num_prune > 0})
     for ax, unit in zip(axes, metrics):
         for i, name in enumerate(names):
-            points = sorted((r.num_prune, r.errors[test_set][unit]) for r in rows if r.method == name)
+            points = sorted(
+                (r.num_prune, r.errors[test_set][unit]) for r in rows if r.method == name
+            )
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="os^vD<>pP*hX"[i % 12], label=name)
         if base is not None:

@@ -24,8 +24,10 @@ from comflp.tokenizer import Tokenizer
 
 def _check(num_layers: int, num_prune: int) -> None:
     if not 1 <= num_prune < num_layers:
-        raise ValueError(f"num_prune must be between 1 and {num_layers - 1} for a {num_layers}-layer "
-                         f"model, got {num_prune}")
+        raise ValueError(
+            f"num_prune must be between 1 and {num_layers - 1} for a {num_layers}-layer "
+            f"model, got {num_prune}"
+        )
 
 
 def drop_top(num_layers: int, num_prune: int) -> tuple[int, ...]:
@@ -48,7 +50,9 @@ def every_other(num_layers: int, num_prune: int) -> tuple[int, ...]:
 def random_layers(num_layers: int, num_prune: int, seed: int) -> tuple[int, ...]:
     _check(num_layers, num_prune)
     rng = np.random.default_rng(seed)
-    return tuple(sorted(int(x) for x in rng.choice(np.arange(1, num_layers + 1), num_prune, replace=False)))
+    return tuple(
+        sorted(int(x) for x in rng.choice(np.arange(1, num_layers + 1), num_prune, replace=False))
+    )
 
 
 @dataclass
@@ -76,9 +80,16 @@ def greedy_layer_pruning(
     pruned: tuple[int, ...] = ()
     evaluations, path, value = 0, [], float("nan")
     for _ in range(num_prune):
-        candidates = [tuple(sorted((*pruned, k))) for k in range(1, num_layers + 1) if k not in pruned]
+        candidates = [
+            tuple(sorted((*pruned, k))) for k in range(1, num_layers + 1) if k not in pruned
+        ]
         results = evaluate_subsets(
-            model, batches, tokenizer, [kept_layers(num_layers, c) for c in candidates], prefix_cache, device
+            model,
+            batches,
+            tokenizer,
+            [kept_layers(num_layers, c) for c in candidates],
+            prefix_cache,
+            device,
         )
         evaluations += len(candidates)
         best = min(range(len(candidates)), key=lambda i: (results[i].metric(metric), i))
@@ -103,13 +114,21 @@ def exhaustive_metric_search(
     _check(num_layers, num_prune)
     count = math.comb(num_layers, num_prune)
     if count > max_evaluations:
-        raise ValueError(f"exhaustive metric search needs C({num_layers}, {num_prune}) = {count} "
-                         f"evaluations, more than max_evaluations={max_evaluations}")
+        raise ValueError(
+            f"exhaustive metric search needs C({num_layers}, {num_prune}) = {count} "
+            f"evaluations, more than max_evaluations={max_evaluations}"
+        )
     start = time.perf_counter()
     candidates = list(combinations(range(1, num_layers + 1), num_prune))
     results = evaluate_subsets(
-        model, batches, tokenizer, [kept_layers(num_layers, c) for c in candidates], prefix_cache, device
+        model,
+        batches,
+        tokenizer,
+        [kept_layers(num_layers, c) for c in candidates],
+        prefix_cache,
+        device,
     )
     best = min(range(count), key=lambda i: (results[i].metric(metric), i))
-    return MetricSearchResult(candidates[best], results[best].metric(metric), count,
-                              time.perf_counter() - start, [])
+    return MetricSearchResult(
+        candidates[best], results[best].metric(metric), count, time.perf_counter() - start, []
+    )

@@ -69,24 +69,46 @@ def pipeline(tmp_path_factory) -> dict:
 
 
 SEARCH_OPTIONS = [
-    "--num_prune", "1 2", "--dc_batch_size", "8", "--calib_num_utts", "24", "--fine_num_utts", "8",
-    "--measures", "dc svcca cka",
+    "--num_prune",
+    "1 2",
+    "--dc_batch_size",
+    "8",
+    "--calib_num_utts",
+    "24",
+    "--fine_num_utts",
+    "8",
+    "--measures",
+    "dc svcca cka",
 ]
 
 
 @pytest.fixture(scope="session")
 def searched(pipeline) -> dict:
     """Stages 4-6 on the tiny baseline (measures dc, svcca, cka; P = 1 and 2)."""
-    proc = run_sh(pipeline["workdir"], "--stage", "4", "--stop_stage", "6", *TINY_OPTIONS, *SEARCH_OPTIONS)
+    proc = run_sh(
+        pipeline["workdir"], "--stage", "4", "--stop_stage", "6", *TINY_OPTIONS, *SEARCH_OPTIONS
+    )
     return {**pipeline, "log": proc.stderr}
 
 
 @pytest.fixture(scope="session")
 def compared(searched) -> dict:
     """Stages 7-8 on top of :func:`searched`."""
-    proc = run_sh(searched["workdir"], "--stage", "7", "--stop_stage", "8", *TINY_OPTIONS, *SEARCH_OPTIONS,
-                  "--random_seeds", "3", "--decode_nj", "2",
-                  "--finetune_config", str(REPO / "conf/train_tiny.yaml"))
+    proc = run_sh(
+        searched["workdir"],
+        "--stage",
+        "7",
+        "--stop_stage",
+        "8",
+        *TINY_OPTIONS,
+        *SEARCH_OPTIONS,
+        "--random_seeds",
+        "3",
+        "--decode_nj",
+        "2",
+        "--finetune_config",
+        str(REPO / "conf/train_tiny.yaml"),
+    )
     return {**searched, "log": proc.stderr}
 
 

@@ -26,9 +26,21 @@ def test_fixed_rules():
 def test_stages_7_and_8_write_the_table(compared):
     exp = compared["exp_dir"]
     results = (exp / "RESULTS.md").read_text()
-    for method in ("unpruned", "comflp_dc_coarse", "comflp_dc_fine", "comflp_svcca_fine", "comflp_cka_fine",
-                   "drop_top", "interctc_on_demand", "drop_bottom", "every_other", "random", "glp", "oracle",
-                   "comflp_dc_fine+finetune"):
+    for method in (
+        "unpruned",
+        "comflp_dc_coarse",
+        "comflp_dc_fine",
+        "comflp_svcca_fine",
+        "comflp_cka_fine",
+        "drop_top",
+        "interctc_on_demand",
+        "drop_bottom",
+        "every_other",
+        "random",
+        "glp",
+        "oracle",
+        "comflp_dc_fine+finetune",
+    ):
         assert f"| {method} |" in results, method
     assert "3 seeds" in results and "run.sh --stage 7 --stop_stage 8" in results
     assert (exp / "compare/error_vs_prune.png").stat().st_size > 1000
@@ -58,8 +70,26 @@ def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
     exp.mkdir(parents=True)
     for name in ("config.yaml", "model.pt", "tokenizer.model", "tokens.txt", "cmvn.json"):
         shutil.copy(compared["exp_dir"] / name, exp / name)
-    run_sh(work, "--stage", "4", "--stop_stage", "7", *TINY_OPTIONS, "--num_prune", "2", "--measures", "dc",
-           "--dc_batch_size", "8", "--fine_num_utts", "8", "--random_seeds", "2", "--decode_nj", "1")
+    run_sh(
+        work,
+        "--stage",
+        "4",
+        "--stop_stage",
+        "7",
+        *TINY_OPTIONS,
+        "--num_prune",
+        "2",
+        "--measures",
+        "dc",
+        "--dc_batch_size",
+        "8",
+        "--fine_num_utts",
+        "8",
+        "--random_seeds",
+        "2",
+        "--decode_nj",
+        "1",
+    )
     assert "| comflp_dc_fine | 2 |" in (exp / "RESULTS.md").read_text()
 
 
@@ -67,23 +97,48 @@ def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
     monkeypatch.chdir(compared["workdir"])
     exp = compared["exp_dir"]
     base = [PYTHON, REPO / "bin/decode.py", "--output_dir", tmp_path / "out"]
-    proc = run_cmd([*base, "--model_dir", exp, "--cuts", "data/fbank/cuts_nope.jsonl.gz"], check=False)
+    proc = run_cmd(
+        [*base, "--model_dir", exp, "--cuts", "data/fbank/cuts_nope.jsonl.gz"], check=False
+    )
     assert proc.returncode == 1 and "manifest not found" in proc.stderr
     # A pruned checkpoint whose config does not match its weights.
     broken = tmp_path / "broken"
     shutil.copytree(exp / "search/dc_prune2/pruned", broken)
     shutil.copy(exp / "model.pt", broken / "model.pt")
-    proc = run_cmd([*base, "--model_dir", broken, "--cuts", "data/fbank/cuts_dev-clean.jsonl.gz"], check=False)
+    proc = run_cmd(
+        [*base, "--model_dir", broken, "--cuts", "data/fbank/cuts_dev-clean.jsonl.gz"], check=False
+    )
     assert proc.returncode == 1 and "checkpoint does not fit the model config" in proc.stderr
-    proc = run_cmd([*base, "--model_dir", exp, "--prune_layers", "2 7", "--cuts",
-                    "data/fbank/cuts_dev-clean.jsonl.gz"], check=False)
+    proc = run_cmd(
+        [
+            *base,
+            "--model_dir",
+            exp,
+            "--prune_layers",
+            "2 7",
+            "--cuts",
+            "data/fbank/cuts_dev-clean.jsonl.gz",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "outside 1..4" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_num_prune_that_does_not_fit_the_model(compared, tmp_path, monkeypatch):
     monkeypatch.chdir(compared["workdir"])
-    proc = run_cmd([PYTHON, REPO / "bin/select_layers.py", "--exp_dir", compared["exp_dir"], "--num_prune", "2 4",
-                    "--output", tmp_path / "m.json"], check=False)
+    proc = run_cmd(
+        [
+            PYTHON,
+            REPO / "bin/select_layers.py",
+            "--exp_dir",
+            compared["exp_dir"],
+            "--num_prune",
+            "2 4",
+            "--output",
+            tmp_path / "m.json",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "between 1 and 3 for the 4-layer model" in proc.stderr
     assert not (tmp_path / "m.json").exists()

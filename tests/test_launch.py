@@ -65,7 +65,9 @@ def test_threads_are_shared_between_concurrent_tasks(tmp_path):
     cores = os.cpu_count() or 1
     run_launch(tmp_path, "one.log", "echo threads=$OMP_NUM_THREADS")
     assert f"threads={cores}" in (tmp_path / "one.log").read_text()
-    run_launch(tmp_path, "--max_jobs_run", "2", "JOB=1:3", "arr.JOB.log", "echo threads=$OMP_NUM_THREADS")
+    run_launch(
+        tmp_path, "--max_jobs_run", "2", "JOB=1:3", "arr.JOB.log", "echo threads=$OMP_NUM_THREADS"
+    )
     assert f"threads={max(1, cores // 2)}\n" in (tmp_path / "arr.3.log").read_text()
     run_launch(tmp_path, "--num_threads", "3", "set.log", "echo threads=$OMP_NUM_THREADS")
     assert "threads=3\n" in (tmp_path / "set.log").read_text()

@@ -23,8 +23,16 @@ from .conftest import PYTHON, REPO, run_cmd
 
 def _tiny_model(num_layers=4) -> ASRModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=49, d_model=16, num_heads=2, ffn_dim=32, num_layers=num_layers,
-                      subsampling_channels=4, interctc_layers=[2], interctc_weight=0.3)
+    cfg = ModelConfig(
+        vocab_size=49,
+        d_model=16,
+        num_heads=2,
+        ffn_dim=32,
+        num_layers=num_layers,
+        subsampling_channels=4,
+        interctc_layers=[2],
+        interctc_weight=0.3,
+    )
     return ASRModel(cfg).eval()
 
 
@@ -108,8 +116,14 @@ def test_prefix_cache_gives_identical_results_with_fewer_layer_passes(batches):
         log_probs, lens = pruned.ctc_log_probs(batch["feats"], batch["feat_lens"])
     single = evaluate_subsets(model, [batch], tok, [(1, 2, 4)])[0]
     targets = batch["targets"][~padding_mask(batch["target_lens"], batch["targets"].size(1))]
-    loss = torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), targets, lens, batch["target_lens"],
-                                        reduction="sum", zero_infinity=True).item()
+    loss = torch.nn.functional.ctc_loss(
+        log_probs.transpose(0, 1),
+        targets,
+        lens,
+        batch["target_lens"],
+        reduction="sum",
+        zero_infinity=True,
+    ).item()
     assert single.ctc_loss == pytest.approx(loss / len(batch["ids"]), rel=1e-5)
 
 
@@ -142,15 +156,21 @@ def test_stages_4_to_6_end_to_end(searched):
             out = exp / f"search/{measure}_prune{p}"
             proposals = json.loads((out / "proposals.json").read_text())
             assert all(len(x["layers"]) == p for x in proposals)
-            assert [x["score"] for x in proposals] == sorted((x["score"] for x in proposals), reverse=True)
+            assert [x["score"] for x in proposals] == sorted(
+                (x["score"] for x in proposals), reverse=True
+            )
             fine = json.loads((out / "fine_search.json").read_text())
             assert len(fine["candidates"]) == len(proposals)
             assert fine["best_layers"] == fine["candidates"][fine["best"]]["layers"]
             pruned = load_model(out / "pruned")
             assert pruned.cfg.num_layers == 4 - p
-            assert pruned.cfg.kept_layers == [k for k in range(1, 5) if k not in fine["best_layers"]]
+            assert pruned.cfg.kept_layers == [
+                k for k in range(1, 5) if k not in fine["best_layers"]
+            ]
     # dc with CoMFLP's batching: 24 utterances in batches of 8 -> settings recorded
-    assert json.loads((exp / "correlation/dc/settings.json").read_text())["options"] == {"batch_size": 8}
+    assert json.loads((exp / "correlation/dc/settings.json").read_text())["options"] == {
+        "batch_size": 8
+    }
 
 
 def _search(*args, check=False):
@@ -162,14 +182,36 @@ def test_search_refuses_a_matrix_that_does_not_fit_the_model(pipeline, tmp_path,
     matrix = tmp_path / "m.npy"
     np.save(matrix, np.eye(13))
     out = tmp_path / "out/proposals.json"
-    proc = _search("--matrix", matrix, "--num_prune", "2", "--output", out, "--exp_dir", pipeline["exp_dir"],
-                   "--dev_cuts", "data/fbank/cuts_dev-clean.jsonl.gz")
+    proc = _search(
+        "--matrix",
+        matrix,
+        "--num_prune",
+        "2",
+        "--output",
+        out,
+        "--exp_dir",
+        pipeline["exp_dir"],
+        "--dev_cuts",
+        "data/fbank/cuts_dev-clean.jsonl.gz",
+    )
     assert proc.returncode == 1 and "expected 5 x 5" in proc.stderr
     assert not out.parent.exists()
-    proc = _search("--matrix", matrix, "--num_prune", "2", "--output", out, "--exp_dir", tmp_path,
-                   "--dev_cuts", "data/fbank/cuts_dev-clean.jsonl.gz")
+    proc = _search(
+        "--matrix",
+        matrix,
+        "--num_prune",
+        "2",
+        "--output",
+        out,
+        "--exp_dir",
+        tmp_path,
+        "--dev_cuts",
+        "data/fbank/cuts_dev-clean.jsonl.gz",
+    )
     assert proc.returncode == 1 and "no config.yaml" in proc.stderr
-    proc = _search("--matrix", matrix, "--num_prune", "2", "--output", out, "--exp_dir", pipeline["exp_dir"])
+    proc = _search(
+        "--matrix", matrix, "--num_prune", "2", "--output", out, "--exp_dir", pipeline["exp_dir"]
+    )
     assert proc.returncode == 1 and "both --exp_dir and --dev_cuts" in proc.stderr
 
 
@@ -181,6 +223,8 @@ def test_correlation_cli_errors(searched, tmp_path, args, message):
     base = {"--dump_dir": str(searched["exp_dir"] / "dump"), "--output_dir": str(tmp_path / "c")}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
-    proc = run_cmd([PYTHON, REPO / "bin/correlation.py", *[x for kv in base.items() for x in kv]], check=False)
+    proc = run_cmd(
+        [PYTHON, REPO / "bin/correlation.py", *[x for kv in base.items() for x in kv]], check=False
+    )
     assert proc.returncode == 1 and message in proc.stderr
     assert not (tmp_path / "c").exists()

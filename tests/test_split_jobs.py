@@ -19,7 +19,10 @@ def test_stage_1_in_parts_equals_one_job(pipeline, tmp_path):
         for name in ("manifests", "builtin_corpus"):
             shutil.copytree(pipeline["workdir"] / "data" / name, work / "data" / name)
         run_sh(work, "--stage", "1", "--stop_stage", "1", *TINY_OPTIONS, "--nj", nj)
-        cuts = {s: load_cuts(work / f"data/fbank/cuts_{s}.jsonl.gz") for s in ("train-clean-100", "dev-clean")}
+        cuts = {
+            s: load_cuts(work / f"data/fbank/cuts_{s}.jsonl.gz")
+            for s in ("train-clean-100", "dev-clean")
+        }
         results[nj] = (work, cuts, json.loads((work / "data/fbank/cmvn.json").read_text()))
     (w1, one, cmvn1), (w3, three, cmvn3) = results["1"], results["3"]
     assert len(list((w3 / "data/fbank/parts").glob("cuts_dev-clean.*.jsonl.gz"))) == 3
@@ -40,10 +43,29 @@ def test_stage_4_in_parts_equals_one_job(tiny_data, pipeline, tmp_path):
     for num_parts in (1, 2):
         dump = tmp_path / f"dump{num_parts}"
         for part in range(1, num_parts + 1):
-            run_cmd([PYTHON, REPO / "bin/dump_layers.py", "--exp_dir", exp, "--cuts", tiny_data["train"],
-                     "--num_utts", "20", "--part", str(part), "--num_parts", str(num_parts),
-                     "--output_dir", dump / "parts" / str(part), "--max_duration", "15"])
-        run_cmd([PYTHON, REPO / "bin/merge_dump.py", "--dump_dir", dump, "--num_parts", str(num_parts)])
+            run_cmd(
+                [
+                    PYTHON,
+                    REPO / "bin/dump_layers.py",
+                    "--exp_dir",
+                    exp,
+                    "--cuts",
+                    tiny_data["train"],
+                    "--num_utts",
+                    "20",
+                    "--part",
+                    str(part),
+                    "--num_parts",
+                    str(num_parts),
+                    "--output_dir",
+                    dump / "parts" / str(part),
+                    "--max_duration",
+                    "15",
+                ]
+            )
+        run_cmd(
+            [PYTHON, REPO / "bin/merge_dump.py", "--dump_dir", dump, "--num_parts", str(num_parts)]
+        )
         dumps[num_parts] = dump
     info1, info2 = (json.loads((dumps[n] / "info.json").read_text()) for n in (1, 2))
     assert info1["utts"] == info2["utts"] and info2["num_parts"] == 2 and info2["num_utts"] == 20
@@ -59,13 +81,30 @@ def test_stage_7_decoding_in_parts_equals_one_job(compared, tmp_path, monkeypatc
     for num_parts in (1, 3):
         out = tmp_path / f"decode{num_parts}"
         for part in range(1, num_parts + 1):
-            run_cmd([PYTHON, REPO / "bin/decode.py", "--methods", methods, "--cuts",
-                     "data/fbank/cuts_dev-clean.jsonl.gz", "--part", str(part), "--num_parts", str(num_parts),
-                     "--output_dir", out])
+            run_cmd(
+                [
+                    PYTHON,
+                    REPO / "bin/decode.py",
+                    "--methods",
+                    methods,
+                    "--cuts",
+                    "data/fbank/cuts_dev-clean.jsonl.gz",
+                    "--part",
+                    str(part),
+                    "--num_parts",
+                    str(num_parts),
+                    "--output_dir",
+                    out,
+                ]
+            )
         merged[num_parts] = {
-            key.name: [u for p in sorted(key.glob("part*.json")) for u in json.loads(p.read_text())["utts"]]
+            key.name: [
+                u for p in sorted(key.glob("part*.json")) for u in json.loads(p.read_text())["utts"]
+            ]
             for key in out.iterdir()
         }
     assert merged[1].keys() == merged[3].keys() and len(merged[1]) > 3
     for key in merged[1]:
-        assert sorted(merged[1][key], key=lambda u: u["id"]) == sorted(merged[3][key], key=lambda u: u["id"])
+        assert sorted(merged[1][key], key=lambda u: u["id"]) == sorted(
+            merged[3][key], key=lambda u: u["id"]
+        )

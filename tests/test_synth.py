@@ -2,7 +2,14 @@
 
 import random
 
-from comflp.synth import SentenceGenerator, plan_utterance, plural, speak, synthesize_subset, vocabulary
+from comflp.synth import (
+    SentenceGenerator,
+    plan_utterance,
+    plural,
+    speak,
+    synthesize_subset,
+    vocabulary,
+)
 
 
 def test_sentences_are_seeded_and_use_the_vocabulary():
@@ -14,7 +21,9 @@ def test_sentences_are_seeded_and_use_the_vocabulary():
     texts = [plan_utterance(0, "dev-clean", i).text for i in range(200)]
     assert len(set(texts)) > 190  # varied
     assert all(set(t.split()) <= words for t in texts)
-    assert plural("BOX") == "BOXES" and plural("CHILD") == "CHILDREN" and plural("STORY") == "STORIES"
+    assert (
+        plural("BOX") == "BOXES" and plural("CHILD") == "CHILDREN" and plural("STORY") == "STORIES"
+    )
 
 
 def test_plans_depend_only_on_seed_subset_and_index():
@@ -41,6 +50,9 @@ def test_resizing_keeps_what_fits(tmp_path):
     synthesize_subset(tmp_path, "dev-clean", 2, seed=4, nj=2)
     kept = sorted(p.stem for p in tmp_path.glob("dev-clean/*/*/*.flac"))
     assert kept == sorted(plan_utterance(4, "dev-clean", i).utt_id for i in range(2))
-    listed = sorted(line.split()[0] for t in tmp_path.glob("dev-clean/*/*/*.trans.txt")
-                    for line in t.read_text().splitlines())
+    listed = sorted(
+        line.split()[0]
+        for t in tmp_path.glob("dev-clean/*/*/*.trans.txt")
+        for line in t.read_text().splitlines()
+    )
     assert listed == kept
