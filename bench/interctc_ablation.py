@@ -8,6 +8,7 @@ final norm and CTC head; and every other layer), greedy-CTC CER on the dev set. 
 Markdown table and writes it to --output.
 
     python bench/interctc_ablation.py --workdir . --epochs 6 --output exp/interctc_ablation.md
+    python bench/interctc_ablation.py --workdir . --epochs 3 --num_train 2000  # shorter
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from comflp.checkpoint import CMVN_NAME, copy_assets, load_model
 from comflp.cli import add_common_args, run
 from comflp.config import load_config
-from comflp.data import AsrDataset, ctc_feasible, eval_loader, load_cuts
+from comflp.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
 from comflp.features import load_cmvn
 from comflp.layer_eval import evaluate_subsets, kept_layers, load_batches
 from comflp.strategies import drop_top, every_other
@@ -46,6 +47,9 @@ def main(args: argparse.Namespace) -> None:
         w / f"data/fbank/cuts_{args.train_set}.jsonl.gz",
         w / f"data/fbank/cuts_{args.dev_set}.jsonl.gz",
     )
+    train_cuts = load_cuts(train_cuts_path)
+    if args.num_train:
+        train_cuts = random_subset(train_cuts, args.num_train, seed=0)
     rows = []
     for name, overrides in VARIANTS.items():
         exp = args.exp_root / name.split()[0]
@@ -58,7 +62,7 @@ def main(args: argparse.Namespace) -> None:
         train(
             cfg,
             exp,
-            ctc_feasible(load_cuts(train_cuts_path), tokenizer, "train"),
+            ctc_feasible(train_cuts, tokenizer, "train"),
             load_cuts(dev_cuts_path),
             tokenizer,
             cmvn,
@@ -94,7 +98,11 @@ def main(args: argparse.Namespace) -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.output:
-        atomic_write_text(args.output, f"Config: {args.config}, {args.epochs} epochs.\n\n{table}")
+        atomic_write_text(
+            args.output,
+            f"Config: {args.config}, {args.epochs} epochs, {len(train_cuts)} training "
+            f"utterances.\n\n{table}",
+        )
 
 
 if __name__ == "__main__":
@@ -107,6 +115,9 @@ if __name__ == "__main__":
     parser.add_argument("--train_set", default="train-clean-100")
     parser.add_argument("--dev_set", default="dev-clean")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--num_train", type=int, default=0, help="train on this many utterances (0: all)"
+    )
     parser.add_argument("--num_prune", type=int, default=6)
     parser.add_argument("--exp_root", type=Path, default=Path("exp/interctc_ablation"))
     parser.add_argument("--output", type=Path)

@@ -14,16 +14,19 @@ pruned_dir=             # its pruned model (default: EXP_DIR/search/dc_prune6/pr
 exp24=                  # search_cost: a trained 24-layer experiment directory (else trained here)
 exp48=                  # search_cost: a trained 48-layer experiment directory (else trained here)
 train_epochs=2          # search_cost: epochs for a depth without a directory (0: random weights)
+search_dev_num_utts=200 # search_cost: dev utterances of every metric search (GLP at L = 48 evaluates 876 models)
 lang_dir=data/lang_char # interctc_ablation: the tokenizer directory, in WORKDIR
 corr_threads=2          # correlation_speed: torch threads (its target is for 2 CPU cores)
 interctc_ablation=false # also run bench/interctc_ablation.py (trains two models)
+ablation_epochs=3       # interctc_ablation: epochs per model
+ablation_num_train=2000 # interctc_ablation: training utterances (0: all)
 
 # shellcheck disable=SC2034  # read by utils/parse_options.sh
 help_message="Usage: $0 [--name value ...]
 Runs correlation_speed, search_cost, decode_speed, train_throughput and dump_memory
 (and interctc_ablation with --interctc_ablation true), tables in OUTDIR/<name>.md.
 Options (defaults in brackets):
-$(sed -n '/^outdir=/,/^interctc_ablation=/p' "$0" | sed -E 's/^([a-z_0-9]+)=([^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
+$(sed -n '/^outdir=/,/^ablation_num_train=/p' "$0" | sed -E 's/^([a-z_0-9]+)=([^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
 
 . "$root/utils/parse_options.sh"
 . "$root/utils/log.sh"
@@ -65,7 +68,7 @@ search_models=(--exp12 "$exp_dir")
 [ -n "$exp48" ] && search_models+=(--exp48 "$exp48")
 bench search_cost search_cost.py --workdir "$workdir" --layers "12 24 48" "${search_models[@]}" \
   --train_epochs "$train_epochs" --build_dir "$workdir/exp/bench_search_cost" \
-  --calib_num_utts 320 --dc_batch_size 32 --beam_size 10 --top_k 10 --dev_num_utts 200 \
+  --calib_num_utts 320 --dc_batch_size 32 --beam_size 10 --top_k 10 --dev_num_utts "$search_dev_num_utts" \
   --oracle_max 1000
 bench decode_speed decode_speed.py --workdir "$workdir" --exp_dir "$exp_dir" \
   --pruned_dir "$pruned_dir" --threads "1 2" --repeats 3 --beam_size 10
@@ -74,7 +77,8 @@ bench train_throughput train_throughput.py --workdir "$workdir" --config "$root/
 bench dump_memory dump_memory.py --workdir "$workdir" --exp_dir "$exp_dir" --num_utts "320 3200"
 if [ "$interctc_ablation" = true ]; then
   bench interctc_ablation interctc_ablation.py --workdir "$workdir" --config "$root/conf/train.yaml" \
-    --lang_dir "$lang_dir" --exp_root "$workdir/exp/interctc_ablation"
+    --lang_dir "$lang_dir" --exp_root "$workdir/exp/interctc_ablation" \
+    --epochs "$ablation_epochs" --num_train "$ablation_num_train"
 fi
 
 cat "$outdir/machine.md"

@@ -347,13 +347,26 @@ def _cosine_matrix(feats: list[torch.Tensor]) -> torch.Tensor:
     return ((m + m.T) / 2).clamp(-1.0, 1.0)
 
 
-def _svcca_matrix(feats: list[torch.Tensor], threshold: float) -> torch.Tensor:
+def _svcca_matrix(feats: list[torch.Tensor], threshold: float, chunk: int = 64) -> torch.Tensor:
+    """Mean canonical correlations of all pairs: the bases, zero-padded to one width, are
+    multiplied pair by pair in chunks and only their singular values computed (padding adds
+    zero singular values, so the sum over the first min(k1, k2) is unchanged)."""
     bases = [_reduce(f, threshold)[0] for f in feats]
-    out = torch.zeros(len(feats), len(feats), dtype=torch.float64)
-    for i in range(len(feats)):
-        for j in range(i, len(feats)):
-            rho, _, _ = _cca(bases[i], bases[j])
-            out[i, j] = out[j, i] = float(rho.mean()) if rho.numel() else 0.0
+    ranks = [b.shape[1] for b in bases]
+    n, width = len(feats), max(ranks)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    if width == 0:
+        return out
+    stacked = bases[0].new_zeros(n, bases[0].shape[0], width)
+    for i, b in enumerate(bases):
+        stacked[i, :, : ranks[i]] = b
+    pairs = torch.triu_indices(n, n)
+    for start in range(0, pairs.shape[1], chunk):
+        i, j = pairs[:, start : start + chunk]
+        rho = torch.linalg.svdvals(stacked[i].transpose(1, 2) @ stacked[j]).clamp(0.0, 1.0)
+        k = torch.minimum(torch.tensor(ranks)[i], torch.tensor(ranks)[j]).to(rho.dtype)
+        mean = torch.where(k > 0, rho.sum(dim=1) / k.clamp(min=1), torch.zeros_like(k))
+        out[i, j] = out[j, i] = mean.to(out.dtype)
     return out
 
 
