@@ -11,6 +11,7 @@ seed gives the same corpus whatever the number of parallel jobs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -19,8 +20,13 @@ import subprocess
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
+import torch
+from lhotse.augmentation.resample import Resample
 from tqdm import tqdm
 
 from comflp.utils import atomic_path, atomic_write_text
@@ -239,84 +245,94 @@ SUBSET_ROLES = {"train-clean-100": "train", "dev-clean": "dev", "test-clean": "t
 
 
 def check_tools() -> None:
-    """Raise RuntimeError naming what to install when espeak-ng or sox is missing."""
-    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
-    if missing:
+    """Raise RuntimeError naming what to install when espeak-ng is missing."""
+    if shutil.which("espeak-ng") is None:
         raise RuntimeError(
-            f"{' and '.join(missing)} not found on PATH; the built-in corpus needs them. "
-            f"Install with: sudo apt-get install {' '.join(missing)} "
-            "(utils/setup.sh does this when run as root)"
+            "espeak-ng not found on PATH; the built-in corpus needs it. Install with: "
+            "sudo apt-get install espeak-ng (utils/setup.sh does this when run as root)"
         )
 
 
-# sox effects: cut espeak-ng's leading and trailing silence, keep 50 ms of it at each end.
-TRIM_SILENCE = [
-    "silence",
-    "1",
-    "0.02",
-    "0.5%",
-    "reverse",
-    "silence",
-    "1",
-    "0.02",
-    "0.5%",
-    "reverse",
-    "pad",
-    "0.05",
-    "0.05",
-]
+# --- audio ----------------------------------------------------------------------------------
+
+SAMPLE_RATE = 16000
+# Leading and trailing silence is cut: a 10 ms frame is silent when its RMS is below this
+# fraction of full scale; 50 ms of silence is kept at each end.
+SILENCE_RMS = 0.005
+KEEP_SILENCE = 0.05
 
 
-def speak(
-    text: str, voice: str, speed: int, pitch: int, out: Path, language_voice: str | None = None
-) -> None:
-    """Synthesise ``text`` with espeak-ng into a 16 kHz mono 16-bit FLAC or WAV at ``out``
-    (no dither, so the same text and voice give the same file; silence trimmed)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    espeak = [
-        "espeak-ng",
-        "-v",
-        language_voice or voice,
-        "-s",
-        str(speed),
-        "-p",
-        str(pitch),
-        "--stdout",
-        text,
-    ]
+@lru_cache(maxsize=4)
+def _resampler(rate: int) -> Resample:
+    return Resample(rate, SAMPLE_RATE)
+
+
+def speak(text: str, voice: str, speed: int, pitch: int, out: Path) -> None:
+    """Synthesise ``text`` with espeak-ng (``voice`` e.g. ``en-us+m3``, ``speed`` in words per
+    minute, ``pitch`` 0-99) into a 16 kHz mono 16-bit FLAC or WAV at ``out`` (by its suffix),
+    leading and trailing silence cut. The same arguments give the same file; the file is
+    written atomically. Safe to call from several threads."""
+    espeak = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text]
+    wav = subprocess.run(espeak, check=True, capture_output=True).stdout
+    audio, rate = sf.read(io.BytesIO(wav), dtype="float32") if wav else (np.zeros(0), SAMPLE_RATE)
+    if rate != SAMPLE_RATE and audio.size:
+        audio = _resampler(rate)(torch.from_numpy(audio)[None])[0].numpy()
+    audio = trim_silence(audio)
+    if audio.size == 0:
+        raise RuntimeError(f"espeak-ng produced no audio for {out.name}: {text!r}")
     with atomic_path(out) as tmp:
-        wav = subprocess.run(espeak, check=True, capture_output=True).stdout
-        if not wav:
-            raise RuntimeError(f"espeak-ng produced no audio for {out.name}: {text!r}")
-        fmt = out.suffix.lstrip(".")
-        subprocess.run(
-            [
-                "sox",
-                "-D",
-                "-t",
-                "wav",
-                "-",
-                "-t",
-                fmt,
-                "-r",
-                "16000",
-                "-b",
-                "16",
-                "-c",
-                "1",
-                str(tmp),
-                *TRIM_SILENCE,
-            ],
-            input=wav,
-            check=True,
-            capture_output=True,
-        )
+        sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16")
+
+
+def trim_silence(audio: np.ndarray) -> np.ndarray:
+    """Cut the silent 10 ms frames at both ends, keeping ``KEEP_SILENCE`` seconds of each end
+    (padded with zeros where the signal has less). All-silent audio comes back empty."""
+    frame = SAMPLE_RATE // 100
+    num_frames = len(audio) // frame
+    rms = np.sqrt(np.mean(audio[: num_frames * frame].reshape(-1, frame) ** 2, axis=1))
+    loud = np.flatnonzero(rms >= SILENCE_RMS)
+    if loud.size == 0:
+        return audio[:0]
+    keep = int(KEEP_SILENCE * SAMPLE_RATE)
+    start, end = loud[0] * frame, (loud[-1] + 1) * frame
+    pad_before, pad_after = max(0, keep - start), max(0, end + keep - len(audio))
+    kept = audio[max(0, start - keep) : end + keep]
+    return np.pad(kept, (pad_before, pad_after)).clip(-1.0, 1.0)  # no int16 wrap-around
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    """One utterance to synthesise into ``out``."""
+
+    text: str
+    voice: str
+    speed: int
+    pitch: int
+    out: Path
+
+
+def synthesize_all(jobs: list[SpeechJob], nj: int = 2, desc: str = "espeak-ng") -> None:
+    """Synthesise every job, ``nj`` at a time, with a progress bar."""
+    check_tools()
+
+    def work(job: SpeechJob) -> None:
+        speak(job.text, job.voice, job.speed, job.pitch, job.out)
+
+    with ThreadPoolExecutor(max(1, nj)) as pool:
+        for _ in tqdm(pool.map(work, jobs), total=len(jobs), desc=desc, mininterval=5):
+            pass
 
 
 def _settings_hash(seed: int) -> str:
     """What the audio of an utterance depends on, besides its index."""
     blob = json.dumps(
-        {"seed": seed, "accents": ACCENTS, "variants": VARIANTS, "trim": TRIM_SILENCE, "v": 2}
+        {
+            "seed": seed,
+            "accents": ACCENTS,
+            "variants": VARIANTS,
+            "trim": [SILENCE_RMS, KEEP_SILENCE],
+            "v": 3,
+        }
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -351,14 +367,11 @@ def synthesize_subset(root: Path, subset: str, size: int, seed: int, nj: int = 2
     todo = [u for u in plans if not u.audio_path(root).is_file()]
     logging.info(f"{subset_dir}: synthesising {len(todo)} of {size} utterances with {nj} jobs")
 
-    def work(u: Utterance) -> None:
-        speak(u.text, u.voice, u.speed, u.pitch, u.audio_path(root))
-
-    with ThreadPoolExecutor(max(1, nj)) as pool:
-        for _ in tqdm(
-            pool.map(work, todo), total=len(todo), desc=f"espeak-ng {subset}", mininterval=5
-        ):
-            pass
+    synthesize_all(
+        [SpeechJob(u.text, u.voice, u.speed, u.pitch, u.audio_path(root)) for u in todo],
+        nj,
+        desc=f"espeak-ng {subset}",
+    )
 
     chapters: dict[Path, list[Utterance]] = defaultdict(list)
     for u in plans:

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import random
 import subprocess
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
-from comflp.synth import ACCENTS, VARIANTS, SentenceGenerator, speak
+from comflp.synth import ACCENTS, VARIANTS, SentenceGenerator, SpeechJob, synthesize_all
 
 SPEAKERS_PER_SUBSET = 2
 
@@ -28,7 +25,7 @@ SPEAKERS_PER_SUBSET = 2
 
 def build_librispeech(root: Path, sizes: dict[str, int], seed: int = 0, nj: int = 2) -> Path:
     """Write ``sizes[subset]`` utterances per subset; ids are unique across subsets."""
-    jobs: list[Callable[[], None]] = []
+    jobs: list[SpeechJob] = []
     for subset_index, (subset, size) in enumerate(sizes.items()):
         transcripts: dict[Path, list[str]] = {}
         for i in range(size):
@@ -40,14 +37,14 @@ def build_librispeech(root: Path, sizes: dict[str, int], seed: int = 0, nj: int 
             text = SentenceGenerator(rng).sentence()
             voice = f"{rng.choice(ACCENTS)}+{rng.choice(VARIANTS)}"
             out = chapter_dir / f"{utt_id}.flac"
-            jobs.append(partial(speak, text, voice, rng.randint(150, 190), 50, out))
+            jobs.append(SpeechJob(text, voice, rng.randint(150, 190), 50, out))
             transcripts.setdefault(chapter_dir / f"{speaker}-{chapter}.trans.txt", []).append(
                 f"{utt_id} {text}\n"
             )
         for path, lines in transcripts.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(lines))
-    _run_all(jobs, nj)
+    synthesize_all(jobs, nj)
     return root
 
 
@@ -89,7 +86,7 @@ def aishell_id(subset: str, speaker_offset: int, index: int) -> tuple[str, str]:
 def build_aishell(root: Path, sizes: dict[str, int], seed: int = 0, nj: int = 2) -> Path:
     """Write ``sizes[subset]`` utterances per subset, plus the real corpus's two quirks: one
     training wav has no transcript line and one transcript line has no wav."""
-    jobs: list[Callable[[], None]] = []
+    jobs: list[SpeechJob] = []
     lines = []
     for subset, size in sizes.items():
         for i in range(size + (subset == "train")):
@@ -100,16 +97,14 @@ def build_aishell(root: Path, sizes: dict[str, int], seed: int = 0, nj: int = 2)
             variant = rng.choice(["m1", "m3", "f2", "f4"])
             voice = f"cmn-latn-pinyin+{variant}"
             speed = rng.randint(130, 160)
-            jobs.append(
-                partial(speak, to_pinyin(text), voice, speed, 50, out, language_voice=voice)
-            )
+            jobs.append(SpeechJob(to_pinyin(text), voice, speed, 50, out))
             if i < size:  # the extra training wav has no transcript
                 lines.append(f"{utt_id} {text}\n")
     lines.append(f"{aishell_id('train', 0, 999)[1]} 我们 喜欢 北京\n")  # no wav for this one
     transcript = root / AISHELL_TRANSCRIPT
     transcript.parent.mkdir(parents=True, exist_ok=True)
     transcript.write_text("".join(sorted(lines)), encoding="utf-8")
-    _run_all(jobs, nj)
+    synthesize_all(jobs, nj)
     return root
 
 
@@ -162,8 +157,3 @@ def build_kaldi_dir(out_dir: Path, librispeech_subset: Path, segments: bool = Fa
     for name, lines in (("wav.scp", wav_scp), ("text", text_lines), ("utt2spk", utt2spk)):
         (out_dir / name).write_text("\n".join(sorted(lines)) + "\n")
     return expected
-
-
-def _run_all(jobs: list[Callable[[], None]], nj: int) -> None:
-    with ThreadPoolExecutor(nj) as pool:
-        list(pool.map(lambda job: job(), jobs))

@@ -2,12 +2,16 @@
 
 import random
 
+import numpy as np
+import soundfile as sf
+
 from comflp.synth import (
     SentenceGenerator,
     plan_utterance,
     plural,
     speak,
     synthesize_subset,
+    trim_silence,
     vocabulary,
 )
 
@@ -38,6 +42,30 @@ def test_same_input_gives_the_same_audio(tmp_path):
     for name in ("a.flac", "b.flac"):
         speak("THE OLD MAN WALKED", "en-us+m3", 170, 50, tmp_path / name)
     assert (tmp_path / "a.flac").read_bytes() == (tmp_path / "b.flac").read_bytes()
+    audio, rate = sf.read(tmp_path / "a.flac")
+    assert rate == 16000 and audio.ndim == 1
+    # About a second of speech; the kept silence at each end (50 ms) is quiet.
+    assert 0.6 < len(audio) / rate < 2.0
+    assert np.abs(audio[:400]).max() < 0.02 and np.abs(audio[-400:]).max() < 0.02
+    assert np.sqrt(np.mean(audio**2)) > 0.02
+    # Voice, speed and pitch change the audio.
+    speak("THE OLD MAN WALKED", "en-us+m3", 120, 50, tmp_path / "slow.flac")
+    speak("THE OLD MAN WALKED", "en-gb+f2", 170, 50, tmp_path / "other.wav")
+    assert len(sf.read(tmp_path / "slow.flac")[0]) > 1.2 * len(audio)
+    other, rate = sf.read(tmp_path / "other.wav")
+    assert rate == 16000 and (len(other) != len(audio) or not np.allclose(other, audio, atol=1e-3))
+
+
+def test_trim_silence_keeps_50_ms_at_each_end():
+    rate = 16000
+    tone = 0.3 * np.sin(np.arange(rate // 2) * 2 * np.pi * 440 / rate)  # 0.5 s
+    audio = np.concatenate([np.zeros(rate), tone, np.zeros(rate // 4)]).astype(np.float32)
+    trimmed = trim_silence(audio)
+    assert len(trimmed) == rate // 2 + 2 * 800
+    assert np.abs(trimmed[:800]).max() == 0 and np.abs(trimmed[-800:]).max() == 0
+    # Speech at the very start gets zeros in front of it; silence alone gives nothing.
+    assert len(trim_silence(tone.astype(np.float32))) == rate // 2 + 2 * 800
+    assert trim_silence(np.zeros(rate, dtype=np.float32)).size == 0
 
 
 def test_resizing_keeps_what_fits(tmp_path):
