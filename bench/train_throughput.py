@@ -47,6 +47,7 @@ from comflp.features import load_cmvn
 from comflp.model import ASRModel
 from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from comflp.tokenizer import Tokenizer
+from comflp.trainer import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def worker(rank: int, setting: Setting, args: argparse.Namespace, queue) -> None
         if setting.nproc > 1
         else model
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-9)
+    optimizer = make_optimizer(model, cfg.train)
     spec = spec_augment_of(cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if setting.bf16 else nullcontext()
 
