@@ -35,7 +35,7 @@ exp_dir=exp/baseline    # the baseline's experiment directory
 resume=true             # continue from the latest checkpoint when there is one
 device=auto             # auto | cpu | cuda
 ngpu=0                  # GPUs per training job; > 1 trains with DDP (nccl) through torchrun
-nproc=2                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo), 1 thread each
+nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo), cores shared out as threads
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
 # ---- CoMFLP search (stages 4-6) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)

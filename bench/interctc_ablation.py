@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> None:
         train(
             cfg,
             exp,
-            ctc_feasible(train_cuts, tokenizer, "train"),
+            ctc_feasible(train_cuts, tokenizer, "train", cfg.model.ctc_upsample),
             load_cuts(dev_cuts_path),
             tokenizer,
             cmvn,

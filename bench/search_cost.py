@@ -140,7 +140,9 @@ def built_model(
     if not (exp_dir / MODEL_NAME).is_file():
         copy_assets(template_dir, template_dir / CMVN_NAME, exp_dir)
         tokenizer = Tokenizer(exp_dir / TOKENIZER_NAME)
-        train_cuts = ctc_feasible(load_cuts(data_path(args, args.train_set)), tokenizer, "train")
+        train_cuts = ctc_feasible(
+            load_cuts(data_path(args, args.train_set)), tokenizer, "train", cfg.model.ctc_upsample
+        )
         train_cuts = train_cuts.filter(
             lambda c: c.duration <= cfg.train.max_utterance_duration
         ).to_eager()

@@ -70,7 +70,7 @@ def experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, AsrDataset, 
     cfg.model.vocab_size = tokenizer.vocab_size
     cfg.validate(str(args.config))
     cuts = load_cuts(args.workdir / f"data/fbank/cuts_{args.train_set}.jsonl.gz")
-    cuts = ctc_feasible(cuts, tokenizer, "train")
+    cuts = ctc_feasible(cuts, tokenizer, "train", cfg.model.ctc_upsample)
     cuts = cuts.filter(lambda c: c.duration <= cfg.train.max_utterance_duration).to_eager()
     return cfg, AsrDataset(tokenizer, load_cmvn(args.workdir / args.cmvn)), cuts
 

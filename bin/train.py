@@ -68,11 +68,13 @@ def main(args: argparse.Namespace) -> None:
     cfg.model.vocab_size = tokenizer.vocab_size
     cfg.validate(str(args.config))
     cmvn = load_cmvn(exp_dir / CMVN_NAME)
-    train_cuts = ctc_feasible(load_cuts(args.train_cuts), tokenizer, "train")
+    train_cuts = ctc_feasible(
+        load_cuts(args.train_cuts), tokenizer, "train", cfg.model.ctc_upsample
+    )
     train_cuts = train_cuts.filter(
         lambda c: c.duration <= cfg.train.max_utterance_duration
     ).to_eager()
-    dev_cuts = ctc_feasible(load_cuts(args.dev_cuts), tokenizer, "dev")
+    dev_cuts = ctc_feasible(load_cuts(args.dev_cuts), tokenizer, "dev", cfg.model.ctc_upsample)
     logging.info(f"train: {len(train_cuts)} utterances; dev: {len(dev_cuts)}")
     done = train(
         cfg,

@@ -36,6 +36,9 @@ class ModelConfig:
     interctc_layers: list[int] = field(default_factory=list)
     interctc_weight: float = 0.0
     stochastic_depth_rate: float | list[float] = 0.0
+    # CTC output frames per encoder frame: the CTC head maps each encoder frame to this many
+    # label distributions, so dense labels (characters of fast speech) fit the x4 frame rate.
+    ctc_upsample: int = 1
     decoder_layers: int = 0  # 0: CTC only
     ctc_weight: float = 1.0  # weight of the CTC loss when a decoder is present
     lsm_weight: float = 0.1  # label smoothing of the attention decoder
@@ -84,6 +87,8 @@ class ModelConfig:
         for p in self.layer_drop_rates():
             if not 0 <= p < 1:
                 raise bad("stochastic_depth_rate", f"rates must be in [0, 1), got {p}")
+        if not isinstance(self.ctc_upsample, int) or self.ctc_upsample < 1:
+            raise bad("ctc_upsample", f"must be an integer >= 1, got {self.ctc_upsample}")
         if self.decoder_layers < 0:
             raise bad("decoder_layers", f"must be >= 0, got {self.decoder_layers}")
         if not 0 <= self.ctc_weight <= 1:

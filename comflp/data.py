@@ -66,11 +66,12 @@ def cut_text(cut) -> str:
     return " ".join(s.text for s in cut.supervisions if s.text)
 
 
-def ctc_feasible(cuts: CutSet, tokenizer: Tokenizer, what: str) -> CutSet:
-    """Drop utterances whose token count exceeds their frame count after subsampling."""
+def ctc_feasible(cuts: CutSet, tokenizer: Tokenizer, what: str, ctc_upsample: int = 1) -> CutSet:
+    """Drop utterances whose token count exceeds their CTC frame count (encoder frames after
+    subsampling, times the CTC head's ``ctc_upsample``)."""
 
     def ok(cut) -> bool:
-        frames = int(subsampled_lengths(torch.tensor(cut.num_frames)))
+        frames = int(subsampled_lengths(torch.tensor(cut.num_frames))) * ctc_upsample
         return len(tokenizer.encode(cut_text(cut))) <= frames
 
     kept = cuts.filter(ok).to_eager()

@@ -193,14 +193,14 @@ def decode_batch(
     check_decoding_options(model, method, beam_size, ctc_weight)
     with eval_mode(model):
         enc, enc_lens, _ = model.encoder(feats, feat_lens)
-        log_probs = model.ctc(enc).log_softmax(-1)
+        log_probs, ctc_lens = model.ctc_head(enc, enc_lens)
         if method == "ctc_greedy_search":
-            return ctc_greedy_search(log_probs, enc_lens)
+            return ctc_greedy_search(log_probs, ctc_lens)
         hyps = []
-        for i, n in enumerate(enc_lens.tolist()):
+        for i, (n, m) in enumerate(zip(ctc_lens.tolist(), enc_lens.tolist(), strict=True)):
             nbest = ctc_prefix_beam_search(log_probs[i, :n], beam_size, top_k=beam_size)
             if method == "attention_rescoring" and len(nbest) > 1:
-                hyps.append(attention_rescoring(model, enc[i, :n], nbest, ctc_weight)[0])
+                hyps.append(attention_rescoring(model, enc[i, :m], nbest, ctc_weight)[0])
             else:
                 hyps.append(nbest[0][0])
         return hyps

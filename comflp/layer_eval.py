@@ -121,7 +121,7 @@ def _readout(
     """Greedy-CTC hypotheses and summed CTC loss of a last hidden state, and the time taken."""
     start = time.perf_counter()
     targets = batch["targets"][~padding_mask(batch["target_lens"], batch["targets"].size(1))]
-    log_probs = model.ctc(model.encoder.after_norm(hidden)).log_softmax(-1)
+    log_probs, lens = model.ctc_head(model.encoder.after_norm(hidden), lens)
     loss = F.ctc_loss(
         log_probs.transpose(0, 1).float(),
         targets.to(device),

@@ -236,26 +236,37 @@ class ASRModel(nn.Module):
             )
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.ctc = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.ctc = nn.Linear(cfg.d_model, cfg.vocab_size * cfg.ctc_upsample)
         self.decoder = Decoder(cfg) if cfg.decoder_layers > 0 else None
 
     @property
     def sos_eos(self) -> int:
         return self.cfg.vocab_size - 1
 
+    def ctc_head(
+        self, hidden: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC log-probabilities (B, T' * u, V) of normalised encoder states (B, T', D) and
+        their lengths, u = ``ctc_upsample`` label distributions per encoder frame."""
+        logits = self.ctc(hidden)
+        u = self.cfg.ctc_upsample
+        if u > 1:
+            logits = logits.reshape(logits.size(0), logits.size(1) * u, -1)
+        return logits.log_softmax(-1), lengths * u
+
     def ctc_log_probs(
         self, feats: torch.Tensor, feat_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T', V) CTC log-probabilities of the final layer and their lengths."""
+        """(B, T' * u, V) CTC log-probabilities of the final layer and their lengths."""
         enc, enc_lens, _ = self.encoder(feats, feat_lens)
-        return self.ctc(enc).log_softmax(-1), enc_lens
+        return self.ctc_head(enc, enc_lens)
 
     def _ctc_loss(self, hidden, hidden_lens, targets, target_lens) -> torch.Tensor:
-        log_probs = self.ctc(hidden).log_softmax(-1).transpose(0, 1).float()
+        log_probs, lengths = self.ctc_head(hidden, hidden_lens)
         loss = F.ctc_loss(
-            log_probs,
+            log_probs.transpose(0, 1).float(),
             targets,
-            hidden_lens,
+            lengths,
             target_lens,
             blank=0,
             reduction="sum",

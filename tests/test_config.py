@@ -32,6 +32,7 @@ def test_defaults_and_overrides(tmp_path):
         (with_model(d_model=100, num_heads=3), "divisible"),
         (with_model(interctc_weight=1.0), "interctc_weight"),
         (with_model(decoder_layers=1), "ctc_weight"),
+        (with_model(ctc_upsample=0), "'ctc_upsample' must be an integer >= 1"),
         (with_model(num_layers="six"), "'num_layers' must be int"),
         ({"train": {"lr": "1e-3"}}, "'lr' must be float"),
         ({"train": {"average_by": "worst"}}, "average_by"),

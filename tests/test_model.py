@@ -50,6 +50,41 @@ def test_padding_does_not_change_valid_outputs():
         assert torch.allclose(padded[i, :m], alone[0, :m], atol=1e-5)
 
 
+def test_upsampled_ctc_head_gives_u_frames_per_encoder_frame():
+    model = tiny(ctc_upsample=2)
+    feats, lens, targets, target_lens = batch()
+    log_probs, out_lens = model.ctc_log_probs(feats, lens)
+    assert out_lens.tolist() == [18, 12, 2]
+    assert log_probs.shape == (3, 18, 12)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(3, 18), atol=1e-5)
+    # Frames 2t and 2t + 1 are the two halves of the head's output at encoder frame t.
+    enc, _, _ = model.encoder(feats, lens)
+    logits = model.ctc(enc)
+    assert torch.allclose(log_probs[:, 1::2], logits[..., 12:].log_softmax(-1), atol=1e-5)
+    loss, _ = model.train()(feats, lens, targets, target_lens)
+    assert torch.isfinite(loss) and loss > 0
+    padded, _ = model.ctc_log_probs(feats, lens)
+    alone, _ = model.ctc_log_probs(feats[2:, :9], lens[2:])
+    assert torch.allclose(padded[2, :2], alone[0], atol=1e-5)
+
+
+def test_ctc_feasible_counts_upsampled_frames(tmp_path):
+    from lhotse import CutSet
+    from lhotse.testing.dummies import dummy_cut, dummy_features, dummy_supervision
+
+    from comflp.data import ctc_feasible
+    from comflp.tokenizer import train_tokenizer
+
+    texts = ["AB " * 10, "AB AB"]  # 30 and 5 characters; 100 input frames give 24 CTC frames
+    cuts = CutSet.from_cuts(
+        dummy_cut(i, features=dummy_features(i), supervisions=[dummy_supervision(i, text=t)])
+        for i, t in enumerate(texts)
+    )
+    tokenizer = train_tokenizer(texts, tmp_path, "char", 0)
+    assert [c.id for c in ctc_feasible(cuts, tokenizer, "x")] == [cuts[1].id]
+    assert len(ctc_feasible(cuts, tokenizer, "x", ctc_upsample=2)) == 2
+
+
 def test_padding_mask():
     assert padding_mask(torch.tensor([2, 0, 3])).tolist() == [
         [False, False, True],
