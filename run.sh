@@ -36,6 +36,7 @@ resume=true             # continue from the latest checkpoint when there is one
 device=auto             # auto | cpu | cuda
 ngpu=0                  # GPUs per training job; > 1 trains with DDP (nccl) through torchrun
 nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo), cores shared out as threads
+train_threads=0         # CPU cores for a training job when ngpu=0 (0: all of this machine's); Slurm: --cpus-per-task
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
 # ---- CoMFLP search (stages 4-6) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)
@@ -101,7 +102,9 @@ if [ "$ngpu" -gt 0 ]; then
   train_job="$cuda_cmd --gpu $ngpu"
   procs=$ngpu
 else
-  train_job=$train_cmd
+  [[ $train_threads =~ ^[0-9]+$ ]] || die "--train_threads must be an integer >= 0 (got '$train_threads')"
+  [ "$train_threads" -gt 0 ] || train_threads=$(nproc)
+  train_job="$train_cmd --num_threads $train_threads"
   procs=$nproc
 fi
 if [ "$procs" -gt 1 ]; then

@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> None:
     if dist_info.world_size > 1 and not args.nthreads:
         # The processes on this node share its cores (several threads each would thrash).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
     if dist_info.world_size > 1:
         import torch.distributed as dist
 
