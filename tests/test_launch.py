@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,40 @@ def test_failed_tasks_are_named(tmp_path):
     assert named == {"1", "3"}
     assert "# Ended (code 5)" in (tmp_path / "log/t.3.log").read_text()
     assert "# Ended (code 0)" in (tmp_path / "log/t.2.log").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_local_launcher_stops_its_tasks(tmp_path, sig):
+    """Slurm's scancel signals the job's launcher; a task it left running would be orphaned."""
+    launcher = subprocess.Popen(
+        [
+            PYTHON,
+            LAUNCH,
+            "--max_jobs_run",
+            "1",
+            "JOB=1:3",
+            "log/s.JOB.log",
+            "echo $$ > pid.JOB; exec sleep 317",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "pid.1").is_file() or not (tmp_path / "pid.1").read_text():
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.05)
+        pid = int((tmp_path / "pid.1").read_text())
+        launcher.send_signal(sig)
+        _, stderr = launcher.communicate(timeout=30)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + sig, stderr
+    assert f"stopped by signal {int(sig)}" in stderr
+    assert not Path(f"/proc/{pid}").exists()  # the running task is gone ...
+    assert not (tmp_path / "pid.2").exists()  # ... and the queued ones never started
+    assert "# Ended (code -15)" in (tmp_path / "log/s.1.log").read_text()
 
 
 def test_command_options_are_not_taken_for_the_launchers(tmp_path):

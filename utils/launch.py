@@ -30,6 +30,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,55 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Request]:
 # ---- local backend ----
 
 
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+class _Children:
+    """The task processes running now, so that a stopped launcher stops them too (a task left
+    running would outlive its job: Slurm loses track of a process whose parent has gone)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, command: list[str], **kwargs) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(command, **kwargs)
+            self.running.add(proc)
+            return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.running.discard(proc)
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        """SIGTERM every running task, SIGKILL what is left after ``grace`` seconds."""
+        with self.lock:
+            self.stopping = True
+            procs = list(self.running)
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+_children = _Children()
+
+
 def run_local(task: Task, num_threads: int, echo: bool) -> int:
     """Run one task under bash, writing run.pl's header and footer around its output."""
     task.log.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +193,11 @@ def run_local(task: Task, num_threads: int, echo: bool) -> int:
     with task.log.open("w") as log:
         log.write(f"# {task.command}\n# Started at {time.ctime(start)}\n#\n")
         log.flush()
-        proc = subprocess.Popen(
+        proc = _children.start(
             ["bash", "-c", task.command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
         )
+        if proc is None:  # the launcher is stopping
+            return 128 + signal.SIGTERM
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):
             text = chunk.decode(errors="replace")
@@ -155,6 +207,7 @@ def run_local(task: Task, num_threads: int, echo: bool) -> int:
                 sys.stderr.write(text)
                 sys.stderr.flush()
         code = proc.wait()
+        _children.done(proc)
         elapsed = time.time() - start
         log.write(f"# Accounting: time={elapsed:.0f} threads={num_threads}\n")
         log.write(f"# Ended (code {code}) at {time.ctime()}, elapsed time {elapsed:.0f} seconds\n")
@@ -170,8 +223,24 @@ def launch_local(opts: argparse.Namespace, tasks: list[Task], echo: bool) -> lis
     cores = os.cpu_count() or 1
     workers = max(1, min(opts.max_jobs_run or cores, len(tasks)))
     threads = opts.num_threads or max(1, cores // workers)
-    with ThreadPoolExecutor(workers) as pool:
-        codes = list(pool.map(lambda t: run_local(t, threads, echo), tasks))
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[s] = signal.signal(s, _interrupt)
+        except ValueError:  # not the main thread: no handlers to install
+            pass
+    pool = ThreadPoolExecutor(workers)
+    try:
+        futures = [pool.submit(run_local, t, threads, echo) for t in tasks]
+        codes = [f.result() for f in futures]
+    except Interrupted:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _children.stop_all()
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        pool.shutdown(wait=True)
     return [str(t.log) for t, c in zip(tasks, codes) if c != 0]
 
 
@@ -339,16 +408,6 @@ def log_exit_code(log: Path) -> int | None:
         return None
     codes = ENDED.findall(tail)
     return int(codes[-1]) if codes else None
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise Interrupted(signum)
 
 
 class LogEcho:
