@@ -72,45 +72,49 @@ def plot_matrix(matrix, path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def _error_bars(ax, pruned, test_set: str, unit: str, base_error: float | None) -> None:
+    """One labelled bar per method at a single P, best at the top."""
+    bars = sorted(((r.errors[test_set][unit], r.method) for r in pruned), reverse=True)
+    drawn = ax.barh([m for _, m in bars], [e for e, _ in bars], color="tab:blue", alpha=0.8)
+    ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel(f"{test_set} {unit.upper()} (%), P = {pruned[0].num_prune}")
+    if base_error is not None:
+        ax.axvline(base_error, color="black", ls="--", label="unpruned")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3, axis="x")
+
+
+def _error_lines(ax, pruned, test_set: str, unit: str, base_error: float | None) -> None:
+    """One line per method over the pruned-layer counts."""
+    for i, name in enumerate(sorted({r.method for r in pruned})):
+        points = sorted((r.num_prune, r.errors[test_set][unit]) for r in pruned if r.method == name)
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="os^vD<>pP*hX"[i % 12], label=name)
+    if base_error is not None:
+        ax.axhline(base_error, color="black", ls="--", label="unpruned")
+    ax.set_xticks(sorted({r.num_prune for r in pruned}))
+    ax.set_xlabel("pruned layers P")
+    ax.set_ylabel(f"{test_set} {unit.upper()} (%)")
+    ax.grid(alpha=0.3)
+
+
 def plot_error_vs_prune(
     rows, test_set: str, path: Path, metrics: tuple[str, ...] = ("wer", "cer")
 ) -> None:
     """Test error rates against the number of pruned layers, one line per method; with a
-    single P, one bar per method instead (best at the top), as lines of one point say little."""
+    single P, one bar per method instead, as lines of one point say little."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-    axes = axes[0]
     base = next((r for r in rows if r.num_prune == 0), None)
     pruned = [r for r in rows if r.num_prune > 0]
-    names = sorted({r.method for r in pruned})
-    prunes = sorted({r.num_prune for r in pruned})
-    for ax, unit in zip(axes, metrics):
-        base_error = None if base is None else base.errors[test_set][unit]
-        if len(prunes) == 1:
-            bars = sorted(((r.errors[test_set][unit], r.method) for r in pruned), reverse=True)
-            drawn = ax.barh([m for _, m in bars], [e for e, _ in bars], color="tab:blue", alpha=0.8)
-            ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
-            ax.tick_params(axis="y", labelsize=7)
-            ax.set_xlabel(f"{test_set} {unit.upper()} (%), P = {prunes[0]}")
-            if base_error is not None:
-                ax.axvline(base_error, color="black", ls="--", label="unpruned")
-                ax.legend(fontsize=7, loc="upper right")
-            ax.grid(alpha=0.3, axis="x")
-            continue
-        for i, name in enumerate(names):
-            points = sorted(
-                (r.num_prune, r.errors[test_set][unit]) for r in rows if r.method == name
-            )
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="os^vD<>pP*hX"[i % 12], label=name)
-        if base_error is not None:
-            ax.axhline(base_error, color="black", ls="--", label="unpruned")
-        ax.set_xticks(prunes)
-        ax.set_xlabel("pruned layers P")
-        ax.set_ylabel(f"{test_set} {unit.upper()} (%)")
-        ax.grid(alpha=0.3)
-        if ax is axes[-1]:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    single = f"Error of each method with {prunes[0]} layers pruned" if len(prunes) == 1 else None
-    fig.suptitle(single or "Error against the number of pruned layers")
+    prunes = {r.num_prune for r in pruned}
+    draw = _error_bars if len(prunes) == 1 else _error_lines
+    for ax, unit in zip(axes[0], metrics):
+        draw(ax, pruned, test_set, unit, None if base is None else base.errors[test_set][unit])
+    if len(prunes) == 1:
+        fig.suptitle(f"Error of each method with {prunes.pop()} layers pruned")
+    else:
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        fig.suptitle("Error against the number of pruned layers")
     fig.tight_layout()
     _save(fig, path)

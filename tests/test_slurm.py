@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd
+from .test_launch import launch as launch_py
 
 pytestmark = pytest.mark.slurm
 LAUNCH = REPO / "utils/launch.py"
@@ -106,8 +107,7 @@ def test_task_killed_by_slurm_is_named_with_its_state(tmp_path, slurm_env):
     for i in (1, 2):
         # A task's own launcher writes its log's end line when the SIGTERM reaches it before
         # Slurm's SIGKILL; without one, the failure points at Slurm's output file too.
-        log = tmp_path / f"log/k.{i}.log"
-        if log.exists() and "# Ended (code " in log.read_text():
+        if launch_py.log_exit_code(tmp_path / f"log/k.{i}.log") is not None:
             assert f"log/k.{i}.log (Slurm state CANCELLED)" in stderr
         else:
             assert f"log/k.{i}.log (Slurm state CANCELLED, no end line: see also " in stderr
