@@ -1,7 +1,7 @@
 """Benchmark for the issue "Correlation speed": fast correlation_matrix against a naive pair loop.
 
 Builds random layer features (L+1 matrices of shape (N, d), each layer a noisy mix of the
-previous one, like a residual stack), times ``comflp.correlation.correlation_matrix`` for each
+previous one, like a residual stack), times ``comflp.prune.correlation.correlation_matrix`` for each
 measure and a straightforward per-pair loop written here that recomputes everything for every
 pair (distance matrices, Gram matrices, SVDs), checks that the two agree to 1e-6 and prints a
 Markdown table (also written to ``--output`` if given).
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from comflp.correlation import correlation_matrix
+from comflp.prune.correlation import correlation_matrix
 
 TOLERANCE = 1e-6
 

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from common import emit
 
-from comflp.checkpoint import CMVN_NAME, MODEL_NAME, load_model
+from comflp.asr.checkpoint import CMVN_NAME, MODEL_NAME, load_model
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts
+from comflp.asr.decode import BLANK, ctc_greedy_search
+from comflp.asr.features import load_cmvn
+from comflp.asr.scoring import error_stats
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import add_common_args, run
-from comflp.data import AsrDataset, eval_loader, load_cuts
-from comflp.decode import BLANK, ctc_greedy_search
-from comflp.features import load_cmvn
-from comflp.scoring import error_stats
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
 
 
 def label_density(token_ids: list[int], num_frames: int) -> float:

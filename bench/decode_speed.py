@@ -6,7 +6,7 @@ experiment directory, --pruned_dir, e.g. exp/baseline/search/dc_prune6/pruned, o
 --prune_layers on the base model) with greedy CTC and, unless --beam_search false, CTC prefix
 beam search. The test batches are loaded into memory once; for each device, thread count,
 method and model: a warm-up on the first --warmup_batches batches, then --repeats decodings of
-the whole set, reporting the median RTF (decoding time / audio seconds; comflp.decode.decode_set
+the whole set, reporting the median RTF (decoding time / audio seconds; comflp.asr.decode.decode_set
 times the model and the search, not data loading) and the ratio pruned / unpruned. GPU rows are
 added when CUDA is available. Prints a Markdown table, also written to --output.
 
@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 from common import emit, gpu_note
 
-from comflp.checkpoint import CMVN_NAME, load_model
+from comflp.asr.checkpoint import CMVN_NAME, load_model
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts
+from comflp.asr.decode import decode_set
+from comflp.asr.features import load_cmvn
+from comflp.asr.model import ASRModel, count_parameters, prune_layers
+from comflp.asr.scoring import error_stats
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import UsageError, add_common_args, run, str2bool
-from comflp.data import AsrDataset, eval_loader, load_cuts
-from comflp.decode import decode_set
-from comflp.features import load_cmvn
-from comflp.layer_eval import load_batches
-from comflp.model import ASRModel, count_parameters, prune_layers
-from comflp.scoring import error_stats
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
+from comflp.prune.evaluator import load_batches
 
 
 def pruned_model(args: argparse.Namespace, base: ASRModel) -> tuple[ASRModel, list[int]]:

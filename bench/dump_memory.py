@@ -28,12 +28,12 @@ from pathlib import Path
 
 from common import emit
 
+from comflp.asr.data import load_cuts
 from comflp.cli import UsageError, add_common_args, run
-from comflp.data import load_cuts
-from comflp.dump import INFO_NAME
+from comflp.prune.dump import INFO_NAME
 
 DUMP_SCRIPT = Path(__file__).resolve().parents[1] / "bin" / "dump_layers.py"
-IMPORTS_ONLY = "import comflp.checkpoint, comflp.data, comflp.dump"
+IMPORTS_ONLY = "import comflp.asr.checkpoint, comflp.asr.data, comflp.prune.dump"
 
 
 def measured_child(command: list[str], log: Path) -> tuple[float, float]:

@@ -18,16 +18,16 @@ import logging
 import time
 from pathlib import Path
 
-from comflp.checkpoint import CMVN_NAME, copy_assets, load_model
+from comflp.asr.checkpoint import CMVN_NAME, copy_assets, load_model
+from comflp.asr.config import load_config
+from comflp.asr.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
+from comflp.asr.features import load_cmvn
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
+from comflp.asr.trainer import train
 from comflp.cli import add_common_args, run
-from comflp.config import load_config
-from comflp.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
-from comflp.features import load_cmvn
-from comflp.layer_eval import evaluate_subsets, kept_layers, load_batches
-from comflp.strategies import drop_top, every_other
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
-from comflp.trainer import train
+from comflp.prune.evaluator import evaluate_subsets, kept_layers, load_batches
+from comflp.prune.rules import drop_top, every_other
 from comflp.utils import atomic_write_text
 
 VARIANTS = {

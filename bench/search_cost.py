@@ -6,10 +6,10 @@ For each depth L (default 12, 24, 48), pruning P = L/2 layers, on CPU:
 - CoMFLP: dump of a calibration subset (stage 4, mean pooling; the time includes reading the
   dump back, as stage 5 does), the dc correlation matrix over batches of --dc_batch_size
   utterances, the coarse beam search, and the fine search of its top K with the dev CER;
-- GLP: the greedy metric search (comflp.strategies.greedy_layer_pruning);
+- GLP: the greedy metric search (comflp.prune.rules.greedy_layer_pruning);
 - the oracle: the exhaustive metric search, where C(L, P) <= --oracle_max.
 
-Every metric search runs through the same evaluator (comflp.layer_eval, prefix cache on) on the
+Every metric search runs through the same evaluator (comflp.prune.evaluator, prefix cache on) on the
 same dev batches, loaded once before any timing. Each model is warmed up on those batches (the
 unpruned dev CER) first. The correlation and coarse search, being cheap, are timed --repeats
 times (median); the other phases once. Models: an experiment directory per depth (--exp12,
@@ -42,27 +42,27 @@ import torch
 from common import emit
 from lhotse import CutSet
 
-from comflp.checkpoint import (
+from comflp.asr.checkpoint import (
     CMVN_NAME,
     MODEL_NAME,
     copy_assets,
     load_experiment_config,
     load_model,
 )
+from comflp.asr.config import ExperimentConfig
+from comflp.asr.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
+from comflp.asr.features import load_cmvn
+from comflp.asr.model import ASRModel
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
+from comflp.asr.trainer import train
 from comflp.cli import UsageError, add_common_args, run
-from comflp.config import ExperimentConfig
-from comflp.correlation import correlation_matrix
-from comflp.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
-from comflp.dump import dump_layers, load_layer_feats
-from comflp.features import load_cmvn
-from comflp.fine_search import fine_search
-from comflp.layer_eval import evaluate_subsets, kept_layers, layer_evaluations, load_batches
-from comflp.model import ASRModel
-from comflp.search import blocks_of, coarse_search
-from comflp.strategies import exhaustive_metric_search, greedy_layer_pruning
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
-from comflp.trainer import train
+from comflp.prune.correlation import correlation_matrix
+from comflp.prune.dump import dump_layers, load_layer_feats
+from comflp.prune.evaluator import evaluate_subsets, kept_layers, layer_evaluations, load_batches
+from comflp.prune.fine_search import fine_search
+from comflp.prune.rules import exhaustive_metric_search, greedy_layer_pruning
+from comflp.prune.search import blocks_of, coarse_search
 
 METRIC = "cer"
 

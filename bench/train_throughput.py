@@ -2,7 +2,7 @@
 """Benchmark: training throughput of a config, one process against data-parallel processes.
 
 Trains a fresh model of --config on real batches of the built-in corpus (stages 0-2 must have
-run in --workdir) exactly as comflp.trainer does a step (SpecAugment if the config asks,
+run in --workdir) exactly as comflp.asr.trainer does a step (SpecAugment if the config asks,
 forward with intermediate CTC and stochastic depth, backward, gradient clipping, Adam), in:
 
 - one process with torch's default number of threads;
@@ -39,15 +39,15 @@ from common import emit, gpu_note
 from lhotse import CutSet
 from lhotse.dataset import SpecAugment
 
+from comflp.asr.config import ExperimentConfig, load_config
+from comflp.asr.data import AsrDataset, ctc_feasible, load_cuts, train_sampler
+from comflp.asr.decode import FRAME_SHIFT
+from comflp.asr.features import load_cmvn
+from comflp.asr.model import ASRModel
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
+from comflp.asr.trainer import make_optimizer
 from comflp.cli import UsageError, add_common_args, run
-from comflp.config import ExperimentConfig, load_config
-from comflp.data import AsrDataset, ctc_feasible, load_cuts, train_sampler
-from comflp.decode import FRAME_SHIFT
-from comflp.features import load_cmvn
-from comflp.model import ASRModel
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
-from comflp.trainer import make_optimizer
 
 
 @dataclass(frozen=True)

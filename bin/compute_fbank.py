@@ -11,9 +11,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from comflp.asr.data import load_cuts, part_of
+from comflp.asr.features import SPEED_FACTORS, add_speed_perturbation, compute_fbank
 from comflp.cli import UsageError, add_common_args, run, str2bool
-from comflp.data import load_cuts, part_of
-from comflp.features import SPEED_FACTORS, add_speed_perturbation, compute_fbank
 
 
 def main(args: argparse.Namespace) -> None:

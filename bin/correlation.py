@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from comflp.cli import UsageError, add_common_args, run
-from comflp.correlation import MEASURES, correlation_matrix
-from comflp.dump import INFO_NAME, load_layer_feats
-from comflp.plots import plot_matrix
+from comflp.prune.correlation import MEASURES, correlation_matrix
+from comflp.prune.dump import INFO_NAME, load_layer_feats
+from comflp.report.plots import plot_matrix
 from comflp.utils import atomic_path, atomic_write_json
 
 

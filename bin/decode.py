@@ -2,7 +2,7 @@
 """Stage 7, step 2: decode a set with every distinct pruned model of one or more method lists.
 
 Each (model directory, pruned layers) pair is decoded once: the layers are removed physically
-(comflp.model.prune_layers) and the set is decoded with --decoding_method. With --num_parts N,
+(comflp.asr.model.prune_layers) and the set is decoded with --decoding_method. With --num_parts N,
 only part --part of the utterances is decoded (for job arrays); bin/results.py merges parts.
 Writes <output_dir>/<key>/part<J>.json: per-utterance ref/hyp, decoding time, audio duration.
 Without --methods, --model_dir decodes one model (with optional --prune_layers).
@@ -12,15 +12,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from comflp.checkpoint import CMVN_NAME, load_model
+from comflp.asr.checkpoint import CMVN_NAME, load_model
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts, part_of
+from comflp.asr.decode import METHODS, decode_set
+from comflp.asr.features import load_cmvn
+from comflp.asr.model import count_parameters, prune_layers
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import UsageError, add_common_args, resolve_device, run
-from comflp.compare import Method, MethodList
-from comflp.data import AsrDataset, eval_loader, load_cuts, part_of
-from comflp.decode import METHODS, decode_set
-from comflp.features import load_cmvn
-from comflp.model import count_parameters, prune_layers
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
+from comflp.prune.methods import Method, MethodList
 from comflp.utils import atomic_write_json
 
 

@@ -5,13 +5,13 @@ of a calibration subset (kaldiio ark/scp); bin/merge_dump.py joins the parts."""
 import argparse
 from pathlib import Path
 
-from comflp.checkpoint import CMVN_NAME, load_model
+from comflp.asr.checkpoint import CMVN_NAME, load_model
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts, part_of, random_subset
+from comflp.asr.features import load_cmvn
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import UsageError, add_common_args, resolve_device, run
-from comflp.data import AsrDataset, eval_loader, load_cuts, part_of, random_subset
-from comflp.dump import POOLINGS, dump_layers
-from comflp.features import load_cmvn
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
+from comflp.prune.dump import POOLINGS, dump_layers
 
 
 def main(args: argparse.Namespace) -> None:

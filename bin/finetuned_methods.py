@@ -5,9 +5,9 @@ import argparse
 import json
 from pathlib import Path
 
-from comflp.checkpoint import load_experiment_config
+from comflp.asr.checkpoint import load_experiment_config
 from comflp.cli import add_common_args, run
-from comflp.compare import Method, MethodList, comflp_methods
+from comflp.prune.methods import Method, MethodList, comflp_methods
 
 
 def main(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from comflp.cli import UsageError, add_common_args, run
-from comflp.dump import merge_dumps
+from comflp.prune.dump import merge_dumps
 
 
 def main(args: argparse.Namespace) -> None:

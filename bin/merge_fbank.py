@@ -8,9 +8,9 @@ from pathlib import Path
 
 from lhotse import CutSet
 
+from comflp.asr.data import load_cuts
+from comflp.asr.features import compute_cmvn, save_cmvn
 from comflp.cli import UsageError, add_common_args, run
-from comflp.data import load_cuts
-from comflp.features import compute_cmvn, save_cmvn
 from comflp.utils import atomic_path
 
 

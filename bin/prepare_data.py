@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from comflp.cli import UsageError, add_common_args, run, str2bool
-from comflp.corpus import (
+from comflp.corpus.prepare import (
     DEFAULT_DOWNLOAD_URL,
     download_corpus,
     prepare_aishell_cuts,

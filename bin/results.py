@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from comflp.asr.scoring import write_scores
 from comflp.cli import UsageError, add_common_args, run
-from comflp.compare import MethodList, build_rows, results_table
-from comflp.plots import plot_error_vs_prune
-from comflp.scoring import write_scores
+from comflp.prune.methods import MethodList, build_rows, results_table
+from comflp.report.plots import plot_error_vs_prune
 from comflp.utils import atomic_write_json, atomic_write_text
 
 

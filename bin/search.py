@@ -17,14 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from comflp.checkpoint import CMVN_NAME, copy_assets, load_experiment_config, load_model, save_model
+from comflp.asr.checkpoint import (
+    CMVN_NAME,
+    copy_assets,
+    load_experiment_config,
+    load_model,
+    save_model,
+)
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts, random_subset
+from comflp.asr.features import load_cmvn
+from comflp.asr.model import prune_layers
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
-from comflp.data import AsrDataset, eval_loader, load_cuts, random_subset
-from comflp.features import load_cmvn
-from comflp.fine_search import fine_search
-from comflp.layer_eval import METRICS, load_batches
-from comflp.model import prune_layers
-from comflp.search import (
+from comflp.prune.evaluator import METRICS, load_batches
+from comflp.prune.fine_search import fine_search
+from comflp.prune.search import (
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
     Proposal,
@@ -32,8 +40,6 @@ from comflp.search import (
     format_proposals,
     validate_matrix,
 )
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
 from comflp.utils import atomic_write_json
 
 

@@ -10,13 +10,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from comflp.checkpoint import CMVN_NAME, load_model
+from comflp.asr.checkpoint import CMVN_NAME, load_model
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts, random_subset
+from comflp.asr.features import load_cmvn
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
-from comflp.compare import Method, MethodList, comflp_methods
-from comflp.data import AsrDataset, eval_loader, load_cuts, random_subset
-from comflp.features import load_cmvn
-from comflp.layer_eval import METRICS, load_batches
-from comflp.strategies import (
+from comflp.prune.evaluator import METRICS, load_batches
+from comflp.prune.methods import Method, MethodList, comflp_methods
+from comflp.prune.rules import (
     drop_bottom,
     drop_top,
     every_other,
@@ -24,8 +26,6 @@ from comflp.strategies import (
     greedy_layer_pruning,
     random_layers,
 )
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
 
 
 def main(args: argparse.Namespace) -> None:

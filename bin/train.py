@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from comflp.checkpoint import CMVN_NAME, copy_assets, load_checkpoint, load_experiment_config
+from comflp.asr.checkpoint import CMVN_NAME, copy_assets, load_checkpoint, load_experiment_config
+from comflp.asr.config import load_config
+from comflp.asr.data import ctc_feasible, load_cuts
+from comflp.asr.features import load_cmvn
+from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from comflp.asr.tokenizer import Tokenizer
+from comflp.asr.trainer import Dist, train
 from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
-from comflp.config import load_config
-from comflp.data import ctc_feasible, load_cuts
-from comflp.features import load_cmvn
-from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.tokenizer import Tokenizer
-from comflp.trainer import Dist, train
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -5,9 +5,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from comflp.asr.data import cut_text, load_cuts
+from comflp.asr.tokenizer import train_tokenizer
 from comflp.cli import add_common_args, run
-from comflp.data import cut_text, load_cuts
-from comflp.tokenizer import train_tokenizer
 
 
 def main(args: argparse.Namespace) -> None:

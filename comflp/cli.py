@@ -50,8 +50,8 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     if getattr(args, "nthreads", 0):
         torch.set_num_threads(args.nthreads)
     logging.info("command: " + " ".join(sys.argv))
-    from comflp.config import ConfigError
-    from comflp.corpus import CorpusError
+    from comflp.asr.config import ConfigError
+    from comflp.corpus.prepare import CorpusError
 
     try:
         main(args)

@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from comflp.cli import UsageError, add_common_args, run
-from comflp.synth import SUBSET_ROLES, check_tools, synthesize_corpus
+from comflp.corpus.synth import SUBSET_ROLES, check_tools, synthesize_corpus
 
 
 def main(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ import random
 import subprocess
 from pathlib import Path
 
-from comflp.synth import ACCENTS, VARIANTS, SentenceGenerator, SpeechJob, synthesize_all
+from comflp.corpus.synth import ACCENTS, VARIANTS, SentenceGenerator, SpeechJob, synthesize_all
 
 SPEAKERS_PER_SUBSET = 2
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from comflp.compare import MethodList
-from comflp.strategies import drop_bottom, drop_top, every_other, random_layers
+from comflp.prune.methods import MethodList
+from comflp.prune.rules import drop_bottom, drop_top, every_other, random_layers
 
 from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from comflp.config import ConfigError, ModelConfig, config_from_dict, load_config
+from comflp.asr.config import ConfigError, ModelConfig, config_from_dict, load_config
 
 BASE = {"model": {"num_layers": 4, "interctc_layers": [2], "interctc_weight": 0.3}, "train": {}}
 

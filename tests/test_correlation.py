@@ -1,4 +1,4 @@
-"""Tests for comflp.correlation: hand-checked values, invariances, matrix vs pairs, errors."""
+"""Tests for comflp.prune.correlation: hand-checked values, invariances, matrix vs pairs, errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from comflp import correlation
-from comflp.correlation import MEASURES, correlation_matrix, similarity
+from comflp.prune import correlation
+from comflp.prune.correlation import MEASURES, correlation_matrix, similarity
 
 SYMMETRIC = ("dc", "svcca", "cka", "cosine")
 NONNEGATIVE = ("dc", "svcca", "pwcca", "cka")

@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comflp.checkpoint import load_checkpoint
-from comflp.config import ModelConfig
-from comflp.data import pad_sequences
-from comflp.model import ASRModel
+from comflp.asr.checkpoint import load_checkpoint
+from comflp.asr.config import ModelConfig
+from comflp.asr.data import pad_sequences
+from comflp.asr.model import ASRModel
 
 from .conftest import PYTHON, REPO, run_cmd
 
@@ -192,7 +192,7 @@ def _steps_worker(out: str) -> None:
 
 def _train_worker(out: str, *train_args: str) -> None:
     """Run bin/train.py, then save this rank's final weights (bin/train.py keeps them in memory)."""
-    import comflp.trainer
+    import comflp.asr.trainer
 
     models = []
 
@@ -201,7 +201,7 @@ def _train_worker(out: str, *train_args: str) -> None:
             super().__init__(cfg)
             models.append(self)
 
-    comflp.trainer.ASRModel = Recorded
+    comflp.asr.trainer.ASRModel = Recorded
     sys.argv = [str(REPO / "bin/train.py"), *train_args]
     runpy.run_path(sys.argv[0], run_name="__main__")
     torch.save(models[-1].state_dict(), Path(out) / f"rank{os.environ['RANK']}.pt")

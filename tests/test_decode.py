@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from comflp.config import ModelConfig
-from comflp.decode import (
+from comflp.asr.config import ModelConfig
+from comflp.asr.decode import (
     FRAME_SHIFT,
     attention_rescoring,
     ctc_greedy_search,
@@ -13,7 +13,7 @@ from comflp.decode import (
     decode_batch,
     decode_set,
 )
-from comflp.model import ASRModel
+from comflp.asr.model import ASRModel
 
 VOCAB = 7
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from lhotse import CutSet
 
-from comflp.corpus import CorpusError, prepare_kaldi_cuts
+from comflp.corpus.prepare import CorpusError, prepare_kaldi_cuts
 
 from .conftest import PYTHON, REPO, run_cmd, run_sh
 from .corpora import build_kaldi_dir, build_librispeech

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from comflp.config import ModelConfig
-from comflp.model import ASRModel, padding_mask, prune_layers, subsampled_lengths
+from comflp.asr.config import ModelConfig
+from comflp.asr.model import ASRModel, padding_mask, prune_layers, subsampled_lengths
 
 
 def tiny(**kw) -> ASRModel:
@@ -72,8 +72,8 @@ def test_ctc_feasible_counts_upsampled_frames(tmp_path):
     from lhotse import CutSet
     from lhotse.testing.dummies import dummy_cut, dummy_features, dummy_supervision
 
-    from comflp.data import ctc_feasible
-    from comflp.tokenizer import train_tokenizer
+    from comflp.asr.data import ctc_feasible
+    from comflp.asr.tokenizer import train_tokenizer
 
     texts = ["AB " * 10, "AB AB"]  # 30 and 5 characters; 100 input frames give 24 CTC frames
     cuts = CutSet.from_cuts(

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from comflp.checkpoint import load_model
-from comflp.config import ModelConfig
-from comflp.data import AsrDataset, eval_loader, load_cuts
-from comflp.dump import dump_layers, load_layer_feats
-from comflp.features import load_cmvn
-from comflp.fine_search import fine_search
-from comflp.layer_eval import evaluate_subsets, layer_evaluations, load_batches
-from comflp.model import ASRModel, padding_mask, prune_layers
-from comflp.search import Proposal
-from comflp.tokenizer import Tokenizer
+from comflp.asr.checkpoint import load_model
+from comflp.asr.config import ModelConfig
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts
+from comflp.asr.features import load_cmvn
+from comflp.asr.model import ASRModel, padding_mask, prune_layers
+from comflp.asr.tokenizer import Tokenizer
+from comflp.prune.dump import dump_layers, load_layer_feats
+from comflp.prune.evaluator import evaluate_subsets, layer_evaluations, load_batches
+from comflp.prune.fine_search import fine_search
+from comflp.prune.search import Proposal
 
 from .conftest import PYTHON, REPO, run_cmd
 

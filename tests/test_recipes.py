@@ -14,8 +14,8 @@ import pytest
 import yaml
 from lhotse import CutSet
 
-from comflp.config import load_config
-from comflp.corpus import (
+from comflp.asr.config import load_config
+from comflp.corpus.prepare import (
     DEFAULT_DOWNLOAD_URL,
     CorpusError,
     download_corpus,

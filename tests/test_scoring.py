@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from comflp.scoring import ErrorStats, alignment_text, error_stats, results_table, write_scores
+from comflp.asr.scoring import ErrorStats, alignment_text, error_stats, results_table, write_scores
 
 
 def test_word_counts_match_hand_alignment():

@@ -1,4 +1,4 @@
-"""Coarse search of CoMFLP (comflp.search) and its entry point bin/search.py."""
+"""Coarse search of CoMFLP (comflp.prune.search) and its entry point bin/search.py."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from comflp.search import (
+from comflp.prune.search import (
     Proposal,
     blocks_of,
     coarse_search,

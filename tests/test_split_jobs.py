@@ -5,8 +5,8 @@ import shutil
 
 import numpy as np
 
-from comflp.data import load_cuts
-from comflp.dump import load_layer_feats
+from comflp.asr.data import load_cuts
+from comflp.prune.dump import load_layer_feats
 
 from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
 

@@ -6,11 +6,11 @@ import shutil
 import pytest
 from lhotse import CutSet
 
-from comflp.checkpoint import load_model
-from comflp.data import AsrDataset, eval_loader, load_cuts
-from comflp.decode import evaluate_ctc
-from comflp.features import load_cmvn
-from comflp.tokenizer import Tokenizer
+from comflp.asr.checkpoint import load_model
+from comflp.asr.data import AsrDataset, eval_loader, load_cuts
+from comflp.asr.decode import evaluate_ctc
+from comflp.asr.features import load_cmvn
+from comflp.asr.tokenizer import Tokenizer
 
 from .conftest import PYTHON, REPO, run_cmd, run_sh
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import soundfile as sf
 
-from comflp.synth import (
+from comflp.corpus.synth import (
     SentenceGenerator,
     plan_utterance,
     plural,

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from comflp.checkpoint import average_state_dicts, load_checkpoint, load_model
-from comflp.config import ConfigError, load_config
-from comflp.data import load_cuts
-from comflp.features import load_cmvn
-from comflp.tokenizer import Tokenizer
-from comflp.trainer import train
+from comflp.asr.checkpoint import average_state_dicts, load_checkpoint, load_model
+from comflp.asr.config import ConfigError, load_config
+from comflp.asr.data import load_cuts
+from comflp.asr.features import load_cmvn
+from comflp.asr.tokenizer import Tokenizer
+from comflp.asr.trainer import train
 
 from .conftest import REPO
 

@@ -13,8 +13,8 @@ from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 from torch.utils.data import DataLoader
 
-from comflp.model import subsampled_lengths
-from comflp.tokenizer import Tokenizer
+from comflp.asr.model import subsampled_lengths
+from comflp.asr.tokenizer import Tokenizer
 
 
 def load_cuts(path: str | Path) -> CutSet:

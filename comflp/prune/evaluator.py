@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from comflp.decode import ctc_greedy_search
-from comflp.model import ASRModel, padding_mask
-from comflp.scoring import error_stats
-from comflp.tokenizer import Tokenizer
+from comflp.asr.decode import ctc_greedy_search
+from comflp.asr.model import ASRModel, padding_mask
+from comflp.asr.scoring import error_stats
+from comflp.asr.tokenizer import Tokenizer
 
 METRICS = ("cer", "wer", "ctc_loss")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from comflp.config import ConfigError, ExperimentConfig, config_from_dict, save_config
-from comflp.model import ASRModel
+from comflp.asr.config import ConfigError, ExperimentConfig, config_from_dict, save_config
+from comflp.asr.model import ASRModel
 from comflp.utils import atomic_save
 
 CONFIG_NAME = "config.yaml"
@@ -103,8 +103,8 @@ def save_model(
 
 def copy_assets(tokenizer_dir: Path, cmvn_path: Path, exp_dir: Path) -> None:
     """Copy the tokenizer files and CMVN statistics into ``exp_dir`` so it is self-contained."""
-    from comflp.tokenizer import MODEL_NAME as TOKENIZER_NAME
-    from comflp.tokenizer import TOKENS_NAME
+    from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
+    from comflp.asr.tokenizer import TOKENS_NAME
 
     exp_dir.mkdir(parents=True, exist_ok=True)
     sources = {

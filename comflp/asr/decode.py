@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from comflp.model import ASRModel, padding_mask
-from comflp.scoring import error_stats
-from comflp.tokenizer import Tokenizer
+from comflp.asr.model import ASRModel, padding_mask
+from comflp.asr.scoring import error_stats
+from comflp.asr.tokenizer import Tokenizer
 
 BLANK = 0
 FRAME_SHIFT = 0.01  # seconds per input feature frame
@@ -238,7 +238,7 @@ def decode_set(
     ctc_weight: float = 0.3,
     device: str | torch.device = "cpu",
 ) -> DecodeResult:
-    """Decode every batch of ``loader`` (:class:`comflp.data.AsrDataset` batches) with
+    """Decode every batch of ``loader`` (:class:`comflp.asr.data.AsrDataset` batches) with
     :func:`decode_batch`; audio duration is counted from ``feat_lens`` (10 ms frames)."""
     check_decoding_options(model, method, beam_size, ctc_weight)
     utts: list[dict] = []

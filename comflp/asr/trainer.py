@@ -24,7 +24,7 @@ from lhotse.dataset import SpecAugment
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from comflp.checkpoint import (
+from comflp.asr.checkpoint import (
     CONFIG_NAME,
     MODEL_NAME,
     average_state_dicts,
@@ -34,11 +34,11 @@ from comflp.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from comflp.config import ConfigError, ExperimentConfig, TrainConfig, save_config
-from comflp.data import AsrDataset, SkipFirst, eval_loader, train_sampler
-from comflp.decode import evaluate_ctc
-from comflp.model import ASRModel, count_parameters
-from comflp.tokenizer import Tokenizer
+from comflp.asr.config import ConfigError, ExperimentConfig, TrainConfig, save_config
+from comflp.asr.data import AsrDataset, SkipFirst, eval_loader, train_sampler
+from comflp.asr.decode import evaluate_ctc
+from comflp.asr.model import ASRModel, count_parameters
+from comflp.asr.tokenizer import Tokenizer
 from comflp.utils import atomic_write_json, rng_state, seed_everything, set_rng_state
 
 LATEST_NAME = "checkpoint-latest.pt"
@@ -441,7 +441,7 @@ def finish(
         f"dev WER {metrics['wer']:.2f}%, dev CTC loss {metrics['loss']:.3f}"
     )
     atomic_write_json(exp_dir / "final_dev.json", {"averaged": averaged, **metrics})
-    from comflp.plots import plot_training_curves
+    from comflp.report.plots import plot_training_curves
 
     plot_training_curves(history, exp_dir / "training_curves.png", final_cer=metrics["cer"])
     return metrics

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from comflp.model import ASRModel
+from comflp.asr.model import ASRModel
 from comflp.utils import atomic_write_json, atomic_write_text
 
 POOLINGS = ("mean", "frames")

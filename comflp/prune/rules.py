@@ -17,9 +17,9 @@ from itertools import combinations
 
 import numpy as np
 
-from comflp.layer_eval import evaluate_subsets, kept_layers
-from comflp.model import ASRModel
-from comflp.tokenizer import Tokenizer
+from comflp.asr.model import ASRModel
+from comflp.asr.tokenizer import Tokenizer
+from comflp.prune.evaluator import evaluate_subsets, kept_layers
 
 
 def _check(num_layers: int, num_prune: int) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from comflp.layer_eval import evaluate_subsets, kept_layers, layer_evaluations
-from comflp.model import ASRModel
-from comflp.search import Proposal
-from comflp.tokenizer import Tokenizer
+from comflp.asr.model import ASRModel
+from comflp.asr.tokenizer import Tokenizer
+from comflp.prune.evaluator import evaluate_subsets, kept_layers, layer_evaluations
+from comflp.prune.search import Proposal
 
 
 @dataclass
