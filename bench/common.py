@@ -10,6 +10,7 @@ from comflp.utils import atomic_write_text
 
 
 def gpu_note() -> str:
+    """The line of a table's notes that names the GPU, or says there is none."""
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name()}."
     return "GPU: no GPU on this machine (torch.cuda.is_available() is False), CPU rows only."

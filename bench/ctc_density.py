@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from common import emit
 
-from comflp.asr.checkpoint import CMVN_NAME, MODEL_NAME, load_model
-from comflp.asr.data import AsrDataset, eval_loader, load_cuts
-from comflp.asr.decode import BLANK, ctc_greedy_search
-from comflp.asr.features import load_cmvn
+from comflp.adapters.native import NativeModel
+from comflp.asr.ctc import ctc_greedy_search
+from comflp.asr.data import eval_loader, load_cuts
 from comflp.asr.scoring import error_stats
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import add_common_args, run
+from comflp.expdir import MODEL
 
 
 def label_density(token_ids: list[int], num_frames: int) -> float:
@@ -38,24 +36,22 @@ def label_density(token_ids: list[int], num_frames: int) -> float:
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> None:
-    model = load_model(args.exp_dir, args.checkpoint)
-    tokenizer = Tokenizer(args.exp_dir / TOKENIZER_NAME)
-    dataset = AsrDataset(tokenizer, load_cmvn(args.exp_dir / CMVN_NAME))
+    model = NativeModel.load(args.exp_dir, args.checkpoint)
     refs, hyps, density, blank_frames, frames = [], [], [], 0, 0
-    for batch in eval_loader(load_cuts(args.cuts), dataset, max_duration=60):
-        log_probs, lens = model.ctc_log_probs(batch["feats"], batch["feat_lens"])
+    for batch in eval_loader(load_cuts(args.cuts), model.dataset(), max_duration=60):
+        log_probs, lens = model.log_probs(batch)
         refs += batch["texts"]
-        hyps += [tokenizer.decode(h) for h in ctc_greedy_search(log_probs, lens)]
+        hyps += [model.decode_ids(h) for h in ctc_greedy_search(log_probs, lens, model.blank_id)]
         best = log_probs.argmax(-1)
         for text, n, row in zip(batch["texts"], lens.tolist(), best, strict=True):
-            density.append(label_density(tokenizer.encode(text), n))
-            blank_frames += int((row[:n] == BLANK).sum())
+            density.append(label_density(model.tokenizer.encode(text), n))
+            blank_frames += int((row[:n] == model.blank_id).sum())
             frames += n
     total = error_stats(refs, hyps, "char")
     density = np.array(density)
     lines = [
         f"{args.exp_dir / args.checkpoint} on {args.cuts} ({len(refs)} utterances, greedy CTC, "
-        f"ctc_upsample {model.cfg.ctc_upsample}): CER {total.err:.2f}%, {total.sub} substitutions, "
+        f"ctc_upsample {model.asr.cfg.ctc_upsample}): CER {total.err:.2f}%, {total.sub} substitutions, "
         f"{total.dele} deletions, {total.ins} insertions of {total.wrd} characters; "
         f"{100 * blank_frames / max(frames, 1):.1f}% of the output frames are blank.",
         "",
@@ -77,7 +73,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--exp_dir", type=Path, required=True, help="an experiment directory")
-    parser.add_argument("--checkpoint", default=MODEL_NAME, help="e.g. epoch-3.pt")
+    parser.add_argument("--checkpoint", default=MODEL, help="e.g. epoch-3.pt")
     parser.add_argument("--cuts", type=Path, required=True, help="a feature manifest to decode")
     parser.add_argument("--output", type=Path, help="also write the table here")
     add_common_args(parser)

@@ -2,16 +2,17 @@
 """Benchmark: decoding speed (real-time factor) and size of a model and of its pruned model.
 
 Decodes the same test set with the unpruned model (--exp_dir) and its pruned model (a pruned
-experiment directory, --pruned_dir, e.g. exp/baseline/search/dc_prune6/pruned, or
+experiment directory, --pruned_dir, e.g. exp/baseline/search/comflp_dc_prune6/pruned, or
 --prune_layers on the base model) with greedy CTC and, unless --beam_search false, CTC prefix
 beam search. The test batches are loaded into memory once; for each device, thread count,
 method and model: a warm-up on the first --warmup_batches batches, then --repeats decodings of
-the whole set, reporting the median RTF (decoding time / audio seconds; comflp.asr.decode.decode_set
-times the model and the search, not data loading) and the ratio pruned / unpruned. GPU rows are
-added when CUDA is available. Prints a Markdown table, also written to --output.
+the whole set, reporting the median RTF (decoding time / audio seconds, the cuts' durations;
+comflp.asr.decode.decode_set times the model and the search, not data loading) and the ratio
+pruned / unpruned. GPU rows are added when CUDA is available. Prints a Markdown table, also
+written to --output.
 
     python bench/decode_speed.py --exp_dir exp/baseline \\
-        --pruned_dir exp/baseline/search/dc_prune6/pruned --output exp/bench/decode_speed.md
+        --pruned_dir exp/baseline/search/comflp_dc_prune6/pruned --output exp/bench/decode_speed.md
     python bench/decode_speed.py --exp_dir exp/baseline --prune_layers "1 3 5 7 9 11"
 """
 
@@ -25,52 +26,44 @@ from pathlib import Path
 import torch
 from common import emit, gpu_note
 
-from comflp.asr.checkpoint import CMVN_NAME, load_model
-from comflp.asr.data import AsrDataset, eval_loader, load_cuts
-from comflp.asr.decode import decode_set
-from comflp.asr.features import load_cmvn
-from comflp.asr.model import ASRModel, count_parameters, prune_layers
+from comflp.adapters.base import PrunableModel
+from comflp.adapters.native import NativeModel
+from comflp.asr.data import load_eval_batches
+from comflp.asr.decode import DecodeResult, decode_set
 from comflp.asr.scoring import error_stats
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import UsageError, add_common_args, run, str2bool
-from comflp.prune.evaluator import load_batches
+from comflp.expdir import CMVN, TOKENIZER
 
 
-def pruned_model(args: argparse.Namespace, base: ASRModel) -> tuple[ASRModel, list[int]]:
+def pruned_model(args: argparse.Namespace, base: NativeModel) -> tuple[NativeModel, list[int]]:
     """The pruned model and the base model's layers it removed."""
     if (args.pruned_dir is None) == (not args.prune_layers):
         raise UsageError("give either --pruned_dir or --prune_layers")
     if args.prune_layers:
         removed = sorted(int(x) for x in args.prune_layers.split())
         try:
-            return prune_layers(base, removed).eval(), removed
+            return base.prune(removed), removed
         except ValueError as e:
             raise UsageError(f"--prune_layers {args.prune_layers!r}: {e}") from None
-    for name in (TOKENIZER_NAME, CMVN_NAME):
+    for name in (TOKENIZER, CMVN):
         if (args.pruned_dir / name).read_bytes() != (args.exp_dir / name).read_bytes():
             raise UsageError(f"{args.pruned_dir}: its {name} is not {args.exp_dir}'s")
-    model = load_model(args.pruned_dir)
-    kept = model.cfg.kept_layers
+    model = NativeModel.load(args.pruned_dir)
+    kept = model.asr.cfg.kept_layers
     if kept is None:
         raise UsageError(f"{args.pruned_dir}: not a pruned model (its config has no kept_layers)")
-    return model, [k for k in range(1, base.cfg.num_layers + 1) if k not in kept]
+    return model, [k for k in range(1, base.num_layers + 1) if k not in kept]
 
 
 def measure(
-    model: ASRModel,
-    batches: list[dict],
-    tokenizer: Tokenizer,
-    method: str,
-    args: argparse.Namespace,
-    device: str,
+    model: PrunableModel, batches: list[dict], method: str, args: argparse.Namespace, device: str
 ) -> dict:
     """Warm up, then decode the set ``--repeats`` times: median seconds and RTF, and the CER."""
     model.to(device)
 
-    def decode(subset: list[dict]):
+    def decode(subset: list[dict]) -> DecodeResult:
         gc.collect()
-        return decode_set(model, subset, tokenizer, method, beam_size=args.beam_size, device=device)
+        return decode_set(model, subset, method, beam_size=args.beam_size)
 
     decode(batches[: args.warmup_batches])
     runs = [decode(batches) for _ in range(args.repeats)]
@@ -92,20 +85,19 @@ def settings(args: argparse.Namespace) -> list[tuple[str, int | None]]:
 
 
 def rows_for(
-    models: dict[str, ASRModel], batches: list[dict], tokenizer: Tokenizer, args: argparse.Namespace
+    models: dict[str, PrunableModel], batches: list[dict], args: argparse.Namespace
 ) -> list[dict]:
+    """One row per device setting, method and model; the ratio is to the first model."""
     methods = ["ctc_greedy_search"] + (["ctc_prefix_beam_search"] if args.beam_search else [])
     rows = []
     for device, threads in settings(args):
         if threads is not None:
             torch.set_num_threads(threads)
         for method in methods:
-            measured = [
-                measure(m, batches, tokenizer, method, args, device) for m in models.values()
-            ]
+            measured = [measure(m, batches, method, args, device) for m in models.values()]
             for (name, model), row in zip(models.items(), measured):
                 row.update(device=device, threads=threads, method=method, model=name)
-                row.update(layers=model.cfg.num_layers, params=count_parameters(model))
+                row.update(layers=model.num_layers, params=model.num_parameters())
                 row["ratio"] = row["rtf"] / measured[0]["rtf"]
                 rows.append(row)
     return rows
@@ -132,19 +124,18 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
 def main(args: argparse.Namespace) -> None:
     if args.repeats < 1 or args.warmup_batches < 1:
         raise UsageError("--repeats and --warmup_batches must be >= 1")
-    base = load_model(args.exp_dir)
+    base = NativeModel.load(args.exp_dir)
     pruned, removed = pruned_model(args, base)
-    tokenizer = Tokenizer(args.exp_dir / TOKENIZER_NAME)
-    dataset = AsrDataset(tokenizer, load_cmvn(args.exp_dir / CMVN_NAME))
-    cuts = load_cuts(args.cuts or args.workdir / f"data/fbank/cuts_{args.test_set}.jsonl.gz")
-    batches = load_batches(eval_loader(cuts, dataset, args.max_duration))
+    cuts = args.cuts or args.workdir / f"data/fbank/cuts_{args.test_set}.jsonl.gz"
+    batches = load_eval_batches(base, cuts, args.max_duration)
     models = {
         "unpruned": base,
         f"pruned (removed {' '.join(map(str, removed))})": pruned,
     }
-    rows = rows_for(models, batches, tokenizer, args)
+    rows = rows_for(models, batches, args)
+    num_utts = sum(len(b["ids"]) for b in batches)
     notes = [
-        f"{len(cuts)} utterances ({rows[0]['audio']:.1f} s of audio) in {len(batches)} batches "
+        f"{num_utts} utterances ({rows[0]['audio']:.1f} s of audio) in {len(batches)} batches "
         f"of at most {args.max_duration:g} s; warm-up on {args.warmup_batches} batches, then "
         f"the median of {args.repeats} decodings of the whole set. Prefix beam search: beam "
         f"{args.beam_size}. Models: {args.exp_dir}, {args.pruned_dir or 'pruned in memory'}.",

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark: peak memory and time of stage 4 (the layer dump) for a small and a large subset.
 
-Runs bin/dump_layers.py (mean pooling, one part, CPU) in a fresh child process for each
-calibration size in --num_utts (default 320 and 3200), and reads that child's own peak
-resident set size from os.wait4 (ru_maxrss), so one measurement cannot leak into the next.
-All sizes draw from the same cut set, by default the training set and the dev set combined
-(the built-in corpus's training set has 3000 utterances), written once to a scratch file, so
-every child loads the same manifest. A child that only imports the modules gives the memory
-floor. Reports the peak RSS, the wall time of the child (start-up and model loading included),
-the dump's own compute time, and the ratio to the first size. Prints a Markdown table, also
-written to --output.
+Runs bin/dump_layers.py (mean pooling, one part, CPU) on the model of --exp_dir in a fresh
+child process for each calibration size in --num_utts (default 320 and 3200), each dumping into
+its own scratch experiment directory (--exp_dir is not written to), and reads that child's own
+peak resident set size from os.wait4 (ru_maxrss), so one measurement cannot leak into the next.
+All sizes draw from the same cut set, by default the training set and the dev set combined (the
+built-in corpus's training set has 3000 utterances), written once to a scratch file, so every
+child loads the same manifest. A child that only imports the modules gives the memory floor.
+Reports the peak RSS, the wall time of the child (start-up and model loading included), the
+dump's own compute time, and the ratio to the first size. Prints a Markdown table, also written
+to --output.
 
     python bench/dump_memory.py --workdir . --exp_dir exp/baseline --output exp/bench/dump_memory.md
     python bench/dump_memory.py --workdir /tmp/tiny --exp_dir /tmp/tiny/exp/baseline --num_utts "8 40"
@@ -30,10 +31,10 @@ from common import emit
 
 from comflp.asr.data import load_cuts
 from comflp.cli import UsageError, add_common_args, run
-from comflp.prune.dump import INFO_NAME
+from comflp.expdir import DUMP_INFO, ExpDir
 
 DUMP_SCRIPT = Path(__file__).resolve().parents[1] / "bin" / "dump_layers.py"
-IMPORTS_ONLY = "import comflp.asr.checkpoint, comflp.asr.data, comflp.prune.dump"
+IMPORTS_ONLY = "import comflp.adapters.native, comflp.asr.data, comflp.cli, comflp.prune.dump"
 
 
 def measured_child(command: list[str], log: Path) -> tuple[float, float]:
@@ -61,10 +62,11 @@ def combined_cuts(args: argparse.Namespace, scratch: Path) -> Path:
     return path
 
 
-def dump_command(args: argparse.Namespace, cuts: Path, num_utts: int, out_dir: Path) -> list[str]:
-    command = [sys.executable, str(DUMP_SCRIPT), "--exp_dir", str(args.exp_dir)]
-    command += ["--cuts", str(cuts), "--num_utts", str(num_utts), "--pooling", "mean"]
-    command += ["--output_dir", str(out_dir), "--device", "cpu"]
+def dump_command(args: argparse.Namespace, cuts: Path, num_utts: int, exp_dir: Path) -> list[str]:
+    """bin/dump_layers.py on the model of --exp_dir, its dump in the scratch ``exp_dir``."""
+    command = [sys.executable, str(DUMP_SCRIPT), "--exp_dir", str(exp_dir)]
+    command += ["--model_dir", str(args.exp_dir), "--cuts", str(cuts)]
+    command += ["--num_utts", str(num_utts), "--pooling", "mean", "--device", "cpu"]
     return command + (["--nthreads", str(args.nthreads)] if args.nthreads else [])
 
 
@@ -73,11 +75,11 @@ def measure(args: argparse.Namespace, sizes: list[int], scratch: Path) -> list[d
     rss, seconds = measured_child([sys.executable, "-c", IMPORTS_ONLY], scratch / "imports.log")
     rows = [{"name": "imports only (no dump)", "rss": rss, "seconds": seconds}]
     for n in sizes:
-        out_dir = scratch / f"dump{n}"
+        exp_dir = scratch / f"dump{n}"
         rss, seconds = measured_child(
-            dump_command(args, cuts, n, out_dir), scratch / f"dump{n}.log"
+            dump_command(args, cuts, n, exp_dir), scratch / f"dump{n}.log"
         )
-        info = json.loads((out_dir / INFO_NAME).read_text())
+        info = json.loads((ExpDir(exp_dir).dump_part(1) / DUMP_INFO).read_text())
         rows.append(
             {
                 "name": f"dump of {n} utterances",

@@ -18,16 +18,18 @@ import logging
 import time
 from pathlib import Path
 
-from comflp.asr.checkpoint import CMVN_NAME, copy_assets, load_model
+from comflp.adapters.native import NativeModel
+from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import load_config
-from comflp.asr.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
+from comflp.asr.data import ctc_feasible, load_cuts, load_eval_batches, random_subset
 from comflp.asr.features import load_cmvn
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from comflp.asr.tokenizer import Tokenizer
 from comflp.asr.trainer import train
 from comflp.cli import add_common_args, run
-from comflp.prune.evaluator import evaluate_subsets, kept_layers, load_batches
+from comflp.expdir import CMVN, TOKENIZER
+from comflp.prune.evaluator import evaluate_subsets
 from comflp.prune.rules import drop_top, every_other
+from comflp.prune.subsets import kept_layers
 from comflp.utils import atomic_write_text
 
 VARIANTS = {
@@ -55,9 +57,9 @@ def main(args: argparse.Namespace) -> None:
         exp = args.exp_root / name.split()[0]
         cfg = load_config(args.config, {**overrides, "train.num_epochs": args.epochs})
         copy_assets(lang, w / "data/fbank/cmvn.json", exp)
-        tokenizer = Tokenizer(exp / TOKENIZER_NAME)
+        tokenizer = Tokenizer(exp / TOKENIZER)
         cfg.model.vocab_size = tokenizer.vocab_size
-        cmvn = load_cmvn(exp / CMVN_NAME)
+        cmvn = load_cmvn(exp / CMVN)
         start = time.time()
         train(
             cfg,
@@ -69,11 +71,9 @@ def main(args: argparse.Namespace) -> None:
             resume=True,
         )
         seconds = time.time() - start
-        model = load_model(exp)
-        num_layers = model.cfg.num_layers
-        batches = load_batches(
-            eval_loader(load_cuts(dev_cuts_path), AsrDataset(tokenizer, cmvn), 100)
-        )
+        model = NativeModel.load(exp)
+        num_layers = model.num_layers
+        batches = load_eval_batches(model, dev_cuts_path, max_duration=100.0)
         subsets = {
             f"all {num_layers} layers": tuple(range(1, num_layers + 1)),
             f"drop top {args.num_prune}": kept_layers(
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
                 num_layers, every_other(num_layers, args.num_prune)
             ),
         }
-        results = evaluate_subsets(model, batches, tokenizer, list(subsets.values()))
+        results = evaluate_subsets(model, batches, list(subsets.values()))
         rows.append((name, seconds, {k: r.cer for k, r in zip(subsets, results)}))
         logging.info(f"{name}: {rows[-1][2]}")
     columns = list(rows[0][2])

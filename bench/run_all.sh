@@ -10,7 +10,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 outdir=exp/bench        # where the tables go
 workdir=.               # where ./run.sh ran stages 0-2 (data/fbank, data/lang_*)
 exp_dir=exp/baseline    # the trained 12-layer baseline (stage 3)
-pruned_dir=             # its pruned model (default: EXP_DIR/search/dc_prune6/pruned, stage 6)
+pruned_dir=             # its pruned model (default: EXP_DIR/search/comflp_dc_prune6/pruned, stage 6)
 exp24=                  # search_cost: a trained 24-layer experiment directory (else trained here)
 exp48=                  # search_cost: a trained 48-layer experiment directory (else trained here)
 train_epochs=2          # search_cost: epochs for a depth without a directory (0: random weights)
@@ -32,7 +32,7 @@ $(sed -n '/^outdir=/,/^ablation_num_train=/p' "$0" | sed -E 's/^([a-z_0-9]+)=([^
 . "$root/utils/log.sh"
 . "$root/path.sh"
 
-pruned_dir=${pruned_dir:-$exp_dir/search/dc_prune6/pruned}
+pruned_dir=${pruned_dir:-$exp_dir/search/comflp_dc_prune6/pruned}
 mkdir -p "$outdir/log"
 written=() failed=()
 

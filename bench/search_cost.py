@@ -6,7 +6,7 @@ For each depth L (default 12, 24, 48), pruning P = L/2 layers, on CPU:
 - CoMFLP: dump of a calibration subset (stage 4, mean pooling; the time includes reading the
   dump back, as stage 5 does), the dc correlation matrix over batches of --dc_batch_size
   utterances, the coarse beam search, and the fine search of its top K with the dev CER;
-- GLP: the greedy metric search (comflp.prune.rules.greedy_layer_pruning);
+- GLP: the greedy metric search (comflp.prune.metric_search.greedy_layer_pruning);
 - the oracle: the exhaustive metric search, where C(L, P) <= --oracle_max.
 
 Every metric search runs through the same evaluator (comflp.prune.evaluator, prefix cache on) on the
@@ -32,8 +32,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from itertools import combinations
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +41,24 @@ import torch
 from common import emit
 from lhotse import CutSet
 
-from comflp.asr.checkpoint import (
-    CMVN_NAME,
-    MODEL_NAME,
-    copy_assets,
-    load_experiment_config,
-    load_model,
-)
+from comflp.adapters.base import PrunableModel
+from comflp.adapters.native import NativeModel
+from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
-from comflp.asr.data import AsrDataset, ctc_feasible, eval_loader, load_cuts, random_subset
-from comflp.asr.features import load_cmvn
+from comflp.asr.data import ctc_feasible, eval_loader, load_cuts, load_eval_batches, random_subset
 from comflp.asr.model import ASRModel
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.asr.tokenizer import Tokenizer
 from comflp.asr.trainer import train
 from comflp.cli import UsageError, add_common_args, run
+from comflp.expdir import CMVN, MODEL, TOKENIZER, ExpDir
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import dump_layers, load_layer_feats
-from comflp.prune.evaluator import evaluate_subsets, kept_layers, layer_evaluations, load_batches
-from comflp.prune.fine_search import fine_search
-from comflp.prune.rules import exhaustive_metric_search, greedy_layer_pruning
+from comflp.prune.evaluator import evaluate_model
+from comflp.prune.metric_search import (
+    SearchResult,
+    exhaustive_metric_search,
+    fine_search,
+    greedy_layer_pruning,
+)
 from comflp.prune.search import blocks_of, coarse_search
 
 METRIC = "cer"
@@ -110,38 +107,44 @@ def scaled_config(template: ExperimentConfig, depth: int, epochs: int) -> Experi
 
 def same_assets(exp_dir: Path, template_dir: Path) -> bool:
     """Whether two experiment directories share the tokenizer and the CMVN statistics."""
-    names = (TOKENIZER_NAME, CMVN_NAME)
+    names = (TOKENIZER, CMVN)
     return all((exp_dir / n).read_bytes() == (template_dir / n).read_bytes() for n in names)
 
 
-def given_model(exp_dir: Path, depth: int, template_dir: Path) -> tuple[ASRModel, str, str]:
+def given_model(exp_dir: Path, depth: int, template_dir: Path) -> tuple[NativeModel, str, str]:
     """A model, how it was trained, and where it comes from."""
-    model = load_model(exp_dir)
-    if model.cfg.num_layers != depth:
-        raise UsageError(f"{exp_dir}: a {model.cfg.num_layers}-layer model, not {depth} layers")
+    model = NativeModel.load(exp_dir)
+    if model.num_layers != depth:
+        raise UsageError(f"{exp_dir}: a {model.num_layers}-layer model, not {depth} layers")
     if not same_assets(exp_dir, template_dir):
         raise UsageError(
             f"{exp_dir}: another tokenizer or CMVN than {template_dir}; every depth must be "
             "evaluated on the same data"
         )
-    epochs = load_experiment_config(exp_dir).train.num_epochs
-    return model, f"trained {epochs} epochs", str(exp_dir)
+    return model, f"trained {model.config.train.num_epochs} epochs", str(exp_dir)
 
 
 def built_model(
-    depth: int, template_dir: Path, args: argparse.Namespace
-) -> tuple[ASRModel, str, str]:
-    """The template architecture at ``depth`` layers, trained here or with random weights."""
-    cfg = scaled_config(load_experiment_config(template_dir), depth, args.train_epochs)
+    depth: int, template: NativeModel, args: argparse.Namespace
+) -> tuple[NativeModel, str, str]:
+    """The template architecture at ``depth`` layers, trained here or with random weights;
+    it shares the template's tokenizer and CMVN statistics."""
+    template_dir = template.source
+    cfg = scaled_config(template.config, depth, args.train_epochs)
     if args.train_epochs == 0:
         torch.manual_seed(args.seed)
-        return ASRModel(cfg.model).eval(), "untrained", f"random weights, {template_dir}'s config"
+        model = NativeModel(
+            ASRModel(cfg.model).eval(), template.tokenizer, template.cmvn, template_dir, cfg
+        )
+        return model, "untrained", f"random weights, {template_dir}'s config"
     exp_dir = args.build_dir / f"L{depth}_epochs{args.train_epochs}"
-    if not (exp_dir / MODEL_NAME).is_file():
-        copy_assets(template_dir, template_dir / CMVN_NAME, exp_dir)
-        tokenizer = Tokenizer(exp_dir / TOKENIZER_NAME)
+    if not (exp_dir / MODEL).is_file():
+        copy_assets(template_dir, template_dir / CMVN, exp_dir)
         train_cuts = ctc_feasible(
-            load_cuts(data_path(args, args.train_set)), tokenizer, "train", cfg.model.ctc_upsample
+            load_cuts(data_path(args, args.train_set)),
+            template.tokenizer,
+            "train",
+            cfg.model.ctc_upsample,
         )
         train_cuts = train_cuts.filter(
             lambda c: c.duration <= cfg.train.max_utterance_duration
@@ -152,11 +155,12 @@ def built_model(
             exp_dir,
             train_cuts,
             load_cuts(data_path(args, args.dev_set)),
-            tokenizer,
-            load_cmvn(exp_dir / CMVN_NAME),
+            template.tokenizer,
+            template.cmvn,
             device="cpu",
         )
-    return load_model(exp_dir), f"trained {args.train_epochs} epochs", f"trained here, {exp_dir}"
+    model = NativeModel.load(exp_dir)
+    return model, f"trained {args.train_epochs} epochs", f"trained here, {exp_dir}"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -184,23 +188,35 @@ def layers_text(layers: tuple[int, ...]) -> str:
     return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in blocks_of(layers))
 
 
-def dump_and_reload(model: ASRModel, calib_loader) -> list[np.ndarray]:
+def dump_and_reload(model: PrunableModel, calib: Iterable[dict]) -> list[np.ndarray]:
     """Stage 4 (mean pooling) into a scratch directory, then read back as stage 5 does."""
     with tempfile.TemporaryDirectory(prefix="search_cost_dump_") as tmp:
-        dump_layers(model, calib_loader, Path(tmp) / "dump")
-        return load_layer_feats(Path(tmp) / "dump")
+        dump_dir = ExpDir(Path(tmp)).dump
+        dump_layers(model, calib, dump_dir)
+        return load_layer_feats(dump_dir)
+
+
+def search_row(method: str, phases: list[float | None], result: SearchResult) -> dict:
+    """A table row of a metric-scored search: its cost and its choice."""
+    return {
+        "method": method,
+        "phases": phases,
+        "evaluations": len(result.candidates),
+        "passes": result.layer_evaluations,
+        "pruned": result.best_layers,
+        "cer": result.candidates[result.best]["cer"],
+    }
 
 
 def comflp_row(
-    model: ASRModel,
-    calib_loader,
+    model: PrunableModel,
+    calib: Iterable[dict],
     batches: list[dict],
-    tokenizer: Tokenizer,
     num_prune: int,
     args: argparse.Namespace,
 ) -> dict:
     """Time CoMFLP's four phases, as stages 4-6 run them."""
-    feats, dump_s = timed(lambda: dump_and_reload(model, calib_loader))
+    feats, dump_s = timed(lambda: dump_and_reload(model, calib))
     matrix, corr_s = median_timed(
         lambda: correlation_matrix(feats, "dc", batch_size=args.dc_batch_size), args.repeats
     )
@@ -208,83 +224,43 @@ def comflp_row(
         lambda: coarse_search(matrix, num_prune, "beam", args.beam_size, args.top_k), args.repeats
     )
     result, fine_s = timed(
-        lambda: fine_search(model, batches, tokenizer, proposals, METRIC, prefix_cache=True)
+        lambda: fine_search(model, batches, proposals, METRIC, prefix_cache=True)
     )
-    return {
-        "method": f"CoMFLP (dc, beam {args.beam_size}, top {args.top_k})",
-        "phases": [dump_s, corr_s, coarse_s, fine_s],
-        "evaluations": len(proposals),
-        "passes": result.layer_evaluations,
-        "pruned": result.best_layers,
-        "cer": result.rows[result.best]["cer"],
-    }
+    method = f"CoMFLP (dc, beam {args.beam_size}, top {args.top_k})"
+    return search_row(method, [dump_s, corr_s, coarse_s, fine_s], result)
 
 
-def glp_layer_passes(num_layers: int, path: list[dict]) -> int:
-    """Encoder-layer passes per batch of GLP: each step's candidates share one trie."""
-    pruned: list[int] = []
-    total = 0
-    for step in path:
-        remaining = [k for k in range(1, num_layers + 1) if k not in pruned]
-        total += layer_evaluations([kept_layers(num_layers, (*pruned, k)) for k in remaining])
-        pruned.append(step["removed"])
-    return total
+def glp_row(model: PrunableModel, batches: list[dict], num_prune: int) -> dict:
+    """Time GLP; its layer passes add up each step's trie."""
+    result, seconds = timed(lambda: greedy_layer_pruning(model, batches, num_prune, METRIC))
+    return search_row("GLP (greedy metric search)", [None, None, None, seconds], result)
 
 
-def glp_row(model: ASRModel, batches: list[dict], tokenizer: Tokenizer, num_prune: int) -> dict:
+def oracle_row(model: PrunableModel, batches: list[dict], num_prune: int, limit: int) -> dict:
+    """Time the exhaustive search over all C(L, P) pruned models."""
     result, seconds = timed(
-        lambda: greedy_layer_pruning(model, batches, tokenizer, num_prune, METRIC)
+        lambda: exhaustive_metric_search(model, batches, num_prune, METRIC, max_evaluations=limit)
     )
-    return {
-        "method": "GLP (greedy metric search)",
-        "phases": [None, None, None, seconds],
-        "evaluations": result.evaluations,
-        "passes": glp_layer_passes(model.cfg.num_layers, result.path),
-        "pruned": result.pruned,
-        "cer": result.metric_value,
-    }
-
-
-def oracle_row(
-    model: ASRModel, batches: list[dict], tokenizer: Tokenizer, num_prune: int, limit: int
-) -> dict:
-    num_layers = model.cfg.num_layers
-    result, seconds = timed(
-        lambda: exhaustive_metric_search(
-            model, batches, tokenizer, num_prune, METRIC, max_evaluations=limit
-        )
-    )
-    subsets = [
-        kept_layers(num_layers, c) for c in combinations(range(1, num_layers + 1), num_prune)
-    ]
-    return {
-        "method": "oracle (exhaustive metric search)",
-        "phases": [None, None, None, seconds],
-        "evaluations": result.evaluations,
-        "passes": layer_evaluations(subsets),
-        "pruned": result.pruned,
-        "cer": result.metric_value,
-    }
+    return search_row("oracle (exhaustive metric search)", [None, None, None, seconds], result)
 
 
 def benchmark_depth(
-    model: ASRModel,
-    calib_loader,
+    model: PrunableModel,
+    calib: Iterable[dict],
     batches: list[dict],
-    tokenizer: Tokenizer,
     args: argparse.Namespace,
 ) -> tuple[float, list[dict]]:
     """The unpruned dev CER (which also warms the model up) and one row per method."""
-    num_layers = model.cfg.num_layers
+    num_layers = model.num_layers
     num_prune = num_layers // 2
-    full = evaluate_subsets(model, batches, tokenizer, [tuple(range(1, num_layers + 1))])[0]
+    full = evaluate_model(model, batches)
     rows = [
-        comflp_row(model, calib_loader, batches, tokenizer, num_prune, args),
-        glp_row(model, batches, tokenizer, num_prune),
+        comflp_row(model, calib, batches, num_prune, args),
+        glp_row(model, batches, num_prune),
     ]
     count = math.comb(num_layers, num_prune)
     if count <= args.oracle_max:
-        rows.append(oracle_row(model, batches, tokenizer, num_prune, args.oracle_max))
+        rows.append(oracle_row(model, batches, num_prune, args.oracle_max))
     else:
         logging.info(f"L={num_layers}: oracle skipped, C({num_layers}, {num_prune}) = {count}")
     for row in rows:
@@ -359,24 +335,24 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"--layers {args.layers!r}: each depth must be even and >= 2 (P = L/2)")
     exp_dirs = experiment_dirs(args)
     template_dir = exp_dirs[min(exp_dirs)]
-    tokenizer = Tokenizer(template_dir / TOKENIZER_NAME)
-    dataset = AsrDataset(tokenizer, load_cmvn(template_dir / CMVN_NAME))
+    template = NativeModel.load(template_dir)  # the tokenizer, CMVN and config of every depth
     calib: CutSet = random_subset(
         load_cuts(data_path(args, args.calib_set or args.train_set)),
         args.calib_num_utts,
         args.seed,
     )
     dev = random_subset(load_cuts(data_path(args, args.dev_set)), args.dev_num_utts, args.seed)
-    batches, load_s = timed(lambda: load_batches(eval_loader(dev, dataset, args.max_duration)))
+    batches, load_s = timed(lambda: load_eval_batches(template, dev, args.max_duration))
     rows: list[dict] = []
     models: dict[int, tuple[str, str, float]] = {}
     for depth in depths:
         if depth in exp_dirs:
             model, status, source = given_model(exp_dirs[depth], depth, template_dir)
         else:
-            model, status, source = built_model(depth, template_dir, args)
-        calib_loader = eval_loader(calib, dataset, args.max_duration)
-        cer, depth_rows = benchmark_depth(model, calib_loader, batches, tokenizer, args)
+            model, status, source = built_model(depth, template, args)
+        # Not held in memory: the dump's time includes reading the features, as in stage 4.
+        calib_batches = eval_loader(calib, model.dataset(), args.max_duration)
+        cer, depth_rows = benchmark_depth(model, calib_batches, batches, args)
         models[depth] = (status, source, cer)
         rows += depth_rows
         logging.info(

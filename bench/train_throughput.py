@@ -41,13 +41,16 @@ from lhotse.dataset import SpecAugment
 
 from comflp.asr.config import ExperimentConfig, load_config
 from comflp.asr.data import AsrDataset, ctc_feasible, load_cuts, train_sampler
-from comflp.asr.decode import FRAME_SHIFT
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from comflp.asr.tokenizer import Tokenizer
 from comflp.asr.trainer import make_optimizer
 from comflp.cli import UsageError, add_common_args, run
+from comflp.expdir import TOKENIZER
+
+# Seconds per fbank frame: audio s/s is counted from the frames (feat_lens), not batch["seconds"],
+# so that it is the frames/s column in seconds.
+FRAME_SHIFT = 0.01
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Setting:
 def experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, AsrDataset, CutSet]:
     """The config (vocabulary filled in), the dataset and the trainable cuts, as stage 3 has them."""
     tokenizer_dir = args.tokenizer_dir or args.workdir / "data" / "lang_char"
-    tokenizer = Tokenizer(tokenizer_dir / TOKENIZER_NAME)
+    tokenizer = Tokenizer(tokenizer_dir / TOKENIZER)
     cfg = load_config(args.config)
     cfg.model.vocab_size = tokenizer.vocab_size
     cfg.validate(str(args.config))
