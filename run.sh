@@ -38,6 +38,9 @@ ngpu=0                  # GPUs per training job; > 1 trains with DDP (nccl) thro
 nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo), cores shared out as threads
 train_threads=0         # CPU cores for a training job when ngpu=0 (0: all of this machine's); Slurm: --cpus-per-task
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
+# ---- model to prune (stages 4-7) ----
+model_type=comflp       # comflp (trained by stage 3) | hf | espnet
+model_dir=              # the model to prune (default: exp_dir, comflp's own)
 # ---- CoMFLP search (stages 4-6) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)
 calib_num_utts=320      # calibration utterances (CoMFLP: 10 batches of 32)
@@ -52,11 +55,11 @@ beam_size=10
 top_k=10                # proposals passed to the fine search
 fine_metric=cer         # cer | wer | ctc_loss
 fine_num_utts=320       # dev utterances of the fine search
-prefix_cache=true       # fine search: compute layers shared by candidates once
+prefix_cache=true       # metric searches: compute layers shared by candidates once
+search_methods="comflp glp oracle"  # stage 6: CoMFLP (per measure), GLP (greedy metric search), the exhaustive oracle
+oracle_max_evaluations=1000  # oracle: only when C(L, P) is at most this
 # ---- comparison and decoding (stage 7) ----
 random_seeds=5          # random layer selections per P
-glp=true                # run GLP, the greedy metric-based search
-oracle_max_evaluations=1000  # exhaustive metric search when C(L, P) is at most this (0: never)
 decoding_method=ctc_greedy_search  # ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring
 decode_beam_size=10
 decode_nj=2             # decoding jobs per set (a job array)
@@ -67,7 +70,7 @@ finetune_measure=       # fine-tune the fine-searched model of this measure (def
 
 help_message="Usage: $0 [--stage N] [--stop_stage M] [--name value ...]
 Stages: 0 data preparation, 1 features, 2 tokenizer, 3 train the baseline,
-4 dump layer outputs, 5 correlation matrices, 6 coarse + fine search,
+4 dump layer outputs, 5 correlation matrices, 6 searches (CoMFLP coarse + fine, GLP, oracle),
 7 compare layer-selection methods (decode, score, RESULTS.md), 8 fine-tune the pruned model.
 Options (defaults in brackets):
 $(sed -n '/^# ---- general/,/^finetune_measure=/p' "$0" | grep -E '^[a-z_]+=' | sed -E 's/^([a-z_]+)=("[^"]*"|[^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
@@ -157,38 +160,51 @@ if run_stage 3; then
 fi
 
 calib_set=${calib_set:-$train_set}
-dump_dir=$exp_dir/dump
+model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}" --device "$device")
 
 if run_stage 4; then
-  log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $dump_dir ($nj parts)"
+  log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $exp_dir/dump ($nj parts)"
   $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers.JOB.log" \
-    python "$bin/dump_layers.py" --exp_dir "$exp_dir" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
+    python "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
       --num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
-      --part JOB --num_parts "$nj" --output_dir "$dump_dir/parts/JOB" --device "$device"
+      --part JOB --num_parts "$nj"
   $train_cmd "$exp_dir/log/merge_dump.log" \
-    python "$bin/merge_dump.py" --dump_dir "$dump_dir" --num_parts "$nj"
+    python "$bin/merge_dump.py" --exp_dir "$exp_dir" --num_parts "$nj"
 fi
 
 if run_stage 5; then
   for measure in $measures; do
     log "Stage 5: $measure correlation matrix into $exp_dir/correlation/$measure"
     $train_cmd "$exp_dir/log/correlation_${measure}.log" \
-      python "$bin/correlation.py" --dump_dir "$dump_dir" --measure "$measure" \
-        --batch_size "$dc_batch_size" --threshold "$svcca_threshold" \
-        --output_dir "$exp_dir/correlation/$measure"
+      python "$bin/correlation.py" --exp_dir "$exp_dir" --measure "$measure" \
+        --batch_size "$dc_batch_size" --threshold "$svcca_threshold"
   done
 fi
 
+search() {  # search METHOD P [options]: one stage-6 search into search/<method>_prune<P>/
+  local name=$1 p=$2
+  shift 2
+  $train_cmd "$exp_dir/log/search_${name}_prune$p.log" \
+    python "$bin/search.py" "${model_args[@]}" --num_prune "$p" "$@" \
+      --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" \
+      --metric "$fine_metric" --prefix_cache "$prefix_cache"
+}
+
 if run_stage 6; then
-  for measure in $measures; do
-    for p in $num_prune; do
-      out=$exp_dir/search/${measure}_prune$p
-      log "Stage 6: $search_mode search + fine search ($fine_metric) pruning $p layers by $measure into $out"
-      $train_cmd "$exp_dir/log/search_${measure}_prune$p.log" \
-        python "$bin/search.py" --matrix "$exp_dir/correlation/$measure/matrix.npy" --num_prune "$p" \
-          --mode "$search_mode" --beam_size "$beam_size" --top_k "$top_k" --output "$out/proposals.json" \
-          --exp_dir "$exp_dir" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" \
-          --metric "$fine_metric" --prefix_cache "$prefix_cache" --device "$device"
+  for p in $num_prune; do
+    for method in $search_methods; do
+      case $method in
+        comflp)
+          for measure in $measures; do
+            log "Stage 6: CoMFLP, $search_mode search on the $measure matrix + fine search ($fine_metric), P=$p"
+            search "comflp_$measure" "$p" --method comflp --measure "$measure" \
+              --mode "$search_mode" --beam_size "$beam_size" --top_k "$top_k"
+          done ;;
+        glp|oracle)
+          log "Stage 6: $method search ($fine_metric on $fine_num_utts dev utterances), P=$p"
+          search "$method" "$p" --method "$method" --oracle_max_evaluations "$oracle_max_evaluations" ;;
+        *) die "--search_methods: unknown search '$method' (expected comflp, glp, oracle)" ;;
+      esac
     done
   done
 fi
@@ -196,31 +212,27 @@ fi
 compare_dir=$exp_dir/compare
 eval_sets="$dev_set $test_sets"
 
-decode_and_score() {  # decode_and_score METHOD_FILE... : decode every eval set, then rebuild the table
+decode_and_score() {  # decode_and_score STAGE METHOD_LIST: decode every eval set, then rebuild the table
   local set
   for set in $eval_sets; do
     log "Stage $1: decoding $set with $decoding_method ($decode_nj parts)"
-    $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$(basename "$2" .json).JOB.log" \
-      python "$bin/decode.py" --methods "$2" --cuts "data/fbank/cuts_${set}.jsonl.gz" \
-        --part JOB --num_parts "$decode_nj" --decoding_method "$decoding_method" \
-        --beam_size "$decode_beam_size" --device "$device" --output_dir "$compare_dir/decode/$set"
+    $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$2.JOB.log" \
+      python "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
+        --cuts "data/fbank/cuts_${set}.jsonl.gz" --part JOB --num_parts "$decode_nj" \
+        --decoding_method "$decoding_method" --beam_size "$decode_beam_size" --device "$device"
   done
-  local methods=("$compare_dir/methods.json")
-  [ -f "$compare_dir/methods_finetuned.json" ] && methods+=("$compare_dir/methods_finetuned.json")
   $train_cmd "$compare_dir/log/results.log" \
-    python "$bin/results.py" --exp_dir "$exp_dir" --compare_dir "$compare_dir" --methods "${methods[@]}" \
-      --sets "$eval_sets" --metrics "$score_metrics" --command "$run_command"
+    python "$bin/results.py" --exp_dir "$exp_dir" --sets "$eval_sets" --metrics "$score_metrics" \
+      --command "$run_command"
 }
 
 if run_stage 7; then
-  log "Stage 7: layers chosen by each method for P in {$num_prune} (GLP and the oracle search run here)"
-  $train_cmd "$compare_dir/log/select_layers.log" \
-    python "$bin/select_layers.py" --exp_dir "$exp_dir" --num_prune "$num_prune" --measures "$measures" \
-      --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" --metric "$fine_metric" \
-      --random_seeds "$random_seeds" --glp "$glp" --oracle_max_evaluations "$oracle_max_evaluations" \
-      --prefix_cache "$prefix_cache" --device "$device" --output "$compare_dir/methods.json"
-  rm -f "$compare_dir/methods_finetuned.json"  # stage 8 adds its rows again
-  decode_and_score 7 "$compare_dir/methods.json"
+  log "Stage 7: layers chosen by each method for P in {$num_prune}, decoding, scoring"
+  $train_cmd "$compare_dir/log/list_methods.log" \
+    python "$bin/list_methods.py" --exp_dir "$exp_dir" --model_type "$model_type" \
+      --model_dir "${model_dir:-$exp_dir}" --num_prune "$num_prune" --search_methods "$search_methods" \
+      --measures "$measures" --random_seeds "$random_seeds"
+  decode_and_score 7 compare
   log "Stage 7 done: $exp_dir/RESULTS.md"
 fi
 
@@ -228,18 +240,19 @@ if run_stage 8; then
   finetune_measure=${finetune_measure:-${measures%% *}}
   ft_dirs=()
   for p in $num_prune; do
-    src=$exp_dir/search/${finetune_measure}_prune$p/pruned
+    src=$exp_dir/search/comflp_${finetune_measure}_prune$p/pruned
     ft=$exp_dir/finetune/comflp_${finetune_measure}_prune$p
     log "Stage 8: fine-tune $src into $ft with $finetune_config"
     $train_job "$ft/log/train.log" \
-      "${train_python[@]}" "$bin/train.py" --config "$finetune_config" --exp_dir "$ft" --init_model "$src/model.pt" \
+      "${train_python[@]}" "$bin/train.py" --config "$finetune_config" --exp_dir "$ft" --init_model "$src" \
         --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" \
         --resume "$resume" --device "$device"
     ft_dirs+=("$ft")
   done
-  python "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
-    --finetuned_dirs "${ft_dirs[@]}" --output "$compare_dir/methods_finetuned.json"
-  decode_and_score 8 "$compare_dir/methods_finetuned.json"
+  $train_cmd "$compare_dir/log/finetuned_methods.log" \
+    python "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
+      --finetuned_dirs "${ft_dirs[@]}"
+  decode_and_score 8 finetune
   log "Stage 8 done: fine-tuned rows added to $exp_dir/RESULTS.md"
 fi
 

@@ -1,37 +1,47 @@
 #!/usr/bin/env python3
-"""Stage 6: search which encoder layers to prune.
+"""Stage 6: search which encoder layers to prune, with one of the searches comflp compares.
 
-The coarse search ranks pruning proposals by a layer correlation matrix (CoMFLP: a block
-[a..b] scores M[a-1][b], a proposal the mean of its blocks) and writes them, best first, as a
-JSON list of {"layers", "blocks", "score"}; it also prints them as a table.
-
+--method comflp (CoMFLP): the coarse search ranks pruning proposals by a layer correlation
+matrix (a block [a..b] scores M[a-1][b], a proposal the mean of its blocks) and writes them,
+best first, as a JSON list of {"layers", "blocks", "score"} (--output); it also prints them.
 Given a model (--exp_dir) and a dev set (--dev_cuts), it goes on to the fine search: each
-proposal's pruned model is evaluated on a dev subset with --metric, the results are written to
-fine_search.json beside --output, and the best pruned model to --pruned_dir.
+proposal's pruned model is evaluated on a dev subset with --metric.
+
+--method glp (greedy metric search) and --method oracle (all C(L, P) subsets) evaluate pruned
+models on the same dev subset without a matrix.
+
+With a model, every search writes search.json (the choice, every evaluated candidate with its
+metrics and time, the wall time) and the chosen pruned model (pruned/, in the model's format)
+into search/<method>_prune<P>/ of --exp_dir, or beside --output.
 """
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from comflp.asr.checkpoint import (
-    CMVN_NAME,
-    copy_assets,
-    load_experiment_config,
-    load_model,
-    save_model,
+from comflp.asr.data import load_eval_batches
+from comflp.cli import (
+    UsageError,
+    add_common_args,
+    add_model_args,
+    load_model_args,
+    parse_num_prune,
+    positive_int,
+    run,
+    str2bool,
 )
-from comflp.asr.data import AsrDataset, eval_loader, load_cuts, random_subset
-from comflp.asr.features import load_cmvn
-from comflp.asr.model import prune_layers
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
-from comflp.asr.tokenizer import Tokenizer
-from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
-from comflp.prune.evaluator import METRICS, load_batches
-from comflp.prune.fine_search import fine_search
+from comflp.expdir import PROPOSALS, PRUNED, SEARCH_RESULT, ExpDir
+from comflp.prune.evaluator import METRICS
+from comflp.prune.metric_search import (
+    SearchResult,
+    exhaustive_metric_search,
+    fine_search,
+    greedy_layer_pruning,
+)
 from comflp.prune.search import (
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
@@ -42,20 +52,12 @@ from comflp.prune.search import (
 )
 from comflp.utils import atomic_write_json
 
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+SEARCHES = ("comflp", "glp", "oracle")
 
 
-def load_matrix(path: Path) -> np.ndarray:
-    """Load and check a correlation matrix saved with ``numpy.save``."""
+def load_matrix(path: Path, num_layers: int | None) -> np.ndarray:
+    """Load and check a correlation matrix saved with ``numpy.save`` (for a model of
+    ``num_layers`` layers, when given)."""
     if not path.is_file():
         raise UsageError(f"--matrix {path}: no such file")
     try:
@@ -66,30 +68,16 @@ def load_matrix(path: Path) -> np.ndarray:
         loaded.close()
         raise UsageError(f"--matrix {path}: an .npz archive, expected one .npy array")
     try:
-        return validate_matrix(loaded)
+        return validate_matrix(loaded, num_layers)
     except ValueError as e:
         raise UsageError(f"--matrix {path}: {e}") from None
 
 
-def coarse(args: argparse.Namespace, model_layers: int | None = None) -> list[Proposal]:
-    """The coarse search the options ask for, best proposal first.
-
-    With ``model_layers`` given, the matrix must belong to a model of that depth.
-    """
-    matrix = load_matrix(args.matrix)
-    if model_layers is not None:
-        try:
-            validate_matrix(matrix, model_layers)
-        except ValueError as e:
-            raise UsageError(
-                f"--matrix {args.matrix} does not fit --exp_dir {args.exp_dir}: {e}"
-            ) from None
-    num_layers = matrix.shape[0] - 1
-    if not 1 <= args.num_prune < num_layers:
-        raise UsageError(
-            f"--num_prune {args.num_prune}: must be between 1 and {num_layers - 1} "
-            f"for the {num_layers}-layer matrix {args.matrix}"
-        )
+def coarse(args: argparse.Namespace, matrix_path: Path, num_layers: int | None) -> list[Proposal]:
+    """The coarse search the options ask for, best proposal first."""
+    matrix = load_matrix(matrix_path, num_layers)
+    depth = matrix.shape[0] - 1
+    parse_num_prune(args.num_prune, depth, f"the {depth}-layer matrix {matrix_path}")
     try:
         proposals = coarse_search(
             matrix, args.num_prune, args.mode, args.beam_size, args.top_k, args.max_exhaustive
@@ -97,94 +85,137 @@ def coarse(args: argparse.Namespace, model_layers: int | None = None) -> list[Pr
     except ValueError as e:
         raise UsageError(f"--mode {args.mode}: {e}") from None
     logging.info(
-        f"{args.mode} search, pruning {args.num_prune} of {num_layers} layers: "
+        f"{args.mode} search, pruning {args.num_prune} of {depth} layers: "
         f"{len(proposals)} proposals, best score {proposals[0].score:.6f}"
     )
+    print(format_proposals(proposals))
     return proposals
 
 
-def fine_search_inputs(args: argparse.Namespace):
-    """Model, tokenizer and dev batches for the fine search, or None when it was not asked for."""
-    if (args.exp_dir is None) != (args.dev_cuts is None):
-        raise UsageError(
-            "the fine search needs both --exp_dir and --dev_cuts (or neither, for coarse only)"
-        )
-    if args.exp_dir is None:
+def run_comflp(args, model, batches, matrix_path: Path, out_dir: Path) -> SearchResult:
+    start = time.perf_counter()
+    proposals = coarse(args, matrix_path, model.num_layers)
+    coarse_seconds = time.perf_counter() - start
+    atomic_write_json(out_dir / PROPOSALS, [p.to_dict() for p in proposals])
+    result = fine_search(
+        model, batches, proposals, args.metric, args.prefix_cache, method_name(args)
+    )
+    result.seconds += coarse_seconds
+    result.extra.update(
+        coarse_seconds=coarse_seconds,
+        matrix=str(matrix_path),
+        mode=args.mode,
+        beam_size=args.beam_size,
+        top_k=args.top_k,
+    )
+    return result
+
+
+def run_metric_search(args, model, batches) -> SearchResult:
+    if args.method == "glp":
+        return greedy_layer_pruning(model, batches, args.num_prune, args.metric, args.prefix_cache)
+    return exhaustive_metric_search(
+        model, batches, args.num_prune, args.metric, args.oracle_max_evaluations, args.prefix_cache
+    )
+
+
+def oracle_skip(args: argparse.Namespace, num_layers: int) -> str | None:
+    """Why the oracle does not run (too many evaluations), or None."""
+    count = math.comb(num_layers, args.num_prune)
+    if args.method != "oracle" or count <= args.oracle_max_evaluations:
         return None
-    if args.num_utts < 2:
-        raise UsageError(f"--num_utts must be >= 2, got {args.num_utts}")
-    model = load_model(args.exp_dir, args.checkpoint)
-    tokenizer = Tokenizer(args.exp_dir / TOKENIZER_NAME)
-    cuts = random_subset(load_cuts(args.dev_cuts), args.num_utts, args.seed)
-    dataset = AsrDataset(tokenizer, load_cmvn(args.exp_dir / CMVN_NAME))
-    return model, tokenizer, load_batches(eval_loader(cuts, dataset, args.max_duration))
+    return (
+        f"C({num_layers}, {args.num_prune}) = {count} evaluations > "
+        f"--oracle_max_evaluations {args.oracle_max_evaluations}"
+    )
+
+
+def method_name(args: argparse.Namespace) -> str:
+    return f"comflp_{args.measure}" if args.method == "comflp" else args.method
+
+
+def search_dir(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        return args.output.parent
+    return ExpDir(args.exp_dir).search(method_name(args), args.num_prune)
+
+
+def coarse_only(args: argparse.Namespace) -> None:
+    if args.method != "comflp" or args.matrix is None or args.output is None:
+        raise UsageError(
+            "without --exp_dir and --dev_cuts only the coarse search runs: "
+            "it needs --method comflp, --matrix and --output"
+        )
+    proposals = coarse(args, args.matrix, None)
+    atomic_write_json(args.output, [p.to_dict() for p in proposals])
+    logging.info(f"wrote {args.output}")
 
 
 def main(args: argparse.Namespace) -> None:
-    inputs = fine_search_inputs(args)
-    start = time.perf_counter()
-    proposals = coarse(args, inputs[0].cfg.num_layers if inputs else None)
-    coarse_seconds = time.perf_counter() - start
-    logging.info(f"coarse search: {coarse_seconds:.3f} s")
-    print(format_proposals(proposals))
-    if inputs is None:
-        atomic_write_json(args.output, [p.to_dict() for p in proposals])
-        logging.info(f"wrote {args.output}")
-        return
-
-    model, tokenizer, batches = inputs
-    device = resolve_device(args.device)
-    result = fine_search(
-        model, batches, tokenizer, proposals, args.metric, args.prefix_cache, device
-    )
-    logging.info(
-        f"fine search: {len(proposals)} candidates on {sum(len(b['ids']) for b in batches)} utterances "
-        f"in {result.seconds:.2f} s ({result.layer_evaluations} layer passes per batch, "
-        f"prefix cache {'on' if args.prefix_cache else 'off'})"
-    )
-    for row in result.rows:
-        mark = "*" if row["coarse_rank"] == result.best + 1 else " "
-        print(
-            f"{mark} rank {row['coarse_rank']:>2}  layers {row['layers']}  "
-            f"{args.metric} {row['metric']:.3f}  ({row['seconds']:.2f} s)"
+    if (args.exp_dir is None) != (args.dev_cuts is None):
+        raise UsageError("a search with a model needs both --exp_dir and --dev_cuts")
+    if args.exp_dir is None:
+        return coarse_only(args)
+    if args.num_utts < 2:
+        raise UsageError(f"--num_utts must be >= 2, got {args.num_utts}")
+    model = load_model_args(args)
+    parse_num_prune(args.num_prune, model.num_layers, f"the {model.num_layers}-layer model")
+    out_dir = search_dir(args)
+    if reason := oracle_skip(args, model.num_layers):
+        atomic_write_json(
+            out_dir / SEARCH_RESULT,
+            {"method": "oracle", "num_prune": args.num_prune, "skipped": reason},
         )
-    pruned = prune_layers(model, result.best_layers)
-    cfg = load_experiment_config(args.exp_dir)
-    pruned_dir = args.pruned_dir or args.output.parent / "pruned"
-    copy_assets(args.exp_dir, args.exp_dir / CMVN_NAME, pruned_dir)
-    save_model(
-        pruned,
-        cfg,
-        pruned_dir,
-        extra={
-            "pruned_layers": list(result.best_layers),
-            "source": str(args.exp_dir / args.checkpoint),
-        },
+        logging.info(f"oracle, P={args.num_prune}: skipped ({reason})")
+        return
+    batches = load_eval_batches(model, args.dev_cuts, args.max_duration, args.num_utts, args.seed)
+    if args.method == "comflp":
+        matrix_path = args.matrix or ExpDir(args.exp_dir).matrix(args.measure)
+        result = run_comflp(args, model, batches, matrix_path, out_dir)
+    else:
+        result = run_metric_search(args, model, batches)
+    write_result(args, model, result, out_dir, len(batches))
+
+
+def write_result(args, model, result: SearchResult, out_dir: Path, num_batches: int) -> None:
+    if len(result.candidates) <= 50:  # the oracle's hundreds are in search.json
+        for i, row in enumerate(result.candidates):
+            mark = "*" if i == result.best else " "
+            print(
+                f"{mark} layers {row['layers']}  {args.metric} {row['metric']:.3f}  "
+                f"({row['seconds']:.2f} s)"
+            )
+    pruned_dir = out_dir / PRUNED
+    model.prune(result.best_layers).save(
+        pruned_dir, {"pruned_layers": list(result.best_layers), "source": str(model.source)}
     )
-    atomic_write_json(args.output, [p.to_dict() for p in proposals])
     atomic_write_json(
-        args.output.parent / "fine_search.json",
+        out_dir / SEARCH_RESULT,
         {
             **result.to_dict(),
-            "coarse_seconds": coarse_seconds,
             "num_utts": args.num_utts,
-            "matrix": str(args.matrix),
-            "mode": args.mode,
+            "model_type": model.model_type,
+            "model_dir": str(model.source),
             "pruned_dir": str(pruned_dir),
         },
     )
     logging.info(
-        f"best: prune layers {list(result.best_layers)} ({args.metric} {result.rows[result.best]['metric']:.3f}); "
-        f"pruned model in {pruned_dir}"
+        f"{result.method}, P={args.num_prune}: layers {list(result.best_layers)} "
+        f"({args.metric} {result.best_metric:.3f}) after {len(result.candidates)} evaluations in "
+        f"{result.seconds:.1f} s ({result.layer_evaluations} layer passes per batch, {num_batches} "
+        f"batches, prefix cache {'on' if args.prefix_cache else 'off'}); pruned model in {pruned_dir}"
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options; the coarse search's are grouped so that later steps can add their own."""
     parser = argparse.ArgumentParser(description=__doc__)
-    group = parser.add_argument_group("coarse search")
-    group.add_argument("--matrix", type=Path, required=True, help="(L+1) x (L+1) .npy matrix")
-    group.add_argument("--num_prune", type=int, required=True, help="layers to prune")
+    parser.add_argument("--method", choices=SEARCHES, default="comflp")
+    parser.add_argument("--num_prune", type=int, required=True, help="layers to prune")
+    group = parser.add_argument_group("coarse search (CoMFLP)")
+    group.add_argument(
+        "--matrix", type=Path, help="(L+1) x (L+1) .npy matrix (default: stage 5's of --measure)"
+    )
+    group.add_argument("--measure", default="dc", help="with --exp_dir: whose matrix to use")
     group.add_argument("--mode", choices=MODES, default="beam")
     group.add_argument("--beam_size", type=positive_int, default=10, help="beam mode only")
     group.add_argument("--top_k", type=positive_int, default=10, help="proposals to keep")
@@ -192,33 +223,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_exhaustive",
         type=positive_int,
         default=DEFAULT_MAX_EXHAUSTIVE,
-        help="refuse an exhaustive search over more proposals than this",
+        help="refuse an exhaustive coarse search over more proposals than this",
     )
-    group.add_argument("--output", type=Path, required=True, help="proposals JSON to write")
-    fine = parser.add_argument_group("fine search (needs --exp_dir and --dev_cuts)")
-    fine.add_argument("--exp_dir", type=Path, help="experiment directory of the model to prune")
-    fine.add_argument("--checkpoint", default="model.pt")
-    fine.add_argument("--dev_cuts", type=Path, help="cuts of the dev set")
-    fine.add_argument(
+    group.add_argument("--output", type=Path, help="proposals JSON to write (results go beside it)")
+    evaluation = parser.add_argument_group(
+        "evaluation on a dev subset (needs --exp_dir and --dev_cuts)"
+    )
+    add_model_args(evaluation, required=False)
+    evaluation.add_argument("--dev_cuts", type=Path, help="cuts of the dev set")
+    evaluation.add_argument(
         "--num_utts", type=int, default=320, help="dev utterances evaluated (random subset)"
     )
-    fine.add_argument("--seed", type=int, default=0)
-    fine.add_argument("--metric", choices=METRICS, default="cer")
-    fine.add_argument(
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--metric", choices=METRICS, default="cer")
+    evaluation.add_argument(
         "--prefix_cache",
         type=str2bool,
         default=True,
         help="compute layers shared by candidates' prefixes once",
     )
-    fine.add_argument(
+    evaluation.add_argument(
         "--max_duration", type=float, default=100.0, help="seconds of audio per batch"
     )
-    fine.add_argument(
-        "--pruned_dir",
-        type=Path,
-        help="where the best pruned model goes (default: beside --output)",
+    evaluation.add_argument(
+        "--oracle_max_evaluations",
+        type=int,
+        default=1000,
+        help="oracle: skip (and say so) when C(L, P) is larger than this",
     )
-    fine.add_argument("--device", default="auto")
     add_common_args(parser)
     return parser
 

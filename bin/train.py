@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from comflp.asr.checkpoint import CMVN_NAME, copy_assets, load_checkpoint, load_experiment_config
+from comflp.asr.checkpoint import copy_assets, load_checkpoint, load_experiment_config
 from comflp.asr.config import load_config
 from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
-from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from comflp.asr.tokenizer import Tokenizer
 from comflp.asr.trainer import Dist, train
 from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
+from comflp.expdir import CMVN, MODEL, TOKENIZER
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -51,23 +51,23 @@ def main(args: argparse.Namespace) -> None:
     init_state = assets_dir = None
     if args.init_model:
         # Fine-tuning: the architecture is the pruned model's, the training section this config's.
-        assets_dir = args.init_model.parent
+        assets_dir = args.init_model
         cfg.model = load_experiment_config(assets_dir).model
-        init_state = load_checkpoint(args.init_model)["model"]
-    if dist_info.is_main and not (exp_dir / TOKENIZER_NAME).is_file():
+        init_state = load_checkpoint(assets_dir / MODEL)["model"]
+    if dist_info.is_main and not (exp_dir / TOKENIZER).is_file():
         # A new experiment directory gets its own copies; an existing one keeps its own.
         if assets_dir is not None:
-            copy_assets(assets_dir, assets_dir / CMVN_NAME, exp_dir)
+            copy_assets(assets_dir, assets_dir / CMVN, exp_dir)
         elif args.lang_dir is None or args.cmvn is None:
             raise UsageError("--lang_dir and --cmvn are needed unless --init_model is given")
         else:
             copy_assets(args.lang_dir, args.cmvn, exp_dir)
     if dist_info.world_size > 1:
         torch.distributed.barrier()
-    tokenizer = Tokenizer(exp_dir / TOKENIZER_NAME)
+    tokenizer = Tokenizer(exp_dir / TOKENIZER)
     cfg.model.vocab_size = tokenizer.vocab_size
     cfg.validate(str(args.config))
-    cmvn = load_cmvn(exp_dir / CMVN_NAME)
+    cmvn = load_cmvn(exp_dir / CMVN)
     train_cuts = ctc_feasible(
         load_cuts(args.train_cuts), tokenizer, "train", cfg.model.ctc_upsample
     )
@@ -107,7 +107,9 @@ if __name__ == "__main__":
     parser.add_argument("--lang_dir", type=Path, help="tokenizer directory of stage 2")
     parser.add_argument("--cmvn", type=Path, help="cmvn.json of stage 1")
     parser.add_argument(
-        "--init_model", type=Path, help="initialise from this model.pt (fine-tuning)"
+        "--init_model",
+        type=Path,
+        help="initialise from the comflp model in this directory (fine-tuning a pruned model)",
     )
     parser.add_argument(
         "--resume", type=str2bool, default=True, help="continue from the latest checkpoint"

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,63 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available")
     return name
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def parse_num_prune(text: str | int, num_layers: int, where: str) -> list[int]:
+    """The values of ``--num_prune`` (e.g. ``"2 4 6"``), each checked against the model depth."""
+    from comflp.prune.subsets import check_num_prune
+
+    try:
+        values = [int(p) for p in str(text).split()]
+    except ValueError:
+        raise UsageError(f'--num_prune {text!r}: expected integers, e.g. "2 4 6"') from None
+    if not values:
+        raise UsageError("--num_prune: no value given")
+    for p in values:
+        try:
+            check_num_prune(p, num_layers)
+        except ValueError:
+            raise UsageError(
+                f"--num_prune {text}: must be between 1 and {num_layers - 1} for {where}"
+            ) from None
+    return values
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--exp_dir`` and the model it prunes: ``--model_type`` and ``--model_dir``."""
+    from comflp.adapters import MODEL_TYPES
+
+    parser.add_argument(
+        "--exp_dir", type=Path, required=required, help="experiment directory (stage outputs)"
+    )
+    parser.add_argument("--model_type", choices=MODEL_TYPES, default="comflp")
+    parser.add_argument(
+        "--model_dir", type=Path, help="the model to prune (default: --exp_dir, a comflp model)"
+    )
+    parser.add_argument("--device", default="auto")
+
+
+def load_model_args(args: argparse.Namespace):
+    """The :class:`PrunableModel` of :func:`add_model_args`' options, on ``--device``."""
+    from comflp.adapters import load_prunable
+
+    model_dir = args.model_dir or args.exp_dir
+    try:
+        model = load_prunable(args.model_type, model_dir)
+    except ValueError as e:
+        raise UsageError(f"--model_dir {model_dir}: {e}") from None
+    return model.to(resolve_device(args.device))
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

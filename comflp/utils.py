@@ -1,4 +1,4 @@
-"""Small helpers shared by every entry point: atomic writes, logging, seeding."""
+"""Small helpers shared by every entry point: atomic writes, logging, seeding, eval mode."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def die(message: str, code: int = 1) -> None:
-    """Print ``message`` as an error on stderr and exit non-zero (for entry points)."""
-    print(f"ERROR: {message}", file=sys.stderr)
-    raise SystemExit(code)
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode for the block, then restore its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

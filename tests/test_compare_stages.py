@@ -58,7 +58,7 @@ def test_stages_7_and_8_write_the_table(compared):
     assert len(list(unpruned.glob("part*.json"))) == 2
     # The fine-tuned model starts from the fine-searched pruned model.
     ft = MethodList.load(exp / "compare/methods_finetuned.json").methods
-    fine = json.loads((exp / "search/dc_prune2/fine_search.json").read_text())
+    fine = json.loads((exp / "search/comflp_dc_prune2/search.json").read_text())
     assert [m.original_pruned for m in ft if m.num_prune == 2] == [fine["best_layers"]]
 
 
@@ -103,7 +103,7 @@ def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
     assert proc.returncode == 1 and "manifest not found" in proc.stderr
     # A pruned checkpoint whose config does not match its weights.
     broken = tmp_path / "broken"
-    shutil.copytree(exp / "search/dc_prune2/pruned", broken)
+    shutil.copytree(exp / "search/comflp_dc_prune2/pruned", broken)
     shutil.copy(exp / "model.pt", broken / "model.pt")
     proc = run_cmd(
         [*base, "--model_dir", broken, "--cuts", "data/fbank/cuts_dev-clean.jsonl.gz"], check=False
@@ -125,20 +125,20 @@ def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_num_prune_that_does_not_fit_the_model(compared, tmp_path, monkeypatch):
+def test_num_prune_that_does_not_fit_the_model(compared, monkeypatch):
     monkeypatch.chdir(compared["workdir"])
+    methods = compared["exp_dir"] / "compare/methods.json"
+    before = methods.read_text()
     proc = run_cmd(
         [
             PYTHON,
-            REPO / "bin/select_layers.py",
+            REPO / "bin/list_methods.py",
             "--exp_dir",
             compared["exp_dir"],
             "--num_prune",
             "2 4",
-            "--output",
-            tmp_path / "m.json",
         ],
         check=False,
     )
     assert proc.returncode == 1 and "between 1 and 3 for the 4-layer model" in proc.stderr
-    assert not (tmp_path / "m.json").exists()
+    assert methods.read_text() == before

@@ -1,14 +1,15 @@
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from comflp.adapters.native import NativeModel
 from comflp.asr.config import ModelConfig
+from comflp.asr.ctc import ctc_greedy_search
 from comflp.asr.decode import (
-    FRAME_SHIFT,
     attention_rescoring,
-    ctc_greedy_search,
     ctc_prefix_beam_search,
     decode_batch,
     decode_set,
@@ -206,6 +207,23 @@ def batch_log_probs(model: ASRModel, feats, lens) -> tuple[torch.Tensor, torch.T
         return model.eval().ctc_log_probs(feats, lens)
 
 
+class DigitTokenizer:
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+
+def native(model: ASRModel) -> NativeModel:
+    """The model as the pipeline sees it (features already normalised)."""
+    return NativeModel(model, DigitTokenizer(), (torch.zeros(80), torch.ones(80)), Path("."))
+
+
+def feats_batch(feats: torch.Tensor, lens: torch.Tensor) -> dict:
+    return {"feats": feats, "feat_lens": lens}
+
+
 def test_decode_batch_methods():
     model = tiny_model()
     feats, lens = random_batch([60, 45, 30])
@@ -213,7 +231,7 @@ def test_decode_batch_methods():
     model.train()
     results = {}
     for method in ("ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring"):
-        hyps = decode_batch(model, feats, lens, method, beam_size=4, ctc_weight=0.5)
+        hyps = decode_batch(native(model), feats_batch(feats, lens), method, 4, 0.5)
         assert model.training  # its mode is restored
         assert len(hyps) == 3
         assert all(isinstance(k, int) and 0 < k < VOCAB for h in hyps for k in h)
@@ -224,30 +242,25 @@ def test_decode_batch_methods():
         for i, n in enumerate(enc_lens.tolist())
     ]
     # beam 1 with one token per frame is the greedy path
-    assert (
-        decode_batch(model, feats, lens, "ctc_prefix_beam_search", beam_size=1)
-        == results["ctc_greedy_search"]
-    )
+    batch = feats_batch(feats, lens)
+    greedy_beam = decode_batch(native(model), batch, "ctc_prefix_beam_search", beam_size=1)
+    assert greedy_beam == results["ctc_greedy_search"]
     # with all the weight on CTC, rescoring keeps the prefix search's best
-    ctc_only = decode_batch(model, feats, lens, "attention_rescoring", beam_size=4, ctc_weight=1.0)
+    ctc_only = decode_batch(native(model), batch, "attention_rescoring", 4, ctc_weight=1.0)
     assert ctc_only == results["ctc_prefix_beam_search"]
 
 
 def test_decode_batch_errors():
-    feats, lens = random_batch([30])
-    with pytest.raises(ValueError, match="needs a model with an attention decoder"):
-        decode_batch(tiny_model(decoder=False), feats, lens, "attention_rescoring")
+    batch = feats_batch(*random_batch([30]))
+    plain, hybrid = native(tiny_model(decoder=False)), native(tiny_model())
+    with pytest.raises(ValueError, match="needs a comflp model with an attention decoder"):
+        decode_batch(plain, batch, "attention_rescoring")
     with pytest.raises(ValueError, match="unknown decoding method"):
-        decode_batch(tiny_model(), feats, lens, "beam_search")
+        decode_batch(hybrid, batch, "beam_search")
     with pytest.raises(ValueError, match="beam_size"):
-        decode_batch(tiny_model(), feats, lens, "ctc_prefix_beam_search", beam_size=0)
+        decode_batch(hybrid, batch, "ctc_prefix_beam_search", beam_size=0)
     with pytest.raises(ValueError, match="ctc_weight"):
-        decode_batch(tiny_model(), feats, lens, "attention_rescoring", ctc_weight=1.5)
-
-
-class DigitTokenizer:
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(map(str, ids))
+        decode_batch(hybrid, batch, "attention_rescoring", ctc_weight=1.5)
 
 
 def test_decode_set():
@@ -262,18 +275,19 @@ def test_decode_set():
                 "feat_lens": lens,
                 "ids": [f"b{seed}u{i}" for i in range(n)],
                 "texts": ["1 2"] * n,
+                "seconds": 0.01 * sum(lengths),
             }
         )
-    result = decode_set(model, batches, DigitTokenizer(), "ctc_prefix_beam_search", beam_size=3)
+    result = decode_set(native(model), batches, "ctc_prefix_beam_search", beam_size=3)
     assert [u["id"] for u in result.utts] == ["b1u0", "b1u1", "b2u0"]
     assert [u["ref"] for u in result.utts] == ["1 2"] * 3
     expected = [
         DigitTokenizer().decode(h)
         for b in batches
-        for h in decode_batch(model, b["feats"], b["feat_lens"], "ctc_prefix_beam_search", 3)
+        for h in decode_batch(native(model), b, "ctc_prefix_beam_search", 3)
     ]
     assert [u["hyp"] for u in result.utts] == expected
-    assert result.audio_seconds == pytest.approx(125 * FRAME_SHIFT)
+    assert result.audio_seconds == pytest.approx(1.25)
     assert result.decode_seconds > 0
     assert result.rtf == pytest.approx(result.decode_seconds / 1.25)
     assert result.timing() == {

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from comflp.asr.config import ModelConfig
-from comflp.asr.model import ASRModel, padding_mask, prune_layers, subsampled_lengths
+from comflp.asr.layers import padding_mask, subsampled_lengths
+from comflp.asr.model import ASRModel, count_parameters, prune_layers
 
 
 def tiny(**kw) -> ASRModel:
@@ -157,11 +158,15 @@ def test_prune_layers_removes_and_renumbers():
     assert cfg.layer_drop_rates() == pytest.approx([0.05, 0.15, 0.25, 0.3])
     # Forward equals running the original with those layers skipped.
     feats, lens, _, _ = batch()
-    x, out_lens = model.encoder.embed(feats, lens)
-    mask = ~padding_mask(out_lens, x.size(1))[:, None, None, :]
+    emb = model.encoder.embed(feats, lens)
+    assert torch.equal(emb.mask, ~padding_mask(emb.lengths, emb.x.size(1))[:, None, None, :])
+    x = emb.x
     for k in (1, 3, 5, 6):
-        x = model.encoder.layers[k - 1](x, mask)
+        x = model.encoder.layers[k - 1](x, emb.mask)
     manual = model.ctc(model.encoder.after_norm(x)).log_softmax(-1)
+    # forward_layers on a subset is the same loop
+    subset = model.encoder.forward_layers(emb.x, emb.mask, (1, 3, 5, 6))
+    assert torch.equal(subset, x)
     got, _ = pruned.ctc_log_probs(feats, lens)
     assert torch.allclose(got, manual, atol=1e-6)
     # Pruning twice composes the provenance.
@@ -176,3 +181,99 @@ def test_prune_layers_removes_and_renumbers():
 def test_prune_layers_rejects_bad_sets(bad):
     with pytest.raises(ValueError):
         prune_layers(tiny(num_layers=6), bad)
+
+
+def _layer_keys(prefix: str, names: str) -> list[str]:
+    return [f"{prefix}.{n}.{p}" for n in names.split() for p in ("weight", "bias")]
+
+
+# The state-dict layout of the uniform Transformer: checkpoints written before per-layer
+# shapes and the Conformer existed must keep loading.
+TRANSFORMER_KEYS = [
+    *_layer_keys("encoder.embed", "conv.0 conv.2 out"),
+    *_layer_keys("encoder.layers.0", "norm_attn attn.q attn.k attn.v attn.out norm_ff ff.0 ff.3"),
+    *_layer_keys("encoder", "after_norm"),
+    "ctc.weight",
+    "ctc.bias",
+    "decoder.embed.weight",
+    *_layer_keys(
+        "decoder.layers.0",
+        "norm_self self_attn.q self_attn.k self_attn.v self_attn.out "
+        "norm_src src_attn.q src_attn.k src_attn.v src_attn.out norm_ff ff.0 ff.3",
+    ),
+    *_layer_keys("decoder", "after_norm out"),
+]
+
+
+def test_transformer_state_dict_keys_and_seeded_init_are_unchanged():
+    model = tiny(num_layers=1, decoder_layers=1, ctc_weight=0.5)
+    state = model.state_dict()
+    assert list(state) == TRANSFORMER_KEYS
+    assert len(TRANSFORMER_KEYS) == 57
+    # The random initialisation order: a seeded model is bit-identical to earlier versions.
+    expected = {
+        "encoder.layers.0.attn.out.weight": [0.247622, 0.126132, 0.244632],
+        "encoder.layers.0.ff.3.weight": [-0.003699, 0.103483, 0.148689],
+        "ctc.weight": [-0.227863, 0.217745, -0.068061],
+        "decoder.out.weight": [0.0855, -0.148035, 0.137417],
+    }
+    for name, values in expected.items():
+        assert state[name].flatten()[:3].tolist() == pytest.approx(values, abs=1e-6), name
+
+
+def test_full_layer_shapes_equal_the_default_model():
+    default = tiny()
+    shaped = tiny(layer_shapes=[{"heads": 2, "ffn": 32}] * 4)
+    assert list(shaped.state_dict()) == list(default.state_dict())
+    shaped.load_state_dict(default.state_dict())
+    feats, lens, _, _ = batch()
+    assert torch.equal(shaped.ctc_log_probs(feats, lens)[0], default.ctc_log_probs(feats, lens)[0])
+
+
+def test_transformer_layer_shapes_cut_heads_and_units():
+    shapes = [
+        {"heads": 1, "ffn": 5},
+        {"heads": 0, "ffn": 32},
+        {"heads": 2, "ffn": 0},
+        {"heads": 0, "ffn": 0},
+    ]
+    model = tiny(layer_shapes=shapes)
+    d, dk = 16, 8
+    per_layer = sum(
+        (2 * d + 3 * (d * h * dk + h * dk) + h * dk * d + d if h else 0)
+        + (2 * d + 2 * d * n + n + d if n else 0)
+        for h, n in ((s["heads"], s["ffn"]) for s in shapes)
+    )
+    fixed = count_parameters(tiny(num_layers=1)) - count_parameters(
+        tiny(num_layers=1).encoder.layers
+    )
+    assert count_parameters(model) == fixed + per_layer
+    assert model.encoder.layers[1].attn is None and model.encoder.layers[2].ff is None
+    assert model.cfg.layer_shape(1) == {"heads": 1, "ffn": 5}
+    feats, lens, _, _ = batch()
+    assert torch.isfinite(model.ctc_log_probs(feats, lens)[0]).all()
+    pruned = prune_layers(model, [2])
+    assert pruned.cfg.layer_shapes == [shapes[0], shapes[2], shapes[3]]
+
+    # Head 1 is rows 8:16 of q/k/v and columns 8:16 of out; unit i is row i of ff.0 and
+    # column i of ff.3: cutting them equals zeroing their output columns in the full model.
+    full = tiny(num_layers=1)
+    small = tiny(num_layers=1, layer_shapes=[{"heads": 1, "ffn": 3}])
+    units = torch.tensor([2, 7, 30])
+    state = full.state_dict()
+    for m in ("q", "k", "v"):
+        for p in ("weight", "bias"):
+            state[f"encoder.layers.0.attn.{m}.{p}"] = state[f"encoder.layers.0.attn.{m}.{p}"][dk:]
+    state["encoder.layers.0.attn.out.weight"] = state["encoder.layers.0.attn.out.weight"][:, dk:]
+    state["encoder.layers.0.ff.0.weight"] = state["encoder.layers.0.ff.0.weight"][units]
+    state["encoder.layers.0.ff.0.bias"] = state["encoder.layers.0.ff.0.bias"][units]
+    state["encoder.layers.0.ff.3.weight"] = state["encoder.layers.0.ff.3.weight"][:, units]
+    small.load_state_dict(state)
+    with torch.no_grad():
+        layer = full.encoder.layers[0]
+        layer.attn.out.weight[:, :dk] = 0
+        gone = [i for i in range(32) if i not in units.tolist()]
+        layer.ff[3].weight[:, gone] = 0
+    assert torch.allclose(
+        small.ctc_log_probs(feats, lens)[0], full.ctc_log_probs(feats, lens)[0], atol=1e-5
+    )

@@ -7,21 +7,24 @@ import numpy as np
 import pytest
 import torch
 
+from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import load_model
 from comflp.asr.config import ModelConfig
-from comflp.asr.data import AsrDataset, eval_loader, load_cuts
+from comflp.asr.ctc import ctc_loss
+from comflp.asr.data import load_eval_batches
 from comflp.asr.features import load_cmvn
-from comflp.asr.model import ASRModel, padding_mask, prune_layers
+from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
 from comflp.prune.dump import dump_layers, load_layer_feats
-from comflp.prune.evaluator import evaluate_subsets, layer_evaluations, load_batches
-from comflp.prune.fine_search import fine_search
+from comflp.prune.evaluator import evaluate_subsets, layer_evaluations
+from comflp.prune.metric_search import fine_search
 from comflp.prune.search import Proposal
 
 from .conftest import PYTHON, REPO, run_cmd
 
 
-def _tiny_model(num_layers=4) -> ASRModel:
+def _tiny_model(tiny_data, num_layers=4) -> NativeModel:
+    """A random comflp model with the tiny corpus' tokenizer and CMVN."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=49,
@@ -33,29 +36,30 @@ def _tiny_model(num_layers=4) -> ASRModel:
         interctc_layers=[2],
         interctc_weight=0.3,
     )
-    return ASRModel(cfg).eval()
+    tokenizer = Tokenizer(tiny_data["lang_dir"] / "tokenizer.model")
+    cmvn = load_cmvn(tiny_data["cmvn"])
+    return NativeModel(ASRModel(cfg).eval(), tokenizer, cmvn, tiny_data["lang_dir"])
 
 
 @pytest.fixture
 def batches(tiny_data):
-    tok = Tokenizer(tiny_data["lang_dir"] / "tokenizer.model")
-    dataset = AsrDataset(tok, load_cmvn(tiny_data["cmvn"]))
-    return tok, load_batches(eval_loader(load_cuts(tiny_data["dev"]), dataset, max_duration=12))
+    """A model factory and the tiny dev set's batches."""
+    data = load_eval_batches(_tiny_model(tiny_data), tiny_data["dev"], max_duration=12)
+    return lambda num_layers=4: _tiny_model(tiny_data, num_layers), data
 
 
-def _manual_layer_outputs(model, batch):
-    """Every layer index's output for a batch, without hooks."""
-    x, lens = model.encoder.embed(batch["feats"], batch["feat_lens"])
-    mask = ~padding_mask(lens, x.size(1))[:, None, None, :]
-    outs = [x]
+def _manual_layer_outputs(model: ASRModel, batch):
+    """Every layer index's output for a batch, calling the layer modules one by one."""
+    emb = model.encoder.embed(batch["feats"], batch["feat_lens"])
+    outs = [emb.x]
     for layer in model.encoder.layers:
-        outs.append(layer(outs[-1], mask))
-    return outs, lens
+        outs.append(layer(outs[-1], emb.mask))
+    return outs, emb.lengths
 
 
 def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):
-    tok, data = batches
-    model = _tiny_model()
+    make, data = batches
+    model = make()
     info = dump_layers(model, data, tmp_path / "dump", pooling="mean")
     assert info["num_utts"] == 8 and info["num_layers"] == 4 and info["num_rows"] == 8
     feats = load_layer_feats(tmp_path / "dump")
@@ -63,7 +67,7 @@ def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):
     row = 0
     with torch.no_grad():
         for batch in data:
-            outs, lens = _manual_layer_outputs(model, batch)
+            outs, lens = _manual_layer_outputs(model.asr, batch)
             for i in range(len(batch["ids"])):
                 for k, h in enumerate(outs):
                     n = int(lens[i])
@@ -79,8 +83,8 @@ def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):
 
 
 def test_dump_frame_sampling_keeps_the_same_frames_at_every_layer(tmp_path, batches):
-    tok, data = batches
-    model = _tiny_model()
+    make, data = batches
+    model = make()
     dump_layers(model, data, tmp_path / "all", pooling="frames")
     dump_layers(model, data, tmp_path / "some", pooling="frames", frames_per_utt=3, seed=5)
     every = [kaldiio.load_scp(str(tmp_path / f"all/layer{k:02d}.scp")) for k in range(5)]
@@ -98,11 +102,11 @@ def test_dump_frame_sampling_keeps_the_same_frames_at_every_layer(tmp_path, batc
 
 
 def test_prefix_cache_gives_identical_results_with_fewer_layer_passes(batches):
-    tok, data = batches
-    model = _tiny_model(num_layers=6)
+    make, data = batches
+    model = make(num_layers=6)
     subsets = [(1, 2, 4), (1, 2, 5), (1, 3, 4), (2, 3, 6), (1, 2, 4)]
-    cached = evaluate_subsets(model, data, tok, subsets, prefix_cache=True)
-    plain = evaluate_subsets(model, data, tok, subsets, prefix_cache=False)
+    cached = evaluate_subsets(model, data, subsets, prefix_cache=True)
+    plain = evaluate_subsets(model, data, subsets, prefix_cache=False)
     for a, b in zip(cached, plain):
         assert (a.kept, a.cer, a.wer) == (b.kept, b.cer, b.wer)
         assert a.ctc_loss == pytest.approx(b.ctc_loss, rel=1e-6)
@@ -110,35 +114,29 @@ def test_prefix_cache_gives_identical_results_with_fewer_layer_passes(batches):
     assert layer_evaluations(subsets, True) == 9
     assert layer_evaluations(subsets, False) == 15
     # Each subset equals its physically pruned model.
-    pruned = prune_layers(model, [3, 5, 6])
+    pruned = model.prune([3, 5, 6])
     with torch.no_grad():
         batch = data[0]
-        log_probs, lens = pruned.ctc_log_probs(batch["feats"], batch["feat_lens"])
-    single = evaluate_subsets(model, [batch], tok, [(1, 2, 4)])[0]
-    targets = batch["targets"][~padding_mask(batch["target_lens"], batch["targets"].size(1))]
-    loss = torch.nn.functional.ctc_loss(
-        log_probs.transpose(0, 1),
-        targets,
-        lens,
-        batch["target_lens"],
-        reduction="sum",
-        zero_infinity=True,
-    ).item()
+        log_probs, lens = pruned.asr.ctc_log_probs(batch["feats"], batch["feat_lens"])
+    single = evaluate_subsets(model, [batch], [(1, 2, 4)])[0]
+    loss = ctc_loss(log_probs, lens, batch["targets"], batch["target_lens"]).item()
     assert single.ctc_loss == pytest.approx(loss / len(batch["ids"]), rel=1e-5)
+    assert single.num_utts == len(batch["ids"])
 
 
 def test_fine_search_picks_the_lowest_metric_and_breaks_ties_by_coarse_rank(batches):
-    tok, data = batches
-    model = _tiny_model(num_layers=6)
+    make, data = batches
+    model = make(num_layers=6)
     proposals = [Proposal((1, 2), 0.9), Proposal((5, 6), 0.8), Proposal((3, 4), 0.7)]
-    result = fine_search(model, data, tok, proposals, metric="ctc_loss")
-    losses = [r["ctc_loss"] for r in result.rows]
+    result = fine_search(model, data, proposals, metric="ctc_loss")
+    losses = [r["ctc_loss"] for r in result.candidates]
     assert result.best == int(np.argmin(losses))
-    assert [r["coarse_rank"] for r in result.rows] == [1, 2, 3]
-    assert result.rows[0]["kept"] == [3, 4, 5, 6] and result.rows[0]["blocks"] == [[1, 2]]
+    assert [r["coarse_rank"] for r in result.candidates] == [1, 2, 3]
+    assert result.candidates[0]["kept"] == [3, 4, 5, 6]
+    assert result.candidates[0]["blocks"] == [[1, 2]]
     # A random model emits no tokens: every CER is 100, so the tie goes to coarse rank 1.
-    by_cer = fine_search(model, data, tok, proposals, metric="cer")
-    assert len({r["cer"] for r in by_cer.rows}) > 1 or by_cer.best == 0
+    by_cer = fine_search(model, data, proposals, metric="cer")
+    assert len({r["cer"] for r in by_cer.candidates}) > 1 or by_cer.best == 0
 
 
 def test_stages_4_to_6_end_to_end(searched):
@@ -153,13 +151,13 @@ def test_stages_4_to_6_end_to_end(searched):
         settings = json.loads((exp / f"correlation/{measure}/settings.json").read_text())
         assert settings["measure"] == measure
         for p in (1, 2):
-            out = exp / f"search/{measure}_prune{p}"
+            out = exp / f"search/comflp_{measure}_prune{p}"
             proposals = json.loads((out / "proposals.json").read_text())
             assert all(len(x["layers"]) == p for x in proposals)
             assert [x["score"] for x in proposals] == sorted(
                 (x["score"] for x in proposals), reverse=True
             )
-            fine = json.loads((out / "fine_search.json").read_text())
+            fine = json.loads((out / "search.json").read_text())
             assert len(fine["candidates"]) == len(proposals)
             assert fine["best_layers"] == fine["candidates"][fine["best"]]["layers"]
             pruned = load_model(out / "pruned")
@@ -217,14 +215,18 @@ def test_search_refuses_a_matrix_that_does_not_fit_the_model(pipeline, tmp_path,
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--measure", "pearson"], "unknown measure"), (["--dump_dir", "nowhere"], "run stage 4")],
+    [(["--measure", "pearson"], "unknown measure"), (["--exp_dir", "nowhere"], "run stage 4")],
 )
 def test_correlation_cli_errors(searched, tmp_path, args, message):
-    base = {"--dump_dir": str(searched["exp_dir"] / "dump"), "--output_dir": str(tmp_path / "c")}
+    base = {"--exp_dir": str(searched["exp_dir"]), "--measure": "dc"}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
+    before = sorted((searched["exp_dir"] / "correlation").iterdir())
     proc = run_cmd(
-        [PYTHON, REPO / "bin/correlation.py", *[x for kv in base.items() for x in kv]], check=False
+        [PYTHON, REPO / "bin/correlation.py", *[x for kv in base.items() for x in kv]],
+        check=False,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1 and message in proc.stderr
-    assert not (tmp_path / "c").exists()
+    assert sorted((searched["exp_dir"] / "correlation").iterdir()) == before
+    assert not (tmp_path / "nowhere").exists()

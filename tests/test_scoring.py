@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from comflp.asr.scoring import ErrorStats, alignment_text, error_stats, results_table, write_scores
+from comflp.asr.scoring import ErrorStats, alignment_text, error_stats, scores_table, write_scores
 
 
 def test_word_counts_match_hand_alignment():
@@ -76,8 +76,8 @@ def test_bad_input():
         error_stats(["a"], ["a"], "phone")
 
 
-def test_results_table():
-    table = results_table(
+def test_scores_table():
+    table = scores_table(
         [
             ("test", ErrorStats(snt=3, wrd=8, corr=6, sub=1, dele=1, ins=1, sent_err=2)),
             ("empty", ErrorStats(snt=2, wrd=0, corr=0, sub=0, dele=0, ins=1, sent_err=1)),
@@ -91,9 +91,9 @@ def test_results_table():
     ]
 
 
-def test_results_table_of_error_stats_sums_to_err():
+def test_scores_table_of_error_stats_sums_to_err():
     stats = error_stats(["a b c", "d e"], ["a c c x", "e"], "word")
-    row = results_table([("dev", stats)]).splitlines()[2]
+    row = scores_table([("dev", stats)]).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
     corr, sub, dele, ins, err = map(float, cells[3:8])
     assert corr + sub + dele == pytest.approx(100.0, abs=0.15)

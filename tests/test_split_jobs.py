@@ -38,10 +38,9 @@ def test_stage_1_in_parts_equals_one_job(pipeline, tmp_path):
 
 
 def test_stage_4_in_parts_equals_one_job(tiny_data, pipeline, tmp_path):
-    exp = pipeline["exp_dir"]
     dumps = {}
     for num_parts in (1, 2):
-        dump = tmp_path / f"dump{num_parts}"
+        exp = tmp_path / f"exp{num_parts}"  # stage outputs only: the model stays where it is
         for part in range(1, num_parts + 1):
             run_cmd(
                 [
@@ -49,6 +48,8 @@ def test_stage_4_in_parts_equals_one_job(tiny_data, pipeline, tmp_path):
                     REPO / "bin/dump_layers.py",
                     "--exp_dir",
                     exp,
+                    "--model_dir",
+                    pipeline["exp_dir"],
                     "--cuts",
                     tiny_data["train"],
                     "--num_utts",
@@ -57,16 +58,15 @@ def test_stage_4_in_parts_equals_one_job(tiny_data, pipeline, tmp_path):
                     str(part),
                     "--num_parts",
                     str(num_parts),
-                    "--output_dir",
-                    dump / "parts" / str(part),
                     "--max_duration",
                     "15",
                 ]
             )
         run_cmd(
-            [PYTHON, REPO / "bin/merge_dump.py", "--dump_dir", dump, "--num_parts", str(num_parts)]
+            [PYTHON, REPO / "bin/merge_dump.py", "--exp_dir", exp, "--num_parts", str(num_parts)]
         )
-        dumps[num_parts] = dump
+        dumps[num_parts] = exp / "dump"
+    assert not (tmp_path / "exp1/config.yaml").exists()
     info1, info2 = (json.loads((dumps[n] / "info.json").read_text()) for n in (1, 2))
     assert info1["utts"] == info2["utts"] and info2["num_parts"] == 2 and info2["num_utts"] == 20
     for a, b in zip(load_layer_feats(dumps[1]), load_layer_feats(dumps[2])):
@@ -76,27 +76,29 @@ def test_stage_4_in_parts_equals_one_job(tiny_data, pipeline, tmp_path):
 
 def test_stage_7_decoding_in_parts_equals_one_job(compared, tmp_path, monkeypatch):
     monkeypatch.chdir(compared["workdir"])
-    methods = compared["exp_dir"] / "compare/methods.json"
     merged = {}
     for num_parts in (1, 3):
-        out = tmp_path / f"decode{num_parts}"
+        exp = tmp_path / f"exp{num_parts}"
+        (exp / "compare").mkdir(parents=True)
+        shutil.copy(compared["exp_dir"] / "compare/methods.json", exp / "compare")
         for part in range(1, num_parts + 1):
             run_cmd(
                 [
                     PYTHON,
                     REPO / "bin/decode.py",
-                    "--methods",
-                    methods,
+                    "--exp_dir",
+                    exp,
+                    "--set",
+                    "dev-clean",
                     "--cuts",
                     "data/fbank/cuts_dev-clean.jsonl.gz",
                     "--part",
                     str(part),
                     "--num_parts",
                     str(num_parts),
-                    "--output_dir",
-                    out,
                 ]
             )
+        out = exp / "compare/decode/dev-clean"
         merged[num_parts] = {
             key.name: [
                 u for p in sorted(key.glob("part*.json")) for u in json.loads(p.read_text())["utts"]

@@ -6,11 +6,11 @@ import shutil
 import pytest
 from lhotse import CutSet
 
-from comflp.asr.checkpoint import load_model
-from comflp.asr.data import AsrDataset, eval_loader, load_cuts
-from comflp.asr.decode import evaluate_ctc
+from comflp.adapters.native import NativeModel
+from comflp.asr.data import load_cuts, load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
+from comflp.prune.evaluator import evaluate_model
 
 from .conftest import PYTHON, REPO, run_cmd, run_sh
 
@@ -56,14 +56,9 @@ def test_stages_0_to_3(pipeline, tiny_data):
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert "dev CER" in (exp / "log/train.log").read_text()
     # Later stages rebuild the model from the experiment directory alone.
-    model = load_model(exp)
-    loader = eval_loader(
-        load_cuts(tiny_data["test"]),
-        AsrDataset(Tokenizer(exp / "tokenizer.model"), load_cmvn(exp / "cmvn.json")),
-        30,
-    )
-    metrics = evaluate_ctc(model, loader, Tokenizer(exp / "tokenizer.model"))
-    assert metrics["num_utts"] == 8 and metrics["loss"] > 0
+    model = NativeModel.load(exp)
+    result = evaluate_model(model, load_eval_batches(model, tiny_data["test"], 30))
+    assert result.num_utts == 8 and result.ctc_loss > 0 and 0 <= result.cer <= 100
 
 
 def test_stage_0_does_not_redo_a_complete_corpus(pipeline):

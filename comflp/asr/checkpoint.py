@@ -7,8 +7,11 @@ An experiment directory holds ``config.yaml`` (the full model and training confi
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,11 +19,8 @@ import yaml
 
 from comflp.asr.config import ConfigError, ExperimentConfig, config_from_dict, save_config
 from comflp.asr.model import ASRModel
+from comflp.expdir import CMVN, CONFIG, MODEL, TOKENIZER, TOKENS
 from comflp.utils import atomic_save
-
-CONFIG_NAME = "config.yaml"
-MODEL_NAME = "model.pt"
-CMVN_NAME = "cmvn.json"
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -28,9 +28,18 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`; ConfigError names a file that is
+    missing, unreadable (truncated, not a torch file) or not a checkpoint dict."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ConfigError(f"{path}: not a comflp checkpoint (no 'model' weights in it)")
+    return state
 
 
 def epoch_checkpoints(exp_dir: Path) -> list[Path]:
@@ -44,10 +53,10 @@ def epoch_checkpoints(exp_dir: Path) -> list[Path]:
 
 
 def load_experiment_config(exp_dir: Path) -> ExperimentConfig:
-    path = Path(exp_dir) / CONFIG_NAME
+    path = Path(exp_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(
-            f"{exp_dir}: no {CONFIG_NAME} here, so no model can be built from this directory "
+            f"{exp_dir}: no {CONFIG} here, so no model can be built from this directory "
             "(is it an experiment directory written by stage 3 or stage 6?)"
         )
     return config_from_dict(yaml.safe_load(path.read_text()), str(path))
@@ -77,7 +86,7 @@ def load_state_into(model: ASRModel, state_dict: dict, source: str) -> None:
     model.load_state_dict(state_dict)
 
 
-def load_model(exp_dir: Path, checkpoint: str = MODEL_NAME) -> ASRModel:
+def load_model(exp_dir: Path, checkpoint: str = MODEL) -> ASRModel:
     """Rebuild the model of ``exp_dir`` from its config and load ``checkpoint`` (eval mode)."""
     exp_dir = Path(exp_dir)
     cfg = load_experiment_config(exp_dir)
@@ -92,25 +101,22 @@ def save_model(
     cfg: ExperimentConfig,
     exp_dir: Path,
     extra: dict | None = None,
-    name: str = MODEL_NAME,
+    name: str = MODEL,
 ) -> None:
-    """Write ``config.yaml`` and the weights ``name`` into ``exp_dir``."""
+    """Write ``config.yaml`` (``cfg`` with the model's own section) and the weights ``name``
+    into ``exp_dir``."""
     exp_dir.mkdir(parents=True, exist_ok=True)
-    cfg.model = model.cfg
-    save_config(cfg, exp_dir / CONFIG_NAME)
+    save_config(dataclasses.replace(cfg, model=model.cfg), exp_dir / CONFIG)
     save_checkpoint({"model": model.state_dict(), **(extra or {})}, exp_dir / name)
 
 
 def copy_assets(tokenizer_dir: Path, cmvn_path: Path, exp_dir: Path) -> None:
     """Copy the tokenizer files and CMVN statistics into ``exp_dir`` so it is self-contained."""
-    from comflp.asr.tokenizer import MODEL_NAME as TOKENIZER_NAME
-    from comflp.asr.tokenizer import TOKENS_NAME
-
     exp_dir.mkdir(parents=True, exist_ok=True)
     sources = {
-        TOKENIZER_NAME: tokenizer_dir / TOKENIZER_NAME,
-        TOKENS_NAME: tokenizer_dir / TOKENS_NAME,
-        CMVN_NAME: cmvn_path,
+        TOKENIZER: tokenizer_dir / TOKENIZER,
+        TOKENS: tokenizer_dir / TOKENS,
+        CMVN: cmvn_path,
     }
     for name, src in sources.items():
         if not src.is_file():

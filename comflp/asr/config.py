@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of the Transformer CTC (+ optional attention decoder) model."""
+    """Architecture of the Transformer or Conformer CTC (+ optional attention decoder) model."""
 
     input_dim: int = 80
     vocab_size: int = 0  # filled in from the tokenizer by stage 3
@@ -44,6 +44,28 @@ class ModelConfig:
     lsm_weight: float = 0.1  # label smoothing of the attention decoder
     # Provenance of a pruned model: the original layer numbers it kept (1-indexed).
     kept_layers: list[int] | None = None
+    encoder_type: str = "transformer"  # transformer | conformer
+    conv_kernel: int = 15  # depthwise convolution kernel of the Conformer (odd, >= 3)
+    # Per-layer module sizes of a structurally pruned encoder, one mapping per layer (see
+    # LAYER_SHAPE_KEYS); 0 removes that module. None: every layer has the uniform shape.
+    layer_shapes: list[dict] | None = None
+
+    def layer_shape(self, k: int) -> dict[str, int]:
+        """Module sizes of encoder layer ``k`` (1-indexed): attention heads (of
+        d_model // num_heads dimensions each), feed-forward units and, for the Conformer,
+        convolution channels."""
+        if not 1 <= k <= self.num_layers:
+            raise IndexError(f"layer {k} is outside 1..{self.num_layers}")
+        if self.layer_shapes is not None:
+            return dict(self.layer_shapes[k - 1])
+        if self.encoder_type == "conformer":
+            return {
+                "heads": self.num_heads,
+                "ffn1": self.ffn_dim,
+                "ffn2": self.ffn_dim,
+                "conv": self.d_model,
+            }
+        return {"heads": self.num_heads, "ffn": self.ffn_dim}
 
     def layer_drop_rates(self) -> list[float]:
         """Per-layer stochastic depth probabilities p_1..p_L."""
@@ -99,6 +121,48 @@ class ModelConfig:
             raise bad("ctc_weight", "is 1.0, so the attention decoder would never be trained")
         if self.kept_layers is not None and len(self.kept_layers) != self.num_layers:
             raise bad("kept_layers", f"must list {self.num_layers} layers")
+        if self.encoder_type not in LAYER_SHAPE_KEYS:
+            raise bad(
+                "encoder_type",
+                f"must be one of {', '.join(map(repr, LAYER_SHAPE_KEYS))}, got {self.encoder_type!r}",
+            )
+        kernel = self.conv_kernel
+        if not _is_int(kernel) or kernel < 3 or kernel % 2 == 0:
+            raise bad("conv_kernel", f"must be an odd integer >= 3, got {kernel!r}")
+        self._validate_layer_shapes(bad)
+
+    def _validate_layer_shapes(self, bad) -> None:
+        shapes = self.layer_shapes
+        if shapes is None:
+            return
+        if not isinstance(shapes, list) or len(shapes) != self.num_layers:
+            got = len(shapes) if isinstance(shapes, list) else repr(shapes)
+            raise bad(
+                "layer_shapes",
+                f"needs one shape per layer (num_layers={self.num_layers}), got {got}",
+            )
+        expected = LAYER_SHAPE_KEYS[self.encoder_type]
+        for k, shape in enumerate(shapes, start=1):
+            if not isinstance(shape, dict) or set(shape) != set(expected):
+                got = ", ".join(map(str, shape)) if isinstance(shape, dict) else repr(shape)
+                raise bad(
+                    "layer_shapes",
+                    f"layer {k}: a {self.encoder_type} layer needs exactly the keys "
+                    f"{', '.join(expected)}, got {got or 'none'}",
+                )
+            for name, value in shape.items():
+                if not _is_int(value) or value < 0:
+                    raise bad(
+                        "layer_shapes",
+                        f"layer {k}: '{name}' must be an integer >= 0, got {value!r}",
+                    )
+
+
+# The entries of a ``layer_shapes`` mapping, per encoder type.
+LAYER_SHAPE_KEYS = {
+    "transformer": ("heads", "ffn"),
+    "conformer": ("heads", "ffn1", "ffn2", "conv"),
+}
 
 
 @dataclass
@@ -181,6 +245,9 @@ _TYPE_CHECKS = {
     "str": lambda v: isinstance(v, str),
     "list[int]": lambda v: isinstance(v, list) and all(map(_is_int, v)),
     "list[int] | None": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
+    "list[dict] | None": lambda v: (
+        v is None or (isinstance(v, list) and all(isinstance(d, dict) for d in v))
+    ),
     "float | list[float]": lambda v: (
         _is_number(v) or (isinstance(v, list) and all(map(_is_number, v)))
     ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 from torch.utils.data import DataLoader
 
-from comflp.asr.model import subsampled_lengths
+from comflp.asr.layers import subsampled_lengths
 from comflp.asr.tokenizer import Tokenizer
 
 
@@ -32,12 +32,28 @@ def pad_sequences(
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value), lengths
 
 
-class AsrDataset(torch.utils.data.Dataset):
-    """Maps a CutSet (one batch from a sampler) to a dict of tensors.
+def transcripts(cuts: CutSet, encode: Callable[[str], list[int]]) -> dict:
+    """The keys every batch has: ``texts``, ``targets`` (B, U) token ids padded with 0,
+    ``target_lens``, ``ids`` and ``seconds`` (the audio duration of the batch)."""
+    texts = [cut_text(c) for c in cuts]
+    targets, target_lens = pad_sequences(
+        [torch.tensor(encode(t), dtype=torch.long) for t in texts], 0
+    )
+    if targets.size(1) == 0:  # every transcript empty
+        targets = torch.zeros(len(texts), 1, dtype=torch.long)
+    return {
+        "texts": texts,
+        "targets": targets,
+        "target_lens": target_lens,
+        "ids": [c.id for c in cuts],
+        "seconds": sum(c.duration for c in cuts),
+    }
 
-    Keys: ``feats`` (B, T, 80) CMVN-normalised, ``feat_lens``, ``targets`` (B, U) padded with 0,
-    ``target_lens``, ``texts``, ``ids``. Utterances come longest first.
-    """
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Maps a CutSet (one batch from a sampler) to a dict of tensors: ``feats`` (B, T, 80)
+    CMVN-normalised fbank, ``feat_lens`` and the keys of :func:`transcripts`. Utterances come
+    longest first."""
 
     def __init__(self, tokenizer: Tokenizer, cmvn: tuple[torch.Tensor, torch.Tensor]):
         self.tokenizer = tokenizer
@@ -46,20 +62,8 @@ class AsrDataset(torch.utils.data.Dataset):
     def __getitem__(self, cuts: CutSet) -> dict:
         cuts = cuts.sort_by_duration(ascending=False)
         feats = [(torch.from_numpy(c.load_features()) - self.mean) / self.std for c in cuts]
-        texts = [cut_text(c) for c in cuts]
-        tokens = [torch.tensor(self.tokenizer.encode(t), dtype=torch.long) for t in texts]
         feats, feat_lens = pad_sequences(feats)
-        targets, target_lens = pad_sequences(tokens, 0)
-        if targets.size(1) == 0:  # every transcript empty
-            targets = torch.zeros(len(cuts), 1, dtype=torch.long)
-        return {
-            "feats": feats,
-            "feat_lens": feat_lens,
-            "targets": targets,
-            "target_lens": target_lens,
-            "texts": texts,
-            "ids": [c.id for c in cuts],
-        }
+        return {"feats": feats, "feat_lens": feat_lens, **transcripts(cuts, self.tokenizer.encode)}
 
 
 def cut_text(cut) -> str:
@@ -149,8 +153,25 @@ def train_sampler(
 
 
 def eval_loader(
-    cuts: CutSet, dataset: AsrDataset, max_duration: float, num_workers: int = 0
+    cuts: CutSet, dataset: torch.utils.data.Dataset, max_duration: float, num_workers: int = 0
 ) -> DataLoader:
     """Batches in manifest order, for evaluation and decoding."""
     sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False, world_size=1, rank=0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
+
+
+def load_eval_batches(
+    model,
+    cuts: CutSet | str | Path,
+    max_duration: float = 100.0,
+    num_utts: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Evaluation batches of ``cuts`` (a CutSet or a manifest path) in the input format of
+    ``model`` (anything with a ``dataset()``, e.g. a :class:`PrunableModel`), held in memory
+    for the searches that go over them many times; ``num_utts``: a random subset first."""
+    if not isinstance(cuts, CutSet):
+        cuts = load_cuts(cuts)
+    if num_utts is not None:
+        cuts = random_subset(cuts, num_utts, seed)
+    return list(eval_loader(cuts, model.dataset(), max_duration))

@@ -1,39 +1,27 @@
-"""Decoding: CTC greedy and prefix beam search, attention rescoring, decoding a set with its
-real-time factor, and evaluation of a model's CTC loss and error rates on a set."""
+"""Decoding: CTC greedy and prefix beam search, attention rescoring, and decoding a set with its
+real-time factor, for any :class:`~comflp.adapters.base.PrunableModel`."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from comflp.asr.model import ASRModel, padding_mask
-from comflp.asr.scoring import error_stats
-from comflp.asr.tokenizer import Tokenizer
+from comflp.adapters.base import PrunableModel
+from comflp.asr.ctc import ctc_greedy_search
+from comflp.asr.layers import padding_mask
+from comflp.asr.model import ASRModel
+from comflp.utils import eval_mode
 
-BLANK = 0
-FRAME_SHIFT = 0.01  # seconds per input feature frame
 METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
 NEG_INF = float("-inf")
 
 Prefix = tuple[int, ...]
-
-
-def ctc_greedy_search(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-    """Best path per utterance: argmax per frame, repeats merged, blanks (id 0) removed."""
-    best = log_probs.argmax(-1).cpu()
-    hyps = []
-    for seq, n in zip(best, lengths.tolist(), strict=True):
-        seq = torch.unique_consecutive(seq[:n])
-        hyps.append(seq[seq != 0].tolist())
-    return hyps
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -46,9 +34,9 @@ def _logaddexp(a: float, b: float) -> float:
 
 
 def ctc_prefix_beam_search(
-    log_probs: torch.Tensor, beam_size: int, top_k: int | None = None
+    log_probs: torch.Tensor, beam_size: int, top_k: int | None = None, blank: int = 0
 ) -> list[tuple[list[int], float]]:
-    """CTC prefix beam search over one utterance's (T, V) log-probabilities (blank id 0).
+    """CTC prefix beam search over one utterance's (T, V) log-probabilities.
 
     Each prefix (a label sequence, blanks removed, repeats merged) carries the log-probability
     of all alignments of the frames so far that collapse to it, split into those ending in a
@@ -71,12 +59,12 @@ def ctc_prefix_beam_search(
     beams: dict[Prefix, tuple[float, float]] = {(): (0.0, NEG_INF)}
     for frame_ids, frame_values in zip(indices.tolist(), values.tolist(), strict=True):
         frame = list(zip(frame_ids, frame_values, strict=True))
-        beams = _best_prefixes(_extend(beams, frame), beam_size)
+        beams = _best_prefixes(_extend(beams, frame, blank), beam_size)
     return [(list(prefix), _logaddexp(*scores)) for prefix, scores in beams.items()]
 
 
 def _extend(
-    beams: dict[Prefix, tuple[float, float]], frame: list[tuple[int, float]]
+    beams: dict[Prefix, tuple[float, float]], frame: list[tuple[int, float]], blank: int
 ) -> dict[Prefix, list[float]]:
     """One frame of prefix search: (blank-ending, label-ending) log-probabilities per prefix.
 
@@ -87,7 +75,7 @@ def _extend(
         p_total = _logaddexp(p_blank, p_label)
         last = prefix[-1] if prefix else None
         for token, lp in frame:
-            if token == BLANK:
+            if token == blank:
                 same = out[prefix]
                 same[0] = _logaddexp(same[0], p_total + lp)
             elif token == last:
@@ -148,7 +136,9 @@ def attention_rescoring(
     return list(nbest[int(scores.argmax())][0]), scores.tolist()
 
 
-def check_decoding_options(model: ASRModel, method: str, beam_size: int, ctc_weight: float) -> None:
+def check_decoding_options(
+    model: PrunableModel, method: str, beam_size: int, ctc_weight: float
+) -> None:
     """Raise ValueError for options :func:`decode_batch` cannot use with ``model``."""
     if method not in METHODS:
         raise ValueError(
@@ -158,49 +148,42 @@ def check_decoding_options(model: ASRModel, method: str, beam_size: int, ctc_wei
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if not 0 <= ctc_weight <= 1:
         raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
-    if method == "attention_rescoring" and model.decoder is None:
+    if (
+        method == "attention_rescoring"
+        and getattr(getattr(model, "asr", None), "decoder", None) is None
+    ):
         raise ValueError(
-            "attention_rescoring needs a model with an attention decoder (decoder_layers > 0)"
+            "attention_rescoring needs a comflp model with an attention decoder (decoder_layers > 0)"
         )
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block, then restore its mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
 def decode_batch(
-    model: ASRModel,
-    feats: torch.Tensor,
-    feat_lens: torch.Tensor,
+    model: PrunableModel,
+    batch: dict,
     method: str = "ctc_greedy_search",
     beam_size: int = 10,
     ctc_weight: float = 0.3,
 ) -> list[list[int]]:
-    """Token ids per utterance of a (B, T, F) batch, the encoder run once for the batch.
+    """Token ids per utterance of a batch, the encoder run once for the batch.
 
     ``method``: ``ctc_greedy_search``, ``ctc_prefix_beam_search`` (per-frame tokens pruned to
-    the top ``beam_size``) or ``attention_rescoring`` (its n-best rescored by the decoder,
-    weighted by ``ctc_weight``). The model runs in eval mode; its mode is restored after.
+    the top ``beam_size``) or ``attention_rescoring`` (its n-best rescored by the decoder of a
+    comflp model, weighted by ``ctc_weight``). The model runs in eval mode; its mode is
+    restored after.
     """
     check_decoding_options(model, method, beam_size, ctc_weight)
-    with eval_mode(model):
-        enc, enc_lens, _ = model.encoder(feats, feat_lens)
-        log_probs, ctc_lens = model.ctc_head(enc, enc_lens)
+    with eval_mode(model.module):
+        h = model.forward_layers(model.embed(batch))
+        log_probs, ctc_lens = model.readout(h)
         if method == "ctc_greedy_search":
-            return ctc_greedy_search(log_probs, ctc_lens)
+            return ctc_greedy_search(log_probs, ctc_lens, model.blank_id)
         hyps = []
-        for i, (n, m) in enumerate(zip(ctc_lens.tolist(), enc_lens.tolist(), strict=True)):
-            nbest = ctc_prefix_beam_search(log_probs[i, :n], beam_size, top_k=beam_size)
+        for i, n in enumerate(ctc_lens.tolist()):
+            nbest = ctc_prefix_beam_search(log_probs[i, :n], beam_size, beam_size, model.blank_id)
             if method == "attention_rescoring" and len(nbest) > 1:
-                hyps.append(attention_rescoring(model, enc[i, :m], nbest, ctc_weight)[0])
+                enc = model.asr.encoder.after_norm(h.x[i, : int(h.lengths[i])])
+                hyps.append(attention_rescoring(model.asr, enc, nbest, ctc_weight)[0])
             else:
                 hyps.append(nbest[0][0])
         return hyps
@@ -212,7 +195,7 @@ class DecodeResult:
 
     utts: list[dict]  # {"id", "ref", "hyp"} per utterance, in loader order
     audio_seconds: float
-    decode_seconds: float  # copy to the device, model and search; data loading excluded
+    decode_seconds: float  # model and search; data loading excluded
 
     @property
     def rtf(self) -> float:
@@ -230,66 +213,21 @@ class DecodeResult:
 
 
 def decode_set(
-    model: ASRModel,
-    loader: Iterable[dict],
-    tokenizer: Tokenizer,
+    model: PrunableModel,
+    batches: Iterable[dict],
     method: str = "ctc_greedy_search",
     beam_size: int = 10,
     ctc_weight: float = 0.3,
-    device: str | torch.device = "cpu",
 ) -> DecodeResult:
-    """Decode every batch of ``loader`` (:class:`comflp.asr.data.AsrDataset` batches) with
-    :func:`decode_batch`; audio duration is counted from ``feat_lens`` (10 ms frames)."""
+    """Decode every batch (of ``model.dataset()``) with :func:`decode_batch`."""
     check_decoding_options(model, method, beam_size, ctc_weight)
     utts: list[dict] = []
     audio_seconds = decode_seconds = 0.0
-    for batch in loader:
+    for batch in batches:
         start = time.perf_counter()
-        hyps = decode_batch(
-            model,
-            batch["feats"].to(device),
-            batch["feat_lens"].to(device),
-            method,
-            beam_size,
-            ctc_weight,
-        )
+        hyps = decode_batch(model, batch, method, beam_size, ctc_weight)
         decode_seconds += time.perf_counter() - start
-        audio_seconds += batch["feat_lens"].sum().item() * FRAME_SHIFT
+        audio_seconds += batch["seconds"]
         for utt_id, ref, hyp in zip(batch["ids"], batch["texts"], hyps, strict=True):
-            utts.append({"id": utt_id, "ref": ref, "hyp": tokenizer.decode(hyp)})
+            utts.append({"id": utt_id, "ref": ref, "hyp": model.decode_ids(hyp)})
     return DecodeResult(utts, audio_seconds, decode_seconds)
-
-
-@torch.no_grad()
-def evaluate_ctc(
-    model: ASRModel, loader, tokenizer: Tokenizer, device: str | torch.device = "cpu"
-) -> dict:
-    """Mean CTC loss per utterance (final layer) and greedy-CTC CER and WER in percent."""
-    was_training = model.training
-    model.eval()
-    total_loss, count = 0.0, 0
-    refs, hyps = [], []
-    for batch in loader:
-        feats, feat_lens = batch["feats"].to(device), batch["feat_lens"].to(device)
-        log_probs, lens = model.ctc_log_probs(feats, feat_lens)
-        targets = batch["targets"][~padding_mask(batch["target_lens"], batch["targets"].size(1))]
-        loss = F.ctc_loss(
-            log_probs.transpose(0, 1).float(),
-            targets.to(device),
-            lens,
-            batch["target_lens"].to(device),
-            blank=0,
-            reduction="sum",
-            zero_infinity=True,
-        )
-        total_loss += loss.item()
-        count += feats.size(0)
-        refs += batch["texts"]
-        hyps += [tokenizer.decode(h) for h in ctc_greedy_search(log_probs, lens)]
-    model.train(was_training)
-    return {
-        "loss": total_loss / max(count, 1),
-        "cer": error_stats(refs, hyps, "char").err,
-        "wer": error_stats(refs, hyps, "word").err,
-        "num_utts": count,
-    }

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter
 
-from comflp.asr.model import MIN_INPUT_FRAMES
+from comflp.asr.layers import MIN_INPUT_FRAMES
 from comflp.utils import atomic_path, atomic_write_json
 
 NUM_MEL_BINS = 80

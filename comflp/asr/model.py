@@ -1,194 +1,104 @@
-"""Transformer CTC model with intermediate CTC, stochastic depth and an optional attention decoder.
+"""Transformer or Conformer CTC model with intermediate CTC, stochastic depth and an optional attention decoder.
 
 Layer numbering follows CONVENTIONS.md: index 0 is the output of the subsampling front end
-(the input of layer 1), index k the output of encoder layer k, for k = 1..L.
+(the input of layer 1), index k the output of encoder layer k, for k = 1..L. Every caller runs
+the encoder the same way: ``encoder.embed`` (the front end, index 0), then
+``encoder.forward_layers`` over any sequence of layers, then ``ASRModel.readout`` (final norm
+and CTC head).
 """
 
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from comflp.asr.config import ModelConfig
+from comflp.asr.ctc import ctc_loss
+from comflp.asr.layers import (
+    ConformerLayer,
+    Conv2dSubsampling,
+    DecoderLayer,
+    Embedded,
+    PositionalEncoding,
+    TransformerLayer,
+    padding_mask,
+)
+from comflp.prune.subsets import check_num_prune, kept_layers
 
 
-def padding_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
-    """(B, T) boolean mask, True at padding positions."""
-    max_len = int(lengths.max()) if max_len is None else max_len
-    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
-
-
-def subsampled_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    """Frame counts after two 3x3 stride-2 convolutions (x4 subsampling)."""
-    return ((lengths - 1) // 2 - 1) // 2
-
-
-MIN_INPUT_FRAMES = 7  # the fewest input frames that leave one frame after subsampling
-
-
-class PositionalEncoding(nn.Module):
-    """Sinusoidal absolute position encoding, added to ``x * sqrt(d)``."""
-
-    def __init__(self, d_model: int, dropout: float, max_len: int = 5000):
-        super().__init__()
-        self.scale = math.sqrt(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("pe", self._table(d_model, max_len), persistent=False)
-
-    @staticmethod
-    def _table(d_model: int, max_len: int) -> torch.Tensor:
-        pos = torch.arange(max_len, dtype=torch.float32)[:, None]
-        div = torch.exp(
-            torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+def encoder_layer(cfg: ModelConfig, k: int) -> nn.Module:
+    """Encoder layer ``k`` (1-indexed) of ``cfg``, with the module sizes ``cfg.layer_shape(k)``."""
+    shape = cfg.layer_shape(k)
+    head_dim = cfg.d_model // cfg.num_heads
+    drop_rate = cfg.layer_drop_rates()[k - 1]
+    if cfg.encoder_type == "conformer":
+        return ConformerLayer(
+            cfg.d_model,
+            shape["heads"],
+            head_dim,
+            shape["ffn1"],
+            shape["ffn2"],
+            shape["conv"],
+            cfg.conv_kernel,
+            cfg.dropout,
+            drop_rate,
         )
-        pe = torch.zeros(max_len, d_model)
-        pe[:, 0::2] = torch.sin(pos * div)
-        pe[:, 1::2] = torch.cos(pos * div)
-        return pe
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.size(1) > self.pe.size(0):
-            self.pe = self._table(self.pe.size(1), x.size(1)).to(x.device)
-        return self.dropout(x * self.scale + self.pe[: x.size(1)].to(x.dtype))
-
-
-class Conv2dSubsampling(nn.Module):
-    """Two 3x3 stride-2 convolutions (time and frequency x4), a projection, positions."""
-
-    def __init__(self, input_dim: int, d_model: int, channels: int, dropout: float):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, 2),
-            nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, 2),
-            nn.ReLU(),
-        )
-        freq = ((input_dim - 1) // 2 - 1) // 2
-        self.out = nn.Linear(channels * freq, d_model)
-        self.pos = PositionalEncoding(d_model, dropout)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
-        b, c, t, f = x.shape
-        x = self.out(x.transpose(1, 2).reshape(b, t, c * f))
-        return self.pos(x), subsampled_lengths(lengths)
-
-
-class MultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.h = num_heads
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.dropout = dropout
-
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """``mask``: boolean, broadcastable to (B, heads, Tq, Tk), True where attention is allowed."""
-        b, tq, d = query.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, -1, self.h, d // self.h).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(
-            heads(self.q(query)),
-            heads(self.k(key)),
-            heads(self.v(value)),
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.out(y.transpose(1, 2).reshape(b, tq, d))
-
-
-def feed_forward(d_model: int, ffn_dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(d_model, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
+    return TransformerLayer(
+        cfg.d_model, shape["heads"], head_dim, shape["ffn"], cfg.dropout, drop_rate
     )
 
 
-class EncoderLayer(nn.Module):
-    """Pre-LN Transformer layer with stochastic depth.
+class Encoder(nn.Module):
+    """Front end (``embed``), the layers, and the final norm (``after_norm``).
 
-    In training the whole layer is skipped with probability ``drop_rate``; when it runs, its
-    residual branches are scaled by 1 / (1 - drop_rate). In eval it always runs, unscaled.
+    Transformer: absolute positions added by the front end (``pos_emb`` None). Conformer: the
+    front end's ``pos`` is a :class:`RelPositionalEncoding` and ``pos_emb`` carries the
+    relative position embeddings to every layer.
     """
 
-    def __init__(
-        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, drop_rate: float
-    ):
-        super().__init__()
-        self.norm_attn = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = feed_forward(d_model, ffn_dim, dropout)
-        self.dropout = nn.Dropout(dropout)
-        self.drop_rate = drop_rate
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scale = 1.0
-        if self.training and self.drop_rate > 0:
-            if torch.rand(()) < self.drop_rate:
-                return x
-            scale = 1.0 / (1.0 - self.drop_rate)
-        y = self.norm_attn(x)
-        x = x + scale * self.dropout(self.attn(y, y, y, mask))
-        return x + scale * self.dropout(self.ff(self.norm_ff(x)))
-
-
-class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed = Conv2dSubsampling(
-            cfg.input_dim, cfg.d_model, cfg.subsampling_channels, cfg.dropout
+            cfg.input_dim,
+            cfg.d_model,
+            cfg.subsampling_channels,
+            cfg.dropout,
+            relative=cfg.encoder_type == "conformer",
         )
-        self.layers = nn.ModuleList(
-            EncoderLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout, p)
-            for p in cfg.layer_drop_rates()
-        )
+        self.layers = nn.ModuleList(encoder_layer(cfg, k) for k in range(1, cfg.num_layers + 1))
         self.after_norm = nn.LayerNorm(cfg.d_model)
 
+    def forward_layers(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        layers: Sequence[int] | None = None,
+        pos_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``layers`` (1-indexed, in the order given; default all) on ``x`` (B, T', D)."""
+        for k in range(1, len(self.layers) + 1) if layers is None else layers:
+            x = self.layers[k - 1](x, mask, pos_emb)
+        return x
+
     def forward(
-        self, feats: torch.Tensor, lengths: torch.Tensor, readout_layers: tuple[int, ...] = ()
+        self, feats: torch.Tensor, lengths: torch.Tensor, readout_layers: Sequence[int] = ()
     ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Encode (B, T, F) features.
 
         Returns the normalised final output (B, T', D), its lengths, and for each layer k in
         ``readout_layers`` its output passed through the final norm (for intermediate CTC).
         """
-        x, lengths = self.embed(feats, lengths)
-        mask = ~padding_mask(lengths, x.size(1))[:, None, None, :]
-        readouts = {}
-        for k, layer in enumerate(self.layers, start=1):
-            x = layer(x, mask)
-            if k in readout_layers:
-                readouts[k] = self.after_norm(x)
-        return self.after_norm(x), lengths, readouts
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.norm_self = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.norm_src = nn.LayerNorm(d_model)
-        self.src_attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = feed_forward(d_model, ffn_dim, dropout)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, y, self_mask, memory, memory_mask):
-        h = self.norm_self(y)
-        y = y + self.dropout(self.self_attn(h, h, h, self_mask))
-        h = self.norm_src(y)
-        y = y + self.dropout(self.src_attn(h, memory, memory, memory_mask))
-        return y + self.dropout(self.ff(self.norm_ff(y)))
+        emb: Embedded = self.embed(feats, lengths)
+        x, done, readouts = emb.x, 0, {}
+        for k in sorted(set(readout_layers)):
+            x = self.forward_layers(x, emb.mask, range(done + 1, k + 1), emb.pos_emb)
+            readouts[k], done = self.after_norm(x), k
+        x = self.forward_layers(x, emb.mask, range(done + 1, len(self.layers) + 1), emb.pos_emb)
+        return self.after_norm(x), emb.lengths, readouts
 
 
 class Decoder(nn.Module):
@@ -254,25 +164,21 @@ class ASRModel(nn.Module):
             logits = logits.reshape(logits.size(0), logits.size(1) * u, -1)
         return logits.log_softmax(-1), lengths * u
 
+    def readout(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC log-probabilities of any layer's output (B, T', D): final norm, then the head."""
+        return self.ctc_head(self.encoder.after_norm(x), lengths)
+
     def ctc_log_probs(
         self, feats: torch.Tensor, feat_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T' * u, V) CTC log-probabilities of the final layer and their lengths."""
-        enc, enc_lens, _ = self.encoder(feats, feat_lens)
-        return self.ctc_head(enc, enc_lens)
+        """(B, T' * u, V) CTC log-probabilities of the whole model and their lengths."""
+        emb = self.encoder.embed(feats, feat_lens)
+        x = self.encoder.forward_layers(emb.x, emb.mask, None, emb.pos_emb)
+        return self.readout(x, emb.lengths)
 
     def _ctc_loss(self, hidden, hidden_lens, targets, target_lens) -> torch.Tensor:
         log_probs, lengths = self.ctc_head(hidden, hidden_lens)
-        loss = F.ctc_loss(
-            log_probs.transpose(0, 1).float(),
-            targets,
-            lengths,
-            target_lens,
-            blank=0,
-            reduction="sum",
-            zero_infinity=True,
-        )
-        return loss / hidden.size(0)
+        return ctc_loss(log_probs, lengths, targets, target_lens) / hidden.size(0)
 
     def _attention_loss(
         self, memory, memory_lens, targets, target_lens
@@ -306,13 +212,12 @@ class ASRModel(nn.Module):
         cfg = self.cfg
         readout = tuple(cfg.interctc_layers) if cfg.interctc_weight > 0 else ()
         enc, enc_lens, inter = self.encoder(feats, feat_lens, readout)
-        flat_targets = targets[~padding_mask(target_lens, targets.size(1))]
-        loss_ctc = self._ctc_loss(enc, enc_lens, flat_targets, target_lens)
+        loss_ctc = self._ctc_loss(enc, enc_lens, targets, target_lens)
         stats = {"ctc": loss_ctc.item()}
         if inter:
             inter_losses = []
             for k, h in inter.items():
-                loss_k = self._ctc_loss(h, enc_lens, flat_targets, target_lens)
+                loss_k = self._ctc_loss(h, enc_lens, targets, target_lens)
                 stats[f"interctc_{k}"] = loss_k.item()
                 inter_losses.append(loss_k)
             loss_ctc = (1 - cfg.interctc_weight) * loss_ctc + cfg.interctc_weight * torch.stack(
@@ -334,7 +239,8 @@ def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRMod
     The kept layers are renumbered 1..L-P in order; intermediate-CTC readouts at removed
     layers are dropped and the others remapped (a readout that lands on the new last layer is
     dropped, since the final CTC already reads it). ``kept_layers`` in the new config records
-    the original layer numbers, composed with any earlier pruning.
+    the original layer numbers, composed with any earlier pruning; ``layer_shapes`` (if set)
+    keeps the kept layers' entries.
     """
     cfg = model.cfg
     num_layers = cfg.num_layers
@@ -342,11 +248,8 @@ def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRMod
     bad = sorted(k for k in pruned_set if not 1 <= k <= num_layers)
     if bad:
         raise ValueError(f"pruned layers {bad} are outside 1..{num_layers}")
-    if not 1 <= len(pruned_set) < num_layers:
-        raise ValueError(
-            f"can prune between 1 and {num_layers - 1} of {num_layers} layers, got {len(pruned_set)}"
-        )
-    kept = [k for k in range(1, num_layers + 1) if k not in pruned_set]
+    check_num_prune(len(pruned_set), num_layers)
+    kept = list(kept_layers(num_layers, pruned_set))
     new_index = {old: new for new, old in enumerate(kept, start=1)}
     new_layers = len(kept)
     interctc = [
@@ -360,6 +263,8 @@ def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRMod
     new_cfg.interctc_weight = cfg.interctc_weight if interctc else 0.0
     new_cfg.stochastic_depth_rate = [rates[k - 1] for k in kept]
     new_cfg.kept_layers = [original[k - 1] for k in kept]
+    if cfg.layer_shapes is not None:
+        new_cfg.layer_shapes = [dict(cfg.layer_shapes[k - 1]) for k in kept]
 
     pruned_model = ASRModel(new_cfg)
     state = {}

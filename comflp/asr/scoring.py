@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jiwer
 
+from comflp.expdir import ALIGNMENT, HYP_TEXT, REF_TEXT, SCORE_TABLE, SCORES
 from comflp.utils import atomic_write_json, atomic_write_text
 
 # jiwer's alignment chunk types -> the marks of an alignment (correct, substitution, ...)
@@ -118,7 +119,7 @@ def error_stats(refs: list[str], hyps: list[str], unit: str) -> ErrorStats:
     )
 
 
-def results_table(rows: list[tuple[str, ErrorStats]]) -> str:
+def scores_table(rows: list[tuple[str, ErrorStats]]) -> str:
     """ESPnet-style Markdown table; Corr..Err in percent of Wrd, S.Err in percent of Snt."""
     lines = [_table_row(TABLE_HEADER), _table_row(("---",) * len(TABLE_HEADER))]
     for name, s in rows:
@@ -196,14 +197,14 @@ def write_scores(
     out_dir = Path(out_dir)
     refs, hyps = [u["ref"] for u in utts], [u["hyp"] for u in utts]
     stats = {metric: error_stats(refs, hyps, unit) for metric, unit in METRIC_UNITS.items()}
-    atomic_write_text(out_dir / "ref.txt", _kaldi_text(utts, "ref"))
-    atomic_write_text(out_dir / "hyp.txt", _kaldi_text(utts, "hyp"))
+    atomic_write_text(out_dir / REF_TEXT, _kaldi_text(utts, "ref"))
+    atomic_write_text(out_dir / HYP_TEXT, _kaldi_text(utts, "hyp"))
     for unit in METRIC_UNITS.values():
-        atomic_write_text(out_dir / f"alignment.{unit}.txt", alignment_text(utts, unit))
-    tables = [f"## {metric.upper()}\n\n{results_table([(name, s)])}" for metric, s in stats.items()]
-    atomic_write_text(out_dir / "result.md", "\n".join(tables))
+        atomic_write_text(out_dir / ALIGNMENT.format(unit=unit), alignment_text(utts, unit))
+    tables = [f"## {metric.upper()}\n\n{scores_table([(name, s)])}" for metric, s in stats.items()]
+    atomic_write_text(out_dir / SCORE_TABLE, "\n".join(tables))
     atomic_write_json(
-        out_dir / "scores.json",
+        out_dir / SCORES,
         {"name": name, **(info or {}), **{metric: s.to_dict() for metric, s in stats.items()}},
     )
     return stats

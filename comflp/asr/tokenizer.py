@@ -12,10 +12,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from comflp.expdir import TOKENIZER, TOKENS
 from comflp.utils import atomic_path, atomic_write_text
 
-MODEL_NAME = "tokenizer.model"
-TOKENS_NAME = "tokens.txt"
 SOS_EOS = "<sos/eos>"
 
 
@@ -56,7 +55,7 @@ def train_tokenizer(texts: list[str], out_dir: Path, token_type: str, vocab_size
     if token_type == "char":
         vocab_size = len(set("".join(texts))) + 3  # generous; hard_vocab_limit=False trims it
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / MODEL_NAME) as tmp, tmp.open("wb") as f:
+    with atomic_path(out_dir / TOKENIZER) as tmp, tmp.open("wb") as f:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
             model_writer=f,
@@ -74,9 +73,9 @@ def train_tokenizer(texts: list[str], out_dir: Path, token_type: str, vocab_size
             shuffle_input_sentence=True,
             minloglevel=2,
         )
-    tokenizer = Tokenizer(out_dir / MODEL_NAME)
+    tokenizer = Tokenizer(out_dir / TOKENIZER)
     atomic_write_text(
-        out_dir / TOKENS_NAME,
+        out_dir / TOKENS,
         "".join(f"{piece} {i}\n" for i, piece in enumerate(tokenizer.tokens())),
     )
     return tokenizer

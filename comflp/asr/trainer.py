@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +24,8 @@ from lhotse.dataset import SpecAugment
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import (
-    CONFIG_NAME,
-    MODEL_NAME,
     average_state_dicts,
     epoch_checkpoints,
     load_checkpoint,
@@ -36,13 +35,19 @@ from comflp.asr.checkpoint import (
 )
 from comflp.asr.config import ConfigError, ExperimentConfig, TrainConfig, save_config
 from comflp.asr.data import AsrDataset, SkipFirst, eval_loader, train_sampler
-from comflp.asr.decode import evaluate_ctc
 from comflp.asr.model import ASRModel, count_parameters
 from comflp.asr.tokenizer import Tokenizer
+from comflp.expdir import (
+    CONFIG,
+    FINAL_DEV,
+    HISTORY,
+    LATEST_CHECKPOINT,
+    MODEL,
+    TENSORBOARD,
+    TRAINING_CURVES,
+)
+from comflp.prune.evaluator import evaluate_model
 from comflp.utils import atomic_write_json, rng_state, seed_everything, set_rng_state
-
-LATEST_NAME = "checkpoint-latest.pt"
-HISTORY_NAME = "history.json"
 
 
 @dataclass
@@ -100,8 +105,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
 def latest_checkpoint(exp_dir: Path) -> Path | None:
     """The checkpoint with the most optimiser steps: the newest epoch one or the mid-epoch one."""
     candidates = epoch_checkpoints(exp_dir)
-    if (exp_dir / LATEST_NAME).is_file():
-        candidates.append(exp_dir / LATEST_NAME)
+    if (exp_dir / LATEST_CHECKPOINT).is_file():
+        candidates.append(exp_dir / LATEST_CHECKPOINT)
     if not candidates:
         return None
     return max(candidates, key=lambda p: load_checkpoint(p)["step"])
@@ -161,6 +166,273 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+class Trainer:
+    """One training run in ``exp_dir``: restore, then ``train_one_epoch`` and ``validate``
+    until the last epoch, saving a checkpoint after each; ``finish`` averages them."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        exp_dir: Path,
+        train_cuts: CutSet,
+        dev_cuts: CutSet,
+        tokenizer: Tokenizer,
+        cmvn: tuple[torch.Tensor, torch.Tensor],
+        device: str,
+        amp: bool,
+        dist_info: Dist,
+    ):
+        self.cfg, self.tc, self.exp_dir = cfg, cfg.train, exp_dir
+        self.train_cuts, self.tokenizer, self.cmvn = train_cuts, tokenizer, cmvn
+        self.device, self.dist = device, dist_info
+        seed_everything(self.tc.seed)
+        self.model = ASRModel(cfg.model).to(device)
+        self.optimizer = make_optimizer(self.model, self.tc)
+        steps_per_epoch = sum(1 for _ in _epoch_sampler(train_cuts, self.tc, dist_info, 1))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.tc, self.tc.num_epochs * steps_per_epoch)
+        )
+        self.epoch, self.batches_done, self.step = 1, 0, 0
+        self.history: list[dict] = []
+        self.sums: dict[str, float] = {}  # running sums of the logged losses over the epoch
+        self.dataset = AsrDataset(tokenizer, cmvn)
+        self.dev = eval_loader(dev_cuts, self.dataset, self.tc.max_duration, self.tc.num_workers)
+        self.spec_augment = _spec_augment(self.tc)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if amp and device.startswith("cuda")
+            else nullcontext()
+        )
+        self.writer = None
+        self.ddp_model: torch.nn.Module = self.model
+
+    def restore(self, resume: bool, init_state: dict | None) -> None:
+        """Continue from the latest checkpoint, or start from ``init_state`` / at random."""
+        ckpt_path = latest_checkpoint(self.exp_dir) if resume else None
+        if ckpt_path is None and any(self.exp_dir.glob("epoch-*.pt")):
+            raise ConfigError(
+                f"{self.exp_dir}: holds checkpoints of an earlier run; pass --resume true to "
+                "continue it, or choose another experiment directory"
+            )
+        if ckpt_path is None:
+            if init_state is not None:
+                load_state_into(self.model, init_state, "initial weights")
+            return
+        ckpt = load_checkpoint(ckpt_path)
+        load_state_into(self.model, ckpt["model"], f"--resume {ckpt_path}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.batches_done, self.step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
+        self.history, self.sums = ckpt["history"], ckpt["epoch_sums"]
+        # Under DDP every rank resumes its own generators (dropout, stochastic depth and
+        # SpecAugment draw different numbers on each rank).
+        rank_states = ckpt.get("rng_per_rank") or []
+        same_world = len(rank_states) == self.dist.world_size
+        set_rng_state(rank_states[self.dist.rank] if same_world else ckpt["rng"])
+        logging.info(
+            f"resumed from {ckpt_path}: epoch {self.epoch}, {self.batches_done} batches into it, "
+            f"step {self.step}"
+        )
+
+    def start(self) -> None:
+        """Write the config, open TensorBoard, wrap the model for DDP."""
+        self.first_step = self.step  # stop_after_steps counts from here
+        if self.dist.is_main:
+            save_config(self.cfg, self.exp_dir / CONFIG)
+            logging.info(f"model: {count_parameters(self.model):,} parameters; {self.cfg.model}")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.exp_dir / TENSORBOARD), purge_step=self.step + 1)
+        if self.dist.world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None,
+                find_unused_parameters=True,  # stochastic depth skips whole layers
+            )
+
+    def save(self, path: Path, epoch: int, batches_done: int) -> None:
+        """Checkpoint everything needed to resume exactly (every rank's random state)."""
+        rank_states = None
+        if self.dist.world_size > 1:
+            rank_states = [None] * self.dist.world_size
+            dist.all_gather_object(rank_states, rng_state())
+        if self.dist.is_main:
+            save_checkpoint(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "epoch": epoch,
+                    "batches_done": batches_done,
+                    "step": self.step,
+                    "rng": rng_state(),
+                    "rng_per_rank": rank_states,
+                    "history": self.history,
+                    "epoch_sums": self.sums if batches_done else {},
+                    "config": self.cfg.to_dict(),
+                },
+                path,
+            )
+
+    def train_step(self, batch: dict) -> None:
+        """One optimiser step on one batch, with its logging."""
+        feats = batch["feats"]
+        if self.spec_augment is not None:
+            feats = _augment(self.spec_augment, feats, batch["feat_lens"])
+        with self.autocast:
+            loss, stats = self.ddp_model(
+                feats.to(self.device),
+                batch["feat_lens"].to(self.device),
+                batch["targets"].to(self.device),
+                batch["target_lens"].to(self.device),
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            logging.warning(f"step {self.step + 1}: non-finite gradient norm, update skipped")
+        self.scheduler.step()
+        self.step += 1
+        self.batches_done += 1
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if self.writer is not None and self.step % 10 == 0:
+            for k, v in stats.items():
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+            self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+            self.writer.add_scalar("train/grad_norm", float(grad_norm), self.step)
+        self.last_loss = stats["loss"]
+
+    def train_one_epoch(self, stop: _StopRequest, stop_after_steps: int) -> bool:
+        """The rest of the current epoch; False when stopped early (checkpoint written)."""
+        sampler = _epoch_sampler(self.train_cuts, self.tc, self.dist, self.epoch)
+        loader = DataLoader(
+            self.dataset,
+            sampler=SkipFirst(sampler, self.batches_done),
+            batch_size=None,
+            num_workers=self.tc.num_workers,
+            worker_init_fn=_worker_init,
+            generator=torch.Generator().manual_seed(self.tc.seed + self.epoch),
+        )
+        self.model.train()
+        bar = tqdm(
+            loader,
+            desc=f"epoch {self.epoch}/{self.tc.num_epochs}",
+            disable=not self.dist.is_main,
+            initial=self.batches_done,
+            mininterval=2 if os.isatty(2) else 60,
+            unit="batch",
+        )
+        with closing(bar):
+            for batch in bar:
+                self.train_step(batch)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{self.last_loss:.2f}", lr=f"{lr:.2e}", refresh=False)
+                if self.tc.save_every_n_steps and self.step % self.tc.save_every_n_steps == 0:
+                    self.save(self.exp_dir / LATEST_CHECKPOINT, self.epoch, self.batches_done)
+                step_limit = (
+                    bool(stop_after_steps) and self.step - self.first_step >= stop_after_steps
+                )
+                if _should_stop(stop.requested, step_limit, self.dist, self.device):
+                    self.save(self.exp_dir / LATEST_CHECKPOINT, self.epoch, self.batches_done)
+                    logging.info(
+                        f"stopped at step {self.step} (epoch {self.epoch}, batch "
+                        f"{self.batches_done}); rerun with --resume true to continue"
+                    )
+                    return False
+        return True
+
+    def validate(self) -> dict:
+        """Dev CTC loss, CER and WER of the current model (greedy CTC, every layer)."""
+        native = NativeModel(self.model, self.tokenizer, self.cmvn, self.exp_dir, self.cfg)
+        return evaluate_model(native, self.dev).to_dict()
+
+    def end_epoch(self, train_time: float) -> None:
+        """Validate, record the epoch, checkpoint it, move on to the next."""
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_time": train_time,
+        }
+        record.update({f"train_{k}": v / max(self.batches_done, 1) for k, v in self.sums.items()})
+        if self.dist.is_main:
+            dev = self.validate()
+            record.update({f"dev_{k}": dev[k] for k in ("loss", "cer", "wer")})
+            logging.info(
+                f"epoch {self.epoch}: train loss {record.get('train_loss', float('nan')):.3f}, "
+                f"dev loss {dev['loss']:.3f}, dev CER {dev['cer']:.2f}%, "
+                f"dev WER {dev['wer']:.2f}%, {train_time:.0f} s"
+            )
+            for k in ("loss", "cer", "wer"):
+                self.writer.add_scalar(f"dev/{k}", dev[k], self.epoch)
+        self.history.append(record)
+        self.epoch, self.batches_done, self.sums = self.epoch + 1, 0, {}
+        self.save(self.exp_dir / f"epoch-{self.epoch - 1}.pt", self.epoch, 0)
+        if self.dist.is_main:
+            (self.exp_dir / LATEST_CHECKPOINT).unlink(missing_ok=True)
+            atomic_write_json(self.exp_dir / HISTORY, self.history)
+            _prune_old_checkpoints(self.exp_dir, self.tc.keep_last_n, self.tc.average_checkpoints)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def run(self, stop_after_steps: int = 0) -> bool:
+        """Every remaining epoch; True when all are done and ``model.pt`` is written."""
+        self.start()
+        try:
+            with _StopRequest() as stop:
+                while self.epoch <= self.tc.num_epochs:
+                    t0 = time.time()
+                    if not self.train_one_epoch(stop, stop_after_steps):
+                        return False
+                    self.end_epoch(time.time() - t0)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        if self.dist.is_main:
+            self.finish()
+        return True
+
+    def finish(self) -> dict:
+        """Average the selected checkpoints into ``model.pt``, score it on dev, plot the curves."""
+        chosen = select_for_average(
+            self.exp_dir, self.history, self.tc.average_checkpoints, self.tc.average_by
+        )
+        self.model.load_state_dict(average_state_dicts(chosen))
+        metrics = self.validate()
+        averaged = [p.name for p in chosen]
+        save_model(self.model, self.cfg, self.exp_dir, extra={"averaged": averaged, "dev": metrics})
+        logging.info(
+            f"{self.exp_dir / MODEL}: average of {', '.join(averaged)}; dev CER "
+            f"{metrics['cer']:.2f}%, dev WER {metrics['wer']:.2f}%, dev CTC loss {metrics['loss']:.3f}"
+        )
+        atomic_write_json(self.exp_dir / FINAL_DEV, {"averaged": averaged, **metrics})
+        from comflp.report.plots import plot_training_curves
+
+        plot_training_curves(self.history, self.exp_dir / TRAINING_CURVES, final_cer=metrics["cer"])
+        return metrics
+
+
+def _spec_augment(tc: TrainConfig) -> SpecAugment | None:
+    if not tc.spec_augment:
+        return None
+    return SpecAugment(
+        time_warp_factor=tc.time_warp_factor,
+        num_feature_masks=tc.num_feature_masks,
+        features_mask_size=tc.features_mask_size,
+        num_frame_masks=tc.num_frame_masks,
+        frames_mask_size=tc.frames_mask_size,
+        p=1.0,
+    )
+
+
+def _augment(spec_augment: SpecAugment, feats: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    segments = torch.stack([torch.arange(feats.size(0)), torch.zeros_like(lens), lens], 1).int()
+    return spec_augment(feats, segments)
+
+
 def train(
     cfg: ExperimentConfig,
     exp_dir: Path,
@@ -181,223 +453,12 @@ def train(
 
     ``init_state`` initialises the weights of a fresh run (fine-tuning a pruned model).
     """
-    dist_info = dist_info or Dist()
-    tc = cfg.train
     exp_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(tc.seed)
-    model = ASRModel(cfg.model).to(device)
-    optimizer = make_optimizer(model, tc)
-    steps_per_epoch = sum(1 for _ in _epoch_sampler(train_cuts, tc, dist_info, 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tc, tc.num_epochs * steps_per_epoch)
+    trainer = Trainer(
+        cfg, exp_dir, train_cuts, dev_cuts, tokenizer, cmvn, device, amp, dist_info or Dist()
     )
-    epoch, batches_done, step, history = 1, 0, 0, []
-    sums: dict[str, float] = {}  # running sums of the logged losses over the current epoch
-
-    ckpt_path = latest_checkpoint(exp_dir) if resume else None
-    if ckpt_path is None and any(exp_dir.glob("epoch-*.pt")):
-        raise ConfigError(
-            f"{exp_dir}: holds checkpoints of an earlier run; pass --resume true to continue it, "
-            "or choose another experiment directory"
-        )
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-        load_state_into(model, ckpt["model"], f"--resume {ckpt_path}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        epoch, batches_done, step, history = (
-            ckpt["epoch"],
-            ckpt["batches_done"],
-            ckpt["step"],
-            ckpt["history"],
-        )
-        sums = ckpt["epoch_sums"]
-        # Under DDP every rank resumes its own generators (dropout, stochastic depth and
-        # SpecAugment draw different numbers on each rank).
-        rank_states = ckpt.get("rng_per_rank") or []
-        same_world = len(rank_states) == dist_info.world_size
-        set_rng_state(rank_states[dist_info.rank] if same_world else ckpt["rng"])
-        logging.info(
-            f"resumed from {ckpt_path}: epoch {epoch}, {batches_done} batches into it, step {step}"
-        )
-    elif init_state is not None:
-        load_state_into(model, init_state, "initial weights")
-
-    if dist_info.is_main:
-        save_config(cfg, exp_dir / CONFIG_NAME)
-        logging.info(f"model: {count_parameters(model):,} parameters; {cfg.model}")
-    ddp_model = model
-    if dist_info.world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[dist_info.local_rank] if device.startswith("cuda") else None,
-            find_unused_parameters=True,  # stochastic depth skips whole layers
-        )
-
-    dataset = AsrDataset(tokenizer, cmvn)
-    dev = eval_loader(dev_cuts, dataset, tc.max_duration, num_workers=tc.num_workers)
-    spec_augment = (
-        SpecAugment(
-            time_warp_factor=tc.time_warp_factor,
-            num_feature_masks=tc.num_feature_masks,
-            features_mask_size=tc.features_mask_size,
-            num_frame_masks=tc.num_frame_masks,
-            frames_mask_size=tc.frames_mask_size,
-            p=1.0,
-        )
-        if tc.spec_augment
-        else None
-    )
-    writer = None
-    if dist_info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=step + 1)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if amp and device.startswith("cuda")
-        else nullcontext()
-    )
-    steps_this_run = 0
-
-    def checkpoint(path: Path, epoch_: int, batches_: int) -> None:
-        rank_states = None
-        if dist_info.world_size > 1:
-            rank_states = [None] * dist_info.world_size
-            dist.all_gather_object(rank_states, rng_state())
-        if dist_info.is_main:
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch_,
-                    "batches_done": batches_,
-                    "step": step,
-                    "rng": rng_state(),
-                    "rng_per_rank": rank_states,
-                    "history": history,
-                    "epoch_sums": sums if batches_ else {},
-                    "config": cfg.to_dict(),
-                },
-                path,
-            )
-
-    with _StopRequest() as stop:
-        while epoch <= tc.num_epochs:
-            sampler = _epoch_sampler(train_cuts, tc, dist_info, epoch)
-            loader = DataLoader(
-                dataset,
-                sampler=SkipFirst(sampler, batches_done),
-                batch_size=None,
-                num_workers=tc.num_workers,
-                worker_init_fn=_worker_init,
-                generator=torch.Generator().manual_seed(tc.seed + epoch),
-            )
-            model.train()
-            t0 = time.time()
-            bar = tqdm(
-                loader,
-                desc=f"epoch {epoch}/{tc.num_epochs}",
-                disable=not dist_info.is_main,
-                initial=batches_done,
-                mininterval=2 if os.isatty(2) else 60,
-                unit="batch",
-            )
-            for batch in bar:
-                feats = batch["feats"]
-                if spec_augment is not None:
-                    segments = torch.stack(
-                        [
-                            torch.arange(feats.size(0)),
-                            torch.zeros_like(batch["feat_lens"]),
-                            batch["feat_lens"],
-                        ],
-                        1,
-                    ).int()
-                    feats = spec_augment(feats, segments)
-                with autocast:
-                    loss, stats = ddp_model(
-                        feats.to(device),
-                        batch["feat_lens"].to(device),
-                        batch["targets"].to(device),
-                        batch["target_lens"].to(device),
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                else:
-                    logging.warning(f"step {step + 1}: non-finite gradient norm, update skipped")
-                scheduler.step()
-                step += 1
-                steps_this_run += 1
-                batches_done += 1
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(
-                    loss=f"{stats['loss']:.2f}",
-                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                    refresh=False,
-                )
-                if writer is not None and step % 10 == 0:
-                    for k, v in stats.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                if tc.save_every_n_steps and step % tc.save_every_n_steps == 0:
-                    checkpoint(exp_dir / LATEST_NAME, epoch, batches_done)
-                if _should_stop(
-                    stop.requested,
-                    bool(stop_after_steps) and steps_this_run >= stop_after_steps,
-                    dist_info,
-                    device,
-                ):
-                    checkpoint(exp_dir / LATEST_NAME, epoch, batches_done)
-                    logging.info(
-                        f"stopped at step {step} (epoch {epoch}, batch {batches_done}); "
-                        f"rerun with --resume true to continue"
-                    )
-                    bar.close()
-                    if writer is not None:
-                        writer.close()
-                    return False
-            bar.close()
-
-            train_time = time.time() - t0
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "lr": scheduler.get_last_lr()[0],
-                "train_time": train_time,
-            }
-            record.update({f"train_{k}": v / max(batches_done, 1) for k, v in sums.items()})
-            if dist_info.is_main:
-                dev_metrics = evaluate_ctc(model, dev, tokenizer, device)
-                record.update({f"dev_{k}": v for k, v in dev_metrics.items() if k != "num_utts"})
-                logging.info(
-                    f"epoch {epoch}: train loss {record.get('train_loss', float('nan')):.3f}, "
-                    f"dev loss {dev_metrics['loss']:.3f}, dev CER {dev_metrics['cer']:.2f}%, "
-                    f"dev WER {dev_metrics['wer']:.2f}%, {train_time:.0f} s"
-                )
-                for k in ("loss", "cer", "wer"):
-                    writer.add_scalar(f"dev/{k}", dev_metrics[k], epoch)
-            history.append(record)
-            epoch, batches_done, sums = epoch + 1, 0, {}
-            checkpoint(exp_dir / f"epoch-{epoch - 1}.pt", epoch, 0)
-            if dist_info.is_main:
-                (exp_dir / LATEST_NAME).unlink(missing_ok=True)
-                atomic_write_json(exp_dir / HISTORY_NAME, history)
-                _prune_old_checkpoints(exp_dir, tc.keep_last_n, tc.average_checkpoints)
-            if dist_info.world_size > 1:
-                dist.barrier()
-
-    if writer is not None:
-        writer.close()
-    if dist_info.is_main:
-        finish(cfg, exp_dir, model, history, dev, tokenizer, device)
-    return True
+    trainer.restore(resume, init_state)
+    return trainer.run(stop_after_steps)
 
 
 def _prune_old_checkpoints(exp_dir: Path, keep_last_n: int, average_n: int) -> None:
@@ -418,30 +479,3 @@ def select_for_average(exp_dir: Path, history: list[dict], n: int, by: str) -> l
     else:
         epochs = epochs[-n:]
     return [available[e] for e in sorted(epochs)]
-
-
-def finish(
-    cfg: ExperimentConfig,
-    exp_dir: Path,
-    model: ASRModel,
-    history: list[dict],
-    dev_loader,
-    tokenizer: Tokenizer,
-    device: str,
-) -> dict:
-    """Average the selected checkpoints into ``model.pt``, score it on dev, plot the curves."""
-    tc = cfg.train
-    chosen = select_for_average(exp_dir, history, tc.average_checkpoints, tc.average_by)
-    model.load_state_dict(average_state_dicts(chosen))
-    metrics = evaluate_ctc(model, dev_loader, tokenizer, device)
-    averaged = [p.name for p in chosen]
-    save_model(model, cfg, exp_dir, extra={"averaged": averaged, "dev": metrics})
-    logging.info(
-        f"{exp_dir / MODEL_NAME}: average of {', '.join(averaged)}; dev CER {metrics['cer']:.2f}%, "
-        f"dev WER {metrics['wer']:.2f}%, dev CTC loss {metrics['loss']:.3f}"
-    )
-    atomic_write_json(exp_dir / "final_dev.json", {"averaged": averaged, **metrics})
-    from comflp.report.plots import plot_training_curves
-
-    plot_training_curves(history, exp_dir / "training_curves.png", final_cer=metrics["cer"])
-    return metrics

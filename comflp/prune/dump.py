@@ -1,7 +1,7 @@
 """Stage 4: capture the encoder input and every layer's output over a calibration subset.
 
-One forward pass with forward hooks on the subsampling front end (index 0) and on each
-encoder layer (index k = 1..L). Each batch is pooled and written at once to one Kaldi archive
+One forward pass per batch through the model's front end (index 0) and each encoder layer in
+turn (index k = 1..L), the same calls every evaluation makes. Each batch is pooled and written at once to one Kaldi archive
 per layer index (``layerKK.ark`` + ``layerKK.scp``, one key per utterance), so memory stays
 that of one batch however many utterances are dumped. Pooling:
 
@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import kaldiio
@@ -24,34 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from comflp.asr.model import ASRModel
-from comflp.utils import atomic_write_json, atomic_write_text
+from comflp.adapters.base import PrunableModel
+from comflp.expdir import DUMP_INFO
+from comflp.utils import atomic_write_json, atomic_write_text, eval_mode
 
 POOLINGS = ("mean", "frames")
-INFO_NAME = "info.json"
 
 
 def layer_file(dump_dir: Path, index: int) -> Path:
     return Path(dump_dir) / f"layer{index:02d}"
-
-
-class LayerCapture:
-    """Forward hooks that keep the latest output of the front end and of each encoder layer."""
-
-    def __init__(self, model: ASRModel):
-        self.outputs: dict[int, torch.Tensor] = {}
-        modules = [model.encoder.embed, *model.encoder.layers]
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
-
-    def _hook(self, index: int):
-        def hook(module, inputs, output):
-            self.outputs[index] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _frame_sample(utt_id: str, num_frames: int, frames_per_utt: int, seed: int) -> np.ndarray:
@@ -62,18 +44,35 @@ def _frame_sample(utt_id: str, num_frames: int, frames_per_utt: int, seed: int) 
     return np.sort(rng.choice(num_frames, size=frames_per_utt, replace=False))
 
 
+def _pool(
+    hidden: list[torch.Tensor],
+    lengths: torch.Tensor,
+    ids: list[str],
+    pooling: str,
+    frames_per_utt: int,
+    seed: int,
+):
+    """Per utterance of a batch: its id and one pooled array per layer index."""
+    for i, utt_id in enumerate(ids):
+        n = int(lengths[i])
+        if pooling == "mean":
+            yield utt_id, [h[i, :n].mean(0).numpy() for h in hidden]
+        else:
+            keep = torch.from_numpy(_frame_sample(utt_id, n, frames_per_utt, seed))
+            yield utt_id, [h[i, keep].numpy() for h in hidden]
+
+
 @torch.no_grad()
 def dump_layers(
-    model: ASRModel,
-    loader,
+    model: PrunableModel,
+    batches: Iterable[dict],
     out_dir: Path,
     pooling: str = "mean",
     frames_per_utt: int = 0,
     seed: int = 0,
-    device: str = "cpu",
     extra_info: dict | None = None,
 ) -> dict:
-    """Write every layer index's pooled outputs for the utterances of ``loader`` to ``out_dir``.
+    """Write every layer index's pooled outputs for the utterances of ``batches`` to ``out_dir``.
 
     The archives are written to a staging directory that replaces ``out_dir`` only when
     complete. Returns the ``info.json`` contents (settings, utterance ids, dimensions).
@@ -86,33 +85,30 @@ def dump_layers(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    num_indices = model.cfg.num_layers + 1
+    num_indices = model.num_layers + 1
     writers = [
         kaldiio.WriteHelper(f"ark,scp:{layer_file(staging, k)}.ark,{layer_file(staging, k)}.scp")
         for k in range(num_indices)
     ]
-    capture = LayerCapture(model)
-    model.eval().to(device)
     ids: list[str] = []
-    rows = 0
+    rows, dim = 0, 0
     try:
-        for batch in tqdm(loader, desc="dump layers", unit="batch", mininterval=10):
-            capture.outputs.clear()
-            _, lens, _ = model.encoder(batch["feats"].to(device), batch["feat_lens"].to(device))
-            hidden = [capture.outputs[k].float().cpu() for k in range(num_indices)]
-            for i, utt_id in enumerate(batch["ids"]):
-                n = int(lens[i])
-                if pooling == "mean":
-                    pooled = [h[i, :n].mean(0).numpy() for h in hidden]
-                else:
-                    keep = torch.from_numpy(_frame_sample(utt_id, n, frames_per_utt, seed))
-                    pooled = [h[i, keep].numpy() for h in hidden]
-                for writer, array in zip(writers, pooled):
-                    writer(utt_id, array)
-                ids.append(utt_id)
-                rows += 1 if pooling == "mean" else len(pooled[0])
+        with eval_mode(model.module):
+            for batch in tqdm(batches, desc="dump layers", unit="batch", mininterval=10):
+                h = model.embed(batch)
+                hidden = [h.x.float().cpu()]
+                for k in range(1, num_indices):
+                    h = model.forward_layers(h, [k])
+                    hidden.append(h.x.float().cpu())
+                dim = hidden[0].size(-1)
+                for utt_id, pooled in _pool(
+                    hidden, h.lengths, batch["ids"], pooling, frames_per_utt, seed
+                ):
+                    for writer, array in zip(writers, pooled):
+                        writer(utt_id, array)
+                    ids.append(utt_id)
+                    rows += 1 if pooling == "mean" else len(pooled[0])
     finally:
-        capture.remove()
         for writer in writers:
             writer.close()
     # The scp files name their archives by path: point them at the final directory.
@@ -120,8 +116,8 @@ def dump_layers(
         scp = layer_file(staging, k).with_suffix(".scp")
         scp.write_text(scp.read_text().replace(str(staging), str(out_dir)))
     info = {
-        "num_layers": model.cfg.num_layers,
-        "d_model": model.cfg.d_model,
+        "num_layers": model.num_layers,
+        "d_model": dim,
         "pooling": pooling,
         "frames_per_utt": frames_per_utt,
         "seed": seed,
@@ -131,7 +127,7 @@ def dump_layers(
         "seconds": time.perf_counter() - start,
         **(extra_info or {}),
     }
-    atomic_write_json(staging / INFO_NAME, info)
+    atomic_write_json(staging / DUMP_INFO, info)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -142,7 +138,7 @@ def dump_layers(
 def load_layer_feats(dump_dir: Path) -> list[np.ndarray]:
     """The L+1 (N, D) arrays of a dump, in layer-index order, rows in utterance order."""
     dump_dir = Path(dump_dir)
-    info_path = dump_dir / INFO_NAME
+    info_path = dump_dir / DUMP_INFO
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path}: not found (run stage 4, the layer dump)")
     info = json.loads(info_path.read_text())
@@ -164,7 +160,7 @@ def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
     """
     infos = []
     for d in part_dirs:
-        path = Path(d) / INFO_NAME
+        path = Path(d) / DUMP_INFO
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (run the layer dump for every part)")
         infos.append(json.loads(path.read_text()))
@@ -183,6 +179,6 @@ def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
         "seconds": sum(i["seconds"] for i in infos),
         "num_parts": len(part_dirs),
     }
-    atomic_write_json(Path(out_dir) / INFO_NAME, info)
+    atomic_write_json(Path(out_dir) / DUMP_INFO, info)
     logging.info(f"{out_dir}: merged {len(part_dirs)} part(s), {info['num_utts']} utterances")
     return info

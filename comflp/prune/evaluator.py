@@ -1,29 +1,31 @@
 """Evaluate many layer subsets of one model on a dev subset, computing shared prefixes once.
 
 A layer subset is the tuple of encoder layers a pruned model keeps, in order. Running a batch
-through a subset means: front end, the kept layers, final norm, CTC head. Subsets that start
-with the same layers share those hidden states, so the subsets are arranged in a trie and each
-batch walks it depth-first: every trie node (one layer applied to one prefix's output) is
-computed once per batch. The front end is shared by all subsets. With ``prefix_cache=False``
-every subset is run from the features on its own, as if its pruned model were built and
-evaluated separately (the baseline the cache is measured against).
+through a subset means: front end, the kept layers, readout (final norm, CTC head). Subsets
+that start with the same layers share those hidden states, so the subsets are arranged in a
+trie and each batch walks it depth-first: every trie node (one layer applied to one prefix's
+output) is computed once per batch. The front end is shared by all subsets. With
+``prefix_cache=False`` every subset is run from the input on its own, as if its pruned model
+were built and evaluated separately (the baseline the cache is measured against).
 
-The fine search of CoMFLP, the greedy metric search (GLP) and the exhaustive metric search
-all evaluate through :func:`evaluate_subsets`.
+Everything that scores a model with greedy CTC goes through :func:`evaluate_subsets`: the fine
+search of CoMFLP, the greedy metric search (GLP), the exhaustive metric search, and the dev
+evaluation of training (one subset: all layers). It sees the model only through
+:class:`~comflp.adapters.base.PrunableModel`, so it works on any adapter.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from comflp.asr.decode import ctc_greedy_search
-from comflp.asr.model import ASRModel, padding_mask
+from comflp.adapters.base import Hidden, PrunableModel
+from comflp.asr.ctc import ctc_greedy_search, ctc_loss
 from comflp.asr.scoring import error_stats
-from comflp.asr.tokenizer import Tokenizer
+from comflp.utils import eval_mode
 
 METRICS = ("cer", "wer", "ctc_loss")
 
@@ -37,6 +39,11 @@ class SubsetResult:
     wer: float
     ctc_loss: float  # mean per utterance
     seconds: float  # compute attributed to this subset (shared work split evenly)
+    num_utts: int
+
+    def to_dict(self) -> dict:
+        """As training logs dev results: ``loss`` (CTC), ``cer``, ``wer``, ``num_utts``."""
+        return {"loss": self.ctc_loss, "cer": self.cer, "wer": self.wer, "num_utts": self.num_utts}
 
     def metric(self, name: str) -> float:
         if name not in METRICS:
@@ -52,7 +59,7 @@ class _Node:
     through: list[int] = field(default_factory=list)  # subsets whose prefix includes this node
 
 
-def _trie(subsets: list[tuple[int, ...]]) -> _Node:
+def _trie(subsets: Sequence[tuple[int, ...]]) -> _Node:
     root = _Node(None)
     for i, kept in enumerate(subsets):
         node = root
@@ -64,7 +71,7 @@ def _trie(subsets: list[tuple[int, ...]]) -> _Node:
     return root
 
 
-def layer_evaluations(subsets: list[tuple[int, ...]], prefix_cache: bool = True) -> int:
+def layer_evaluations(subsets: Sequence[tuple[int, ...]], prefix_cache: bool = True) -> int:
     """Encoder-layer forward passes per batch needed to evaluate ``subsets``."""
     if not prefix_cache:
         return sum(len(k) for k in subsets)
@@ -76,12 +83,9 @@ def layer_evaluations(subsets: list[tuple[int, ...]], prefix_cache: bool = True)
     return count
 
 
-def load_batches(loader) -> list[dict]:
-    """Materialise a (small) evaluation loader once, so repeated searches skip the I/O."""
-    return list(loader)
-
-
 class _Accumulator:
+    """Hypotheses, losses and compute time per subset, over the batches."""
+
     def __init__(self, n: int):
         self.refs: list[list[str]] = [[] for _ in range(n)]
         self.hyps: list[list[str]] = [[] for _ in range(n)]
@@ -93,59 +97,28 @@ class _Accumulator:
         for i in subsets:
             self.seconds[i] += seconds / len(subsets)
 
-    def add(
-        self, subsets: list[int], batch: dict, hyps: list[str], loss: float, seconds: float
-    ) -> None:
-        self.share(subsets, seconds)
+    def add(self, subsets: list[int], batch: dict, hyps: list[str], loss: float) -> None:
         for i in subsets:
             self.refs[i] += batch["texts"]
             self.hyps[i] += hyps
             self.loss[i] += loss
             self.utts[i] += len(hyps)
 
-
-def _front_end(model: ASRModel, feats: torch.Tensor, feat_lens: torch.Tensor):
-    """Subsampled input, its lengths and the attention mask."""
-    x, lens = model.encoder.embed(feats, feat_lens)
-    return x, lens, ~padding_mask(lens, x.size(1))[:, None, None, :]
-
-
-def _readout(
-    model: ASRModel,
-    tokenizer: Tokenizer,
-    batch: dict,
-    hidden: torch.Tensor,
-    lens: torch.Tensor,
-    device: str,
-) -> tuple[list[str], float, float]:
-    """Greedy-CTC hypotheses and summed CTC loss of a last hidden state, and the time taken."""
-    start = time.perf_counter()
-    targets = batch["targets"][~padding_mask(batch["target_lens"], batch["targets"].size(1))]
-    log_probs, lens = model.ctc_head(model.encoder.after_norm(hidden), lens)
-    loss = F.ctc_loss(
-        log_probs.transpose(0, 1).float(),
-        targets.to(device),
-        lens,
-        batch["target_lens"].to(device),
-        blank=0,
-        reduction="sum",
-        zero_infinity=True,
-    ).item()
-    hyps = [tokenizer.decode(h) for h in ctc_greedy_search(log_probs, lens)]
-    return hyps, loss, time.perf_counter() - start
+    def results(self, subsets: Sequence[tuple[int, ...]]) -> list[SubsetResult]:
+        return [
+            SubsetResult(
+                kept=tuple(kept),
+                cer=error_stats(self.refs[i], self.hyps[i], "char").err,
+                wer=error_stats(self.refs[i], self.hyps[i], "word").err,
+                ctc_loss=self.loss[i] / max(self.utts[i], 1),
+                seconds=self.seconds[i],
+                num_utts=self.utts[i],
+            )
+            for i, kept in enumerate(subsets)
+        ]
 
 
-@torch.no_grad()
-def evaluate_subsets(
-    model: ASRModel,
-    batches: list[dict],
-    tokenizer: Tokenizer,
-    subsets: list[tuple[int, ...]],
-    prefix_cache: bool = True,
-    device: str = "cpu",
-) -> list[SubsetResult]:
-    """CER/WER (greedy CTC) and CTC loss of each layer subset, in the order given."""
-    num_layers = model.cfg.num_layers
+def _check_subsets(subsets: Sequence[tuple[int, ...]], num_layers: int) -> None:
     for kept in subsets:
         if (
             not kept
@@ -155,50 +128,67 @@ def evaluate_subsets(
             raise ValueError(
                 f"a layer subset must be increasing layer numbers in 1..{num_layers}, got {kept}"
             )
-    model.eval().to(device)
+
+
+def _score(
+    model: PrunableModel, batch: dict, h: Hidden, subsets: list[int], acc: _Accumulator
+) -> None:
+    """Read out ``h`` (the last kept layer's output of ``subsets``): CTC loss and greedy text."""
+    start = time.perf_counter()
+    log_probs, lengths = model.readout(h)
+    loss = ctc_loss(log_probs, lengths, batch["targets"], batch["target_lens"], model.blank_id)
+    hyps = [model.decode_ids(ids) for ids in ctc_greedy_search(log_probs, lengths, model.blank_id)]
+    acc.share(subsets, time.perf_counter() - start)
+    acc.add(subsets, batch, hyps, loss.item())
+
+
+def _walk_trie(model: PrunableModel, batch: dict, root: _Node, acc: _Accumulator) -> None:
+    """Depth first: at most one hidden state per trie level is alive."""
+    start = time.perf_counter()
+    h0 = model.embed(batch)
+    acc.share(root.through, time.perf_counter() - start)
+    stack = [(root, h0)]
+    while stack:
+        node, h = stack.pop()
+        for child in node.children.values():
+            start = time.perf_counter()
+            h_child = model.forward_layers(h, [child.layer])
+            acc.share(child.through, time.perf_counter() - start)
+            if child.ends:
+                _score(model, batch, h_child, child.ends, acc)
+            stack.append((child, h_child))
+
+
+def _each_subset(
+    model: PrunableModel, batch: dict, subsets: Sequence[tuple[int, ...]], acc: _Accumulator
+) -> None:
+    for i, kept in enumerate(subsets):
+        start = time.perf_counter()
+        h = model.forward_layers(model.embed(batch), kept)
+        acc.share([i], time.perf_counter() - start)
+        _score(model, batch, h, [i], acc)
+
+
+@torch.no_grad()
+def evaluate_subsets(
+    model: PrunableModel,
+    batches: Iterable[dict],
+    subsets: Sequence[tuple[int, ...]],
+    prefix_cache: bool = True,
+) -> list[SubsetResult]:
+    """CER/WER (greedy CTC) and CTC loss of each layer subset, in the order given."""
+    _check_subsets(subsets, model.num_layers)
     acc = _Accumulator(len(subsets))
     root = _trie(subsets)
-
-    for batch in batches:
-        feats, feat_lens = batch["feats"].to(device), batch["feat_lens"].to(device)
-        if prefix_cache:
-            start = time.perf_counter()
-            x0, lens, mask = _front_end(model, feats, feat_lens)
-            acc.share(root.through, time.perf_counter() - start)
-            stack = [(root, x0)]
-            while stack:  # depth first: at most one hidden state per trie level is alive
-                node, x = stack.pop()
-                for child in node.children.values():
-                    start = time.perf_counter()
-                    h = model.encoder.layers[child.layer - 1](x, mask)
-                    acc.share(child.through, time.perf_counter() - start)
-                    if child.ends:
-                        acc.add(
-                            child.ends, batch, *_readout(model, tokenizer, batch, h, lens, device)
-                        )
-                    stack.append((child, h))
-        else:
-            for i, kept in enumerate(subsets):
-                start = time.perf_counter()
-                x, lens, mask = _front_end(model, feats, feat_lens)
-                for k in kept:
-                    x = model.encoder.layers[k - 1](x, mask)
-                acc.share([i], time.perf_counter() - start)
-                acc.add([i], batch, *_readout(model, tokenizer, batch, x, lens, device))
-
-    return [
-        SubsetResult(
-            kept=tuple(kept),
-            cer=error_stats(acc.refs[i], acc.hyps[i], "char").err,
-            wer=error_stats(acc.refs[i], acc.hyps[i], "word").err,
-            ctc_loss=acc.loss[i] / max(acc.utts[i], 1),
-            seconds=acc.seconds[i],
-        )
-        for i, kept in enumerate(subsets)
-    ]
+    with eval_mode(model.module):
+        for batch in batches:
+            if prefix_cache:
+                _walk_trie(model, batch, root, acc)
+            else:
+                _each_subset(model, batch, subsets, acc)
+    return acc.results(subsets)
 
 
-def kept_layers(num_layers: int, pruned: tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """The layers a model keeps when ``pruned`` are removed."""
-    removed = set(pruned)
-    return tuple(k for k in range(1, num_layers + 1) if k not in removed)
+def evaluate_model(model: PrunableModel, batches: Iterable[dict]) -> SubsetResult:
+    """CER/WER and CTC loss of the whole model (every layer)."""
+    return evaluate_subsets(model, batches, [tuple(range(1, model.num_layers + 1))])[0]

@@ -1,21 +1,32 @@
-"""Stage 7: which layers each method prunes, and one results table for all of them.
+"""The method registry of stage 7: which layers each method prunes from which model.
 
-A method entry names the model it prunes (an experiment directory), the layers it removes
-from it, and what its search cost (wall time, pruned models evaluated). Entries with the same
-model and layers are decoded once. The table has one row per method and number of pruned
-layers P; random selection is summarised over its seeds as mean and standard deviation.
+A method entry names the model it prunes (type and directory), the layers it removes from it,
+and what its search cost (wall time, pruned models evaluated). Entries with the same model and
+layers are decoded once. Searches (stage 6) are read from their ``search.json``; fixed rules
+(:data:`comflp.prune.rules.FIXED_RULES`) and random seeds are computed here.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from comflp.expdir import (
+    CORRELATION_SETTINGS,
+    DUMP_INFO,
+    METHODS,
+    METHODS_FINETUNED,
+    PROPOSALS,
+    ExpDir,
+)
+from comflp.prune.rules import FIXED_RULES, random_layers
 from comflp.utils import atomic_write_json
 
-METHODS_NAME = "methods.json"
+SEARCH_METHODS = ("comflp", "glp", "oracle")
+# The method lists in compare/, by the stage that writes them: 7 (compare), 8 (finetune).
+METHOD_LISTS = {"compare": METHODS, "finetune": METHODS_FINETUNED}
 
 
 @dataclass
@@ -29,6 +40,7 @@ class Method:
     seed: int | None = None
     note: str = ""
     original_pruned: list[int] | None = None  # for display: layers removed from the original model
+    model_type: str = "comflp"
 
     @property
     def key(self) -> str:
@@ -52,9 +64,7 @@ class MethodList:
         out = cls()
         for path in paths:
             if not Path(path).is_file():
-                raise FileNotFoundError(
-                    f"{path}: method list not found (run stage 7's layer selection)"
-                )
+                raise FileNotFoundError(f"{path}: method list not found (run stage 7)")
             out.methods += [Method(**m) for m in json.loads(Path(path).read_text())]
         return out
 
@@ -66,131 +76,133 @@ class MethodList:
         return seen
 
 
-def comflp_methods(exp_dir: Path, measure: str, num_prune: int) -> list[Method]:
+def read_search(exp: ExpDir, method: str, num_prune: int) -> dict:
+    """A stage-6 ``search.json``; FileNotFoundError says which run of stage 6 writes it."""
+    path = exp.search_result(method, num_prune)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found (run stage 6 with --num_prune {num_prune} and "
+            f"{method} among its searches)"
+        )
+    return json.loads(path.read_text())
+
+
+def comflp_methods(
+    exp: ExpDir, measure: str, num_prune: int, model: tuple[str, str]
+) -> list[Method]:
     """The coarse-only and coarse+fine choices of stage 6 for one measure and P.
 
     Search cost: the layer dump and the correlation matrix (stages 4-5) plus the coarse search;
-    the fine search adds its evaluations.
+    the fine search adds its evaluations. ``model``: (type, directory) of the pruned model.
     """
-    search_dir = exp_dir / "search" / f"{measure}_prune{num_prune}"
-    fine_path = search_dir / "fine_search.json"
-    if not fine_path.is_file():
-        raise FileNotFoundError(
-            f"{fine_path}: not found (run stage 6 with --num_prune {num_prune} "
-            f"and --measures including {measure})"
-        )
-    fine = json.loads(fine_path.read_text())
-    proposals = json.loads((search_dir / "proposals.json").read_text())
-    dump_seconds = json.loads((exp_dir / "dump/info.json").read_text()).get("seconds", 0.0)
-    corr_seconds = json.loads((exp_dir / f"correlation/{measure}/settings.json").read_text())[
-        "seconds"
-    ]
-    coarse_cost = dump_seconds + corr_seconds + fine["coarse_seconds"]
+    method = f"comflp_{measure}"
+    search = read_search(exp, method, num_prune)
+    proposals = json.loads((exp.search(method, num_prune) / PROPOSALS).read_text())
+    dump_seconds = json.loads((exp.dump / DUMP_INFO).read_text()).get("seconds", 0.0)
+    settings = exp.correlation(measure) / CORRELATION_SETTINGS
+    corr_seconds = json.loads(settings.read_text())["seconds"]
+    matrix_cost = dump_seconds + corr_seconds  # search["seconds"]: coarse + fine search
+    model_type, model_dir = model
     return [
         Method(
-            f"comflp_{measure}_coarse",
+            f"{method}_coarse",
             num_prune,
             proposals[0]["layers"],
-            str(exp_dir),
-            coarse_cost,
+            model_dir,
+            matrix_cost + search["coarse_seconds"],
             0,
             note="top coarse proposal",
+            model_type=model_type,
         ),
         Method(
-            f"comflp_{measure}_fine",
+            f"{method}_fine",
             num_prune,
-            fine["best_layers"],
-            str(exp_dir),
-            coarse_cost + fine["seconds"],
-            len(fine["candidates"]),
-            note=f"best of {len(fine['candidates'])} by dev {fine['metric']}",
+            search["best_layers"],
+            model_dir,
+            matrix_cost + search["seconds"],
+            search["evaluations"],
+            note=f"best of {search['evaluations']} by dev {search['metric']}",
+            model_type=model_type,
         ),
     ]
 
 
-@dataclass
-class Row:
-    method: str
-    num_prune: int
-    pruned: str
-    errors: dict[str, dict[str, float]]  # set -> {"wer": , "cer": } (means)
-    spread: dict[str, dict[str, float]]  # set -> std over seeds (random only)
-    params: int
-    rtf: float
-    search_seconds: float | None
-    evaluations: int | None
+def metric_search_method(
+    exp: ExpDir, method: str, num_prune: int, model: tuple[str, str]
+) -> Method | None:
+    """GLP's or the oracle's choice from stage 6 (None when stage 6 skipped it, logged)."""
+    search = read_search(exp, method, num_prune)
+    if "skipped" in search:
+        logging.info(f"{method}, P={num_prune}: skipped in stage 6 ({search['skipped']})")
+        return None
+    how = {"glp": "greedy", "oracle": "exhaustive"}[method]
+    return Method(
+        method,
+        num_prune,
+        search["best_layers"],
+        model[1],
+        search["seconds"],
+        search["evaluations"],
+        note=f"{how} by dev {search['metric']}",
+        model_type=model[0],
+    )
 
 
-def build_rows(
-    methods: MethodList,
-    scores: dict[str, dict[str, dict]],
-    params: dict[str, int],
-    rtf: dict[str, float],
-) -> list[Row]:
-    """One row per (method name, P); ``scores[key][set]`` holds ``{"wer": , "cer": }``."""
-    groups: dict[tuple[str, int], list[Method]] = {}
-    for m in methods.methods:
-        groups.setdefault((m.name, m.num_prune), []).append(m)
-    rows = []
-    for (name, p), group in groups.items():
-        sets = list(scores[group[0].key])
-        errors, spread = {}, {}
-        for s in sets:
-            errors[s] = {
-                u: statistics.mean(scores[m.key][s][u] for m in group) for u in ("wer", "cer")
-            }
-            if len(group) > 1:
-                spread[s] = {
-                    u: statistics.stdev(scores[m.key][s][u] for m in group) for u in ("wer", "cer")
-                }
-        shown = (
-            group[0].original_pruned if group[0].original_pruned is not None else group[0].pruned
+def rule_methods(
+    num_layers: int, num_prune: int, random_seeds: int, model: tuple[str, str]
+) -> list[Method]:
+    """The fixed rules of :data:`FIXED_RULES` and ``random_seeds`` random choices."""
+    model_type, model_dir = model
+    methods = [
+        Method(
+            name,
+            num_prune,
+            list(rule(num_layers, num_prune)),
+            model_dir,
+            0.0,
+            0,
+            note=note,
+            model_type=model_type,
         )
-        pruned = (" ".join(map(str, shown)) or "-") if len(group) == 1 else f"{len(group)} seeds"
-        costs = [m.search_seconds for m in group if m.search_seconds is not None]
-        rows.append(
-            Row(
-                method=name,
-                num_prune=p,
-                pruned=pruned,
-                errors=errors,
-                spread=spread,
-                params=params[group[0].key],
-                rtf=statistics.mean(rtf[m.key] for m in group),
-                search_seconds=statistics.mean(costs) if costs else None,
-                evaluations=group[0].evaluations,
-            )
+        for name, (rule, note) in FIXED_RULES.items()
+    ]
+    methods += [
+        Method(
+            "random",
+            num_prune,
+            list(random_layers(num_layers, num_prune, seed)),
+            model_dir,
+            0.0,
+            0,
+            seed=seed,
+            model_type=model_type,
         )
-    return sorted(rows, key=lambda r: r.num_prune)
+        for seed in range(random_seeds)
+    ]
+    return methods
 
 
-def _fmt_error(row: Row, s: str, unit: str) -> str:
-    value = f"{row.errors[s][unit]:.2f}"
-    return value + (f" ± {row.spread[s][unit]:.2f}" if s in row.spread else "")
-
-
-def results_table(
-    rows: list[Row], sets: list[str], metrics: tuple[str, ...] = ("wer", "cer")
-) -> str:
-    """Markdown: method, P, pruned layers, error rates per set, parameters, RTF, search cost.
-
-    ``metrics``: the error rates shown (``wer``, ``cer``); Mandarin, written without spaces,
-    shows CER only.
-    """
-    head = ["method", "P", "pruned layers"]
-    for s in sets:
-        head += [f"{s} {m.upper()}" for m in metrics]
-    head += ["params", "RTF", "search (s)", "evaluations"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r.method, str(r.num_prune), r.pruned]
-        for s in sets:
-            cells += [_fmt_error(r, s, m) for m in metrics]
-        cells += [
-            f"{r.params / 1e6:.2f}M",
-            f"{r.rtf:.4f}",
-            "-" if r.search_seconds is None else f"{r.search_seconds:.1f}",
-            "-" if r.evaluations is None else str(r.evaluations),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def list_methods(
+    exp: ExpDir,
+    model: tuple[str, str],
+    num_layers: int,
+    prunes: list[int],
+    searches: list[str],
+    measures: list[str],
+    random_seeds: int,
+) -> MethodList:
+    """Every method of stage 7's table: the unpruned model, then per P the searches of stage
+    6 (CoMFLP per measure, GLP, the oracle) and the fixed rules."""
+    methods = MethodList()
+    methods.add(
+        Method("unpruned", 0, [], model[1], note=f"{num_layers} layers", model_type=model[0])
+    )
+    for p in prunes:
+        if "comflp" in searches:
+            for measure in measures:
+                methods.methods += comflp_methods(exp, measure, p, model)
+        methods.methods += rule_methods(num_layers, p, random_seeds, model)
+        for method in ("glp", "oracle"):
+            if method in searches and (found := metric_search_method(exp, method, p, model)):
+                methods.add(found)
+    return methods

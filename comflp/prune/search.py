@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from comflp.prune.subsets import check_num_prune
+
 MODES = ("beam", "greedy", "exhaustive")
 DEFAULT_MAX_EXHAUSTIVE = 2_000_000
 _CHUNK = 65_536  # proposals scored at once by the exhaustive search
@@ -149,12 +151,11 @@ def score_proposal(matrix: Any, layers: Iterable[int]) -> float:
     return _score(m, layers)
 
 
-def _check_count(name: str, value: Any, low: int, high: int | None = None) -> None:
+def _check_count(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _ranked(candidates: list[Proposal], keep: int) -> list[Proposal]:
@@ -240,7 +241,7 @@ def coarse_search(
         raise ValueError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
     m = validate_matrix(matrix)
     num_layers = m.shape[0] - 1
-    _check_count("num_prune", num_prune, 1, num_layers - 1)
+    check_num_prune(num_prune, num_layers)
     _check_count("beam_size", beam_size, 1)
     _check_count("top_k", top_k, 1)
     _check_count("max_exhaustive", max_exhaustive, 1)

@@ -1,0 +1,110 @@
+"""Every file and folder name of an experiment directory, in one place.
+
+::
+
+    exp/<experiment>/
+      config.yaml model.pt tokenizer.model tokens.txt cmvn.json   the model (stages 3, 6, 8, 9)
+      epoch-N.pt checkpoint-latest.pt history.json final_dev.json training_curves.png tensorboard/
+      log/                                  every stage's logs
+      dump/                                 stage 4: layerKK.ark/.scp, info.json, parts/J/
+      correlation/<measure>/                stage 5: matrix.npy, heatmap.png, settings.json
+      search/<method>_prune<P>/             stage 6: search.json, proposals.json (CoMFLP), pruned/
+      compare/                              stage 7: methods*.json, decode/<set>/<model>/, results.json,
+                                                     error_vs_prune.png
+      finetune/<method>_prune<P>/           stage 8: a training experiment directory
+      RESULTS.md                            stage 7: the table of every method
+
+``run.sh`` hands these folders from stage to stage by passing ``--exp_dir`` and the names
+(measure, method, P); the entry points build the paths here. A model trained elsewhere (Hugging
+Face, ESPnet) keeps its own format in its own directory; its experiment directory holds
+everything from the dump on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# A comflp model directory (experiment directory or pruned model).
+CONFIG = "config.yaml"
+MODEL = "model.pt"
+TOKENIZER = "tokenizer.model"
+TOKENS = "tokens.txt"
+CMVN = "cmvn.json"
+# Training.
+LATEST_CHECKPOINT = "checkpoint-latest.pt"
+HISTORY = "history.json"
+FINAL_DEV = "final_dev.json"
+TRAINING_CURVES = "training_curves.png"
+TENSORBOARD = "tensorboard"
+# Stage outputs.
+DUMP_INFO = "info.json"
+MATRIX = "matrix.npy"
+HEATMAP = "heatmap.png"
+CORRELATION_SETTINGS = "settings.json"
+PROPOSALS = "proposals.json"
+SEARCH_RESULT = "search.json"
+PRUNED = "pruned"
+METHODS = "methods.json"
+METHODS_FINETUNED = "methods_finetuned.json"
+RESULTS_JSON = "results.json"
+ERROR_PLOT = "error_vs_prune.png"
+RESULTS_MD = "RESULTS.md"
+# One decoding of one set (compare/decode/<set>/<model>/).
+DECODE_PART = "part{part}.json"
+SCORES = "scores.json"
+SCORE_TABLE = "result.md"
+REF_TEXT = "ref.txt"
+HYP_TEXT = "hyp.txt"
+ALIGNMENT = "alignment.{unit}.txt"
+
+
+@dataclass(frozen=True)
+class ExpDir:
+    """The paths of one experiment directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def dump(self) -> Path:
+        return self.root / "dump"
+
+    def dump_part(self, part: int) -> Path:
+        return self.dump / "parts" / str(part)
+
+    def correlation(self, measure: str) -> Path:
+        return self.root / "correlation" / measure
+
+    def matrix(self, measure: str) -> Path:
+        return self.correlation(measure) / MATRIX
+
+    def search(self, method: str, num_prune: int) -> Path:
+        return self.root / "search" / f"{method}_prune{num_prune}"
+
+    def search_result(self, method: str, num_prune: int) -> Path:
+        return self.search(method, num_prune) / SEARCH_RESULT
+
+    def pruned_model(self, method: str, num_prune: int) -> Path:
+        return self.search(method, num_prune) / PRUNED
+
+    def finetune(self, method: str, num_prune: int) -> Path:
+        return self.root / "finetune" / f"{method}_prune{num_prune}"
+
+    @property
+    def compare(self) -> Path:
+        return self.root / "compare"
+
+    def decoded(self, eval_set: str, key: str) -> Path:
+        """Where one model's decoding of one set goes."""
+        return self.compare / "decode" / eval_set / key
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / RESULTS_MD
