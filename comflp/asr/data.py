@@ -135,21 +135,16 @@ def train_sampler(
     rank: int = 0,
 ) -> DynamicBucketingSampler:
     """Shuffled duration-bucketed batches; deterministic given ``seed`` and the epoch."""
-    with warnings.catch_warnings():
-        # Our cut sets are held in memory on purpose; lhotse warns about that needlessly.
-        warnings.filterwarnings(
-            "ignore", message="You are using DynamicBucketingSampler with an eagerly"
-        )
-        return DynamicBucketingSampler(
-            cuts,
-            max_duration=max_duration,
-            num_buckets=min(num_buckets, max(1, len(cuts) // 4)),
-            shuffle=True,
-            drop_last=False,
-            seed=seed,
-            world_size=world_size,
-            rank=rank,
-        )
+    return DynamicBucketingSampler(
+        cuts,
+        max_duration=max_duration,
+        num_buckets=min(num_buckets, max(1, len(cuts) // 4)),
+        shuffle=True,
+        drop_last=False,
+        seed=seed,
+        world_size=world_size,
+        rank=rank,
+    )
 
 
 def eval_loader(
