@@ -67,13 +67,17 @@ score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)
 # ---- fine-tuning (stage 8) ----
 finetune_config=conf/finetune.yaml
 finetune_measure=       # fine-tune the fine-searched model of this measure (default: the first of measures)
+# ---- structured pruning (stage 9) ----
+sp_config=conf/structured.yaml
+sp_target_sparsity=0.5  # fraction of the encoder layers' parameters to remove; several values allowed
 
 help_message="Usage: $0 [--stage N] [--stop_stage M] [--name value ...]
 Stages: 0 data preparation, 1 features, 2 tokenizer, 3 train the baseline,
 4 dump layer outputs, 5 correlation matrices, 6 searches (CoMFLP coarse + fine, GLP, oracle),
-7 compare layer-selection methods (decode, score, RESULTS.md), 8 fine-tune the pruned model.
+7 compare layer-selection methods (decode, score, RESULTS.md), 8 fine-tune the pruned model,
+9 L0 structured pruning with distillation (rows beside 8's).
 Options (defaults in brackets):
-$(sed -n '/^# ---- general/,/^finetune_measure=/p' "$0" | grep -E '^[a-z_]+=' | sed -E 's/^([a-z_]+)=("[^"]*"|[^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
+$(sed -n '/^# ---- general/,/^sp_target_sparsity=/p' "$0" | grep -E '^[a-z_]+=' | sed -E 's/^([a-z_]+)=("[^"]*"|[^ ]*) *#? ?(.*)$/  --\1 [\2] \3/')"
 
 . "$comflp_root/utils/parse_options.sh"
 . "$comflp_root/utils/log.sh"
@@ -254,6 +258,23 @@ if run_stage 8; then
       --finetuned_dirs "${ft_dirs[@]}"
   decode_and_score 8 finetune
   log "Stage 8 done: fine-tuned rows added to $exp_dir/RESULTS.md"
+fi
+
+if run_stage 9; then
+  sp_dirs=()
+  for t in $sp_target_sparsity; do
+    sp_dir=$exp_dir/structured/sparsity$t
+    log "Stage 9: L0 structured pruning of $exp_dir to sparsity $t with $sp_config into $sp_dir"
+    $train_job "$sp_dir/log/train.log" \
+      python "$bin/structured_prune.py" --config "$sp_config" --init_model "$exp_dir" --exp_dir "$sp_dir" \
+        --target_sparsity "$t" --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" \
+        --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --resume "$resume" --device "$device"
+    sp_dirs+=("$sp_dir")
+  done
+  $train_cmd "$compare_dir/log/structured_methods.log" \
+    python "$bin/structured_methods.py" --exp_dir "$exp_dir" --structured_dirs "${sp_dirs[@]}"
+  decode_and_score 9 structured
+  log "Stage 9 done: structured rows added to $exp_dir/RESULTS.md"
 fi
 
 log "Finished stages $stage..$stop_stage"

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from comflp.asr.checkpoint import copy_assets, load_checkpoint, load_experiment_config
 from comflp.asr.config import load_config
@@ -18,18 +17,15 @@ from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
 from comflp.asr.trainer import Dist, train
-from comflp.cli import UsageError, add_common_args, resolve_device, run, str2bool
+from comflp.cli import (
+    UsageError,
+    add_common_args,
+    parse_overrides,
+    resolve_device,
+    run,
+    str2bool,
+)
 from comflp.expdir import CMVN, MODEL, TOKENIZER
-
-
-def parse_overrides(items: list[str]) -> dict:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. model.num_layers=6")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def main(args: argparse.Namespace) -> None:

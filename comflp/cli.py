@@ -65,6 +65,19 @@ def parse_num_prune(text: str | int, num_layers: int, where: str) -> list[int]:
     return values
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``--set SECTION.KEY=VALUE`` options as ``{"SECTION.KEY": value}`` (values read as YAML)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. model.num_layers=6")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--exp_dir`` and the model it prunes: ``--model_type`` and ``--model_dir``."""
     from comflp.adapters import MODEL_TYPES

@@ -12,6 +12,8 @@
       compare/                              stage 7: methods*.json, decode/<set>/<model>/, results.json,
                                                      error_vs_prune.png
       finetune/<method>_prune<P>/           stage 8: a training experiment directory
+      structured/sparsity<t>/               stage 9: a training experiment directory whose
+                                                     model.pt is the pruned model, structure.json
       RESULTS.md                            stage 7: the table of every method
 
 ``run.sh`` hands these folders from stage to stage by passing ``--exp_dir`` and the names
@@ -31,6 +33,8 @@ MODEL = "model.pt"
 TOKENIZER = "tokenizer.model"
 TOKENS = "tokens.txt"
 CMVN = "cmvn.json"
+# Beside a model saved in its own library's format (Hugging Face): what comflp did to it.
+PRUNE_INFO = "comflp_prune.json"
 # Training.
 LATEST_CHECKPOINT = "checkpoint-latest.pt"
 HISTORY = "history.json"
@@ -47,6 +51,8 @@ SEARCH_RESULT = "search.json"
 PRUNED = "pruned"
 METHODS = "methods.json"
 METHODS_FINETUNED = "methods_finetuned.json"
+METHODS_STRUCTURED = "methods_structured.json"
+STRUCTURE = "structure.json"
 RESULTS_JSON = "results.json"
 ERROR_PLOT = "error_vs_prune.png"
 RESULTS_MD = "RESULTS.md"

@@ -244,6 +244,7 @@ _TYPE_CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),
     "list[int]": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "list[int] | None": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
     "list[dict] | None": lambda v: (
         v is None or (isinstance(v, list) and all(isinstance(d, dict) for d in v))
@@ -254,7 +255,8 @@ _TYPE_CHECKS = {
 }
 
 
-def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+def build_section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """One config section as the dataclass ``cls``, each value type-checked."""
     values = values or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
@@ -284,15 +286,18 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> ExperimentC
             f"{where}: unknown section(s) {', '.join(unknown)}; expected 'model' and 'train'"
         )
     cfg = ExperimentConfig(
-        model=_build(ModelConfig, data.get("model"), f"{where}: model"),
-        train=_build(TrainConfig, data.get("train"), f"{where}: train"),
+        model=build_section(ModelConfig, data.get("model"), f"{where}: model"),
+        train=build_section(TrainConfig, data.get("train"), f"{where}: train"),
     )
     cfg.validate(where)
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML config; ``overrides`` maps ``"section.key"`` to a value."""
+def read_sections(
+    path: str | Path, sections: tuple[str, ...], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A YAML config file as a mapping of ``sections``; ``overrides`` maps ``"section.key"``
+    to a value."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -300,12 +305,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    expected = " and ".join(f"'{s}'" for s in sections)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with {expected} sections")
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; expected {expected}")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        if section not in ("model", "train") or not key:
-            raise ConfigError(f"override '{dotted}': expected model.KEY or train.KEY")
+        if section not in sections or not key:
+            keys = " or ".join(f"{s}.KEY" for s in sections)
+            raise ConfigError(f"override '{dotted}': expected {keys}")
         data.setdefault(section, {})[key] = value
-    return config_from_dict(data, str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config; ``overrides`` maps ``"section.key"`` to a value."""
+    return config_from_dict(read_sections(path, ("model", "train"), overrides), str(path))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

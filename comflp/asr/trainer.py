@@ -188,9 +188,9 @@ class Trainer:
         seed_everything(self.tc.seed)
         self.model = ASRModel(cfg.model).to(device)
         self.optimizer = make_optimizer(self.model, self.tc)
-        steps_per_epoch = sum(1 for _ in _epoch_sampler(train_cuts, self.tc, dist_info, 1))
+        self.steps_per_epoch = sum(1 for _ in _epoch_sampler(train_cuts, self.tc, dist_info, 1))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.tc, self.tc.num_epochs * steps_per_epoch)
+            self.optimizer, lr_lambda(self.tc, self.total_steps)
         )
         self.epoch, self.batches_done, self.step = 1, 0, 0
         self.history: list[dict] = []
@@ -206,6 +206,10 @@ class Trainer:
         self.writer = None
         self.ddp_model: torch.nn.Module = self.model
 
+    @property
+    def total_steps(self) -> int:
+        return self.tc.num_epochs * self.steps_per_epoch
+
     def restore(self, resume: bool, init_state: dict | None) -> None:
         """Continue from the latest checkpoint, or start from ``init_state`` / at random."""
         ckpt_path = latest_checkpoint(self.exp_dir) if resume else None
@@ -219,7 +223,7 @@ class Trainer:
                 load_state_into(self.model, init_state, "initial weights")
             return
         ckpt = load_checkpoint(ckpt_path)
-        load_state_into(self.model, ckpt["model"], f"--resume {ckpt_path}")
+        self.restore_state(ckpt, ckpt_path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.batches_done, self.step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
@@ -233,6 +237,19 @@ class Trainer:
             f"resumed from {ckpt_path}: epoch {self.epoch}, {self.batches_done} batches into it, "
             f"step {self.step}"
         )
+
+    def restore_state(self, ckpt: dict, path: Path) -> None:
+        """Load what a checkpoint holds besides the optimiser, schedule and counters."""
+        load_state_into(self.model, ckpt["model"], f"--resume {path}")
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds besides the counters and random states."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
 
     def start(self) -> None:
         """Write the config, open TensorBoard, wrap the model for DDP."""
@@ -259,9 +276,7 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(
                 {
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
+                    **self.checkpoint_state(),
                     "epoch": epoch,
                     "batches_done": batches_done,
                     "step": self.step,
@@ -269,23 +284,29 @@ class Trainer:
                     "rng_per_rank": rank_states,
                     "history": self.history,
                     "epoch_sums": self.sums if batches_done else {},
-                    "config": self.cfg.to_dict(),
                 },
                 path,
             )
 
-    def train_step(self, batch: dict) -> None:
-        """One optimiser step on one batch, with its logging."""
+    def input_features(self, batch: dict) -> torch.Tensor:
+        """The batch's features on the device, SpecAugment applied when configured."""
         feats = batch["feats"]
         if self.spec_augment is not None:
             feats = _augment(self.spec_augment, feats, batch["feat_lens"])
+        return feats.to(self.device)
+
+    def compute_loss(self, feats: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The training loss of one batch and its parts for logging."""
         with self.autocast:
-            loss, stats = self.ddp_model(
-                feats.to(self.device),
+            return self.ddp_model(
+                feats,
                 batch["feat_lens"].to(self.device),
                 batch["targets"].to(self.device),
                 batch["target_lens"].to(self.device),
             )
+
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """Back-propagate, clip, step the optimiser and the schedule; the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
@@ -294,6 +315,12 @@ class Trainer:
         else:
             logging.warning(f"step {self.step + 1}: non-finite gradient norm, update skipped")
         self.scheduler.step()
+        return grad_norm
+
+    def train_step(self, batch: dict) -> None:
+        """One optimiser step on one batch, with its logging."""
+        loss, stats = self.compute_loss(self.input_features(batch), batch)
+        grad_norm = self.update(loss)
         self.step += 1
         self.batches_done += 1
         for k, v in stats.items():

@@ -18,6 +18,7 @@ from comflp.expdir import (
     DUMP_INFO,
     METHODS,
     METHODS_FINETUNED,
+    METHODS_STRUCTURED,
     PROPOSALS,
     ExpDir,
 )
@@ -25,8 +26,9 @@ from comflp.prune.rules import FIXED_RULES, random_layers
 from comflp.utils import atomic_write_json
 
 SEARCH_METHODS = ("comflp", "glp", "oracle")
-# The method lists in compare/, by the stage that writes them: 7 (compare), 8 (finetune).
-METHOD_LISTS = {"compare": METHODS, "finetune": METHODS_FINETUNED}
+# The method lists in compare/, by the stage that writes them: 7 (compare), 8 (finetune),
+# 9 (structured).
+METHOD_LISTS = {"compare": METHODS, "finetune": METHODS_FINETUNED, "structured": METHODS_STRUCTURED}
 
 
 @dataclass
