@@ -25,8 +25,8 @@ class StructuredConfig:
     gates: list[str] = field(default_factory=lambda: list(GROUPS))
     init_log_alpha: float = 3.0  # every gate starts open: P(z != 0) = 0.96
     gate_lr: float = 0.05  # Adam learning rate of the gates' log_alpha
-    lambda_lr: float = 0.05  # gradient-ascent learning rate of the two multipliers
-    warmup_fraction: float = 0.5  # share of the steps over which the target ramps up from 0
+    lambda_lr: float = 0.2  # gradient-ascent learning rate of the two multipliers
+    warmup_fraction: float = 0.3  # share of the steps over which the target ramps up from 0
     distill_layers: list[int] = field(default_factory=list)  # empty: L/3, 2L/3, L
     distill_weight: float = 1.0
 
