@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from comflp.prune import correlation
-from comflp.prune.correlation import MEASURES, correlation_matrix, similarity
+from comflp.prune.correlation import MEASURES, PAIRED_MEASURES, correlation_matrix, similarity
 
 SYMMETRIC = ("dc", "svcca", "cka", "cosine")
 NONNEGATIVE = ("dc", "svcca", "pwcca", "cka")
@@ -264,7 +264,7 @@ def test_dc_batch_size_larger_than_samples_is_an_error():
 )
 def test_matrix_properties(seed: int, n: int, dims: list[int], measure: str):
     # (D >= 2: 1-D rows L2-normalise to their signs, which can all agree: a constant input.)
-    if measure == "cosine":
+    if measure in PAIRED_MEASURES:
         dims = [dims[0]] * len(dims)
     rng = np.random.default_rng(seed)
     feats = [rng.normal(size=(n, d)) * rng.uniform(0.1, 10.0) for d in dims]
@@ -402,3 +402,42 @@ def test_unknown_options(measure: str, options: dict, message: str):
         similarity(x, x, measure, **options)
     with pytest.raises(ValueError, match=message):
         correlation_matrix([x, x], measure, **options)
+
+
+# ----------------------------------------------------------------------------- angular, residual
+
+
+def test_angular_exact():
+    x = [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, 2.0]]
+    y = [[3.0, 0.0], [0.0, 5.0], [-1.0, 0.0], [0.0, 1.0]]
+    # angles 0, pi/2, pi, pi/4
+    expected = np.mean([1.0, 0.5, 0.0, 0.75])
+    assert similarity(x, y, "angular") == pytest.approx(expected, abs=1e-12)
+    assert similarity(x, x, "angular") == 1.0
+    zero_row = [[0.0, 0.0], [1.0, 0.0]]
+    assert similarity(zero_row, [[1.0, 0.0], [1.0, 0.0]], "angular") == 0.5
+
+
+def test_residual_exact_and_sees_norms():
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    y = np.array([[2.0, 0.0], [-1.0, 0.0], [3.0, 4.0]])
+    # relative changes 1/3, 1, 0
+    assert similarity(x, y, "residual") == pytest.approx(np.mean([2 / 3, 0.0, 1.0]), abs=1e-12)
+    # angular ignores a row's scale, residual does not
+    assert similarity(x, 2 * x, "angular") == 1.0
+    assert similarity(x, 2 * x, "residual") == pytest.approx(2 / 3, abs=1e-12)
+    assert similarity(np.zeros((2, 2)), np.zeros((2, 2)), "residual") == 0.0
+
+
+@pytest.mark.parametrize("measure", ["angular", "residual"])
+def test_paired_row_matrices_equal_pairs_in_any_chunking(measure: str, monkeypatch):
+    feats = _layers(13, n=25, dims=(5,) * 6)
+    m = correlation_matrix(feats, measure)
+    pairs = [[similarity(a, b, measure) for b in feats] for a in feats]
+    np.testing.assert_allclose(m, pairs, atol=1e-12, rtol=0)
+    np.testing.assert_array_equal(np.diag(m), 1.0)
+    np.testing.assert_array_equal(m, m.T)
+    monkeypatch.setattr(correlation, "_CHUNK_BYTES", 8 * 25 * 5)  # one layer per chunk
+    np.testing.assert_allclose(correlation_matrix(feats, measure), m, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=f"{measure} needs equal feature dimensions"):
+        correlation_matrix([feats[0], feats[1][:, :4]], measure)

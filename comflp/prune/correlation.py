@@ -10,6 +10,8 @@ Every measure compares two representations of the same N samples (rows): ``x`` (
 | ``pwcca`` | projection-weighted CCA, weighted by x's neurons, in [0, 1] | ``threshold`` (1.0) |
 | ``cka`` | linear CKA, in [0, 1] | none |
 | ``cosine`` | mean cosine similarity of paired rows (D1 == D2), in [-1, 1] | none |
+| ``angular`` | mean of 1 - angle(x_r, y_r) / pi over paired rows (D1 == D2), in [0, 1] | none |
+| ``residual`` | mean of 1 - ||y_r - x_r|| / (||x_r|| + ||y_r||) over paired rows, in [0, 1] | none |
 
 ``dc`` reports dCor^2, not its square root: the CoMFLP code (github.com/louislau1129/CoMFLP,
 ``DC.py``: ``distance_correlation_from_distmat``, used by ``dc_analysis.py`` to write the
@@ -25,8 +27,18 @@ not symmetric. Both need N well above the kept dimensions: when the two kept sub
 most of the (N-1)-dimensional centred sample space, the correlations tend to 1 whatever the
 data. With D = 1, the L2-normalised rows of ``dc`` are just the signs of the values.
 
+``angular`` is the angular distance of Gromov et al. (2024, "The unreasonable ineffectiveness
+of the deeper layers"), arccos(cos(x_r, y_r)) / pi, turned into a similarity and averaged
+over the paired rows (frames with a frame-pooled dump, utterances with mean pooling). The angle
+is computed as 2 atan2(||u - v||, ||u + v||) of the unit rows u, v, which is exact for equal
+rows (arccos of a rounded cosine is not). ``residual`` is one minus the relative change of
+the residual stream, ||y_r - x_r|| / (||x_r|| + ||y_r||) (in [0, 1] by the triangle
+inequality); unlike the other measures it sees the rows' norms. Both compare the same
+coordinates, so D1 == D2, as for ``cosine``.
+
 A degenerate input whose normalising term is zero (all rows equal for ``dc``/``cka``/
-``svcca``/``pwcca``, a zero row for ``cosine``) contributes similarity 0, not NaN.
+``svcca``/``pwcca``, a zero row for ``cosine``/``angular``, two zero rows for ``residual``)
+contributes similarity 0, not NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
-MEASURES = ("dc", "svcca", "pwcca", "cka", "cosine")
+MEASURES = ("dc", "svcca", "pwcca", "cka", "cosine", "angular", "residual")
+# Measures that compare paired rows coordinate by coordinate (need D1 == D2).
+PAIRED_MEASURES = ("cosine", "angular", "residual")
 
 # Default value of every option each measure accepts.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -47,6 +61,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "pwcca": {"threshold": 1.0},
     "cka": {},
     "cosine": {},
+    "angular": {},
+    "residual": {},
 }
 
 # Working memory for the N x N kernel rows that correlation_matrix stacks over all layers.
@@ -128,11 +144,13 @@ def _prepare(feats: Sequence[Any], names: Sequence[str]) -> list[torch.Tensor]:
     return out
 
 
-def _check_same_dims(feats: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+def _check_same_dims(measure: str, feats: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    if measure not in PAIRED_MEASURES:
+        return
     dims = {t.shape[1] for t in feats}
     if len(dims) > 1:
         shown = ", ".join(f"{name}: {t.shape[1]}" for t, name in zip(feats, names, strict=True))
-        raise ValueError(f"cosine needs equal feature dimensions, got {shown}")
+        raise ValueError(f"{measure} needs equal feature dimensions, got {shown}")
 
 
 def _batches(n: int, batch_size: int | None) -> list[slice]:
@@ -265,12 +283,39 @@ def _cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(_safe_ratio((x * y).sum(dim=1), den, -1.0).mean())
 
 
+def _angular_rows(x: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """1 - angle / pi between each row of ``x`` (N, D) and the paired rows of every
+    ``ys[l]`` (K, N, D): (K, N), 0 where either row is zero."""
+    u, v = _unit_rows(x), torch.stack([_unit_rows(y) for y in ys])
+    angle = 2.0 * torch.atan2((v - u).norm(dim=2), (v + u).norm(dim=2))
+    valid = (x.norm(dim=1) > 0) & (ys.norm(dim=2) > 0)
+    return torch.where(valid, 1.0 - angle / torch.pi, torch.zeros_like(angle))
+
+
+def _residual_rows(x: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """1 - ||y_r - x_r|| / (||x_r|| + ||y_r||) for each row of ``x`` (N, D) and every
+    ``ys[l]`` (K, N, D): (K, N), 0 where both rows are zero."""
+    den = x.norm(dim=1) + ys.norm(dim=2)
+    change = ((ys - x).norm(dim=2) / torch.where(den > 0, den, torch.ones_like(den))).clamp(0, 1)
+    return torch.where(den > 0, 1.0 - change, torch.zeros_like(change))
+
+
+def _angular_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(_angular_rows(x, y[None]).mean())
+
+
+def _residual_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(_residual_rows(x, y[None]).mean())
+
+
 _PAIR: dict[str, Callable[..., float]] = {
     "dc": _dc_similarity,
     "svcca": _svcca_similarity,
     "pwcca": _pwcca_similarity,
     "cka": _cka_similarity,
     "cosine": _cosine_similarity,
+    "angular": _angular_similarity,
+    "residual": _residual_similarity,
 }
 
 
@@ -286,8 +331,7 @@ def similarity(x: Any, y: Any, measure: str, **options: Any) -> float:
     """
     opts = _resolve_options(measure, options)
     x, y = _prepare([x, y], ["x", "y"])
-    if measure == "cosine":
-        _check_same_dims([x, y], ["x", "y"])
+    _check_same_dims(measure, [x, y], ["x", "y"])
     return _PAIR[measure](x, y, **opts)
 
 
@@ -382,12 +426,31 @@ def _pwcca_matrix(feats: list[torch.Tensor], threshold: float) -> torch.Tensor:
     return out
 
 
+def _paired_rows_matrix(
+    rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], feats: list[torch.Tensor]
+) -> torch.Tensor:
+    """Mean over rows of ``rows(x, ys)`` for every pair of layers; symmetric measures, so each
+    layer is compared with itself and the later ones only, in chunks of about
+    ``_CHUNK_BYTES``."""
+    n = len(feats)
+    out = torch.zeros(n, n, dtype=torch.float64, device=feats[0].device)
+    step = max(1, _CHUNK_BYTES // (8 * feats[0].numel()))
+    for i in range(n):
+        for start in range(i, n, step):
+            stop = min(n, start + step)
+            values = rows(feats[i], torch.stack(feats[start:stop])).mean(dim=1)
+            out[i, start:stop] = out[start:stop, i] = values
+    return out
+
+
 _MATRIX: dict[str, Callable[..., torch.Tensor]] = {
     "dc": _dc_matrix,
     "svcca": _svcca_matrix,
     "pwcca": _pwcca_matrix,
     "cka": _cka_matrix,
     "cosine": _cosine_matrix,
+    "angular": lambda feats: _paired_rows_matrix(_angular_rows, feats),
+    "residual": lambda feats: _paired_rows_matrix(_residual_rows, feats),
 }
 
 
@@ -405,9 +468,8 @@ def correlation_matrix(layer_feats: Sequence[Any], measure: str, **options: Any)
         raise ValueError("layer_feats is empty: need one (N, D) array per layer index")
     names = [f"layer_feats[{i}]" for i in range(len(layer_feats))]
     feats = _prepare(layer_feats, names)
-    if measure == "cosine":
-        _check_same_dims(feats, names)
+    _check_same_dims(measure, feats, names)
     return _MATRIX[measure](feats, **opts).cpu().numpy().astype(np.float64)
 
 
-__all__ = ["MEASURES", "correlation_matrix", "similarity"]
+__all__ = ["MEASURES", "PAIRED_MEASURES", "correlation_matrix", "similarity"]

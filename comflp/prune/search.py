@@ -6,6 +6,12 @@ scores ``M[a-1][b]`` (how alike the block's input and output are) and the propos
 mean of its blocks. Higher is better. Every ranking is a stable sort, so ties keep the order
 in which the candidates were generated.
 
+Aggregations of the block scores (``aggregation`` of :func:`coarse_search`):
+
+- ``mean`` (CoMFLP, the default): the mean of the blocks' ``M[a-1][b]``;
+- ``damage``: minus the sum of the blocks' damages ``1 - M[a-1][b]``, which, unlike the
+  mean, counts every block, so splitting the pruned layers into more blocks costs more.
+
 Search modes of :func:`coarse_search`:
 
 - ``exhaustive``: score all C(L, P) proposals (vectorised), in lexicographic order of their
@@ -34,6 +40,7 @@ import numpy as np
 from comflp.prune.subsets import check_num_prune
 
 MODES = ("beam", "greedy", "exhaustive")
+AGGREGATIONS = ("mean", "damage")
 DEFAULT_MAX_EXHAUSTIVE = 2_000_000
 _CHUNK = 65_536  # proposals scored at once by the exhaustive search
 
@@ -132,23 +139,37 @@ def validate_matrix(matrix: Any, num_layers: int | None = None) -> np.ndarray:
     return m
 
 
-def _score(m: np.ndarray, layers: Sequence[int]) -> float:
-    """Mean block score, summed left to right exactly as :func:`_combination_scores` does."""
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}"
+        )
+
+
+def _score(m: np.ndarray, layers: Sequence[int], aggregation: str = "mean") -> float:
+    """Aggregated block score, summed left to right exactly as :func:`_combination_scores`
+    does."""
     blocks = blocks_of(layers)
     total = 0.0
+    if aggregation == "damage":
+        for a, b in blocks:
+            total -= 1.0 - m[a - 1, b]
+        return float(total)
     for a, b in blocks:
         total += m[a - 1, b]
     return float(total / len(blocks))
 
 
-def score_proposal(matrix: Any, layers: Iterable[int]) -> float:
-    """CoMFLP score of pruning ``layers``: the mean over its blocks [a..b] of ``M[a-1][b]``."""
+def score_proposal(matrix: Any, layers: Iterable[int], aggregation: str = "mean") -> float:
+    """CoMFLP score of pruning ``layers``: by default the mean over its blocks [a..b] of
+    ``M[a-1][b]`` (other aggregations: module docstring)."""
+    _check_aggregation(aggregation)
     m = np.asarray(matrix, dtype=np.float64)
     layers = sorted(int(x) for x in layers)
     num_layers = m.shape[0] - 1
     if not layers or layers[0] < 1 or layers[-1] > num_layers:
         raise ValueError(f"layers must be a non-empty subset of 1..{num_layers}, got {layers}")
-    return _score(m, layers)
+    return _score(m, layers, aggregation)
 
 
 def _check_count(name: str, value: Any, low: int) -> None:
@@ -173,11 +194,15 @@ def _extensions(beam: list[tuple[int, ...]], num_layers: int) -> list[tuple[int,
     return list(seen)
 
 
-def _beam_search(m: np.ndarray, num_prune: int, beam_size: int, top_k: int) -> list[Proposal]:
+def _beam_search(
+    m: np.ndarray, num_prune: int, beam_size: int, top_k: int, aggregation: str
+) -> list[Proposal]:
     beam: list[tuple[int, ...]] = [()]
     ranked: list[Proposal] = []
     for step in range(1, num_prune + 1):
-        candidates = [Proposal(c, _score(m, c)) for c in _extensions(beam, m.shape[0] - 1)]
+        candidates = [
+            Proposal(c, _score(m, c, aggregation)) for c in _extensions(beam, m.shape[0] - 1)
+        ]
         ranked = _ranked(candidates, top_k if step == num_prune else beam_size)
         beam = [p.layers for p in ranked]
     return ranked
@@ -190,7 +215,7 @@ def _combinations(num_layers: int, num_prune: int) -> np.ndarray:
     return np.fromiter(flat, dtype=np.int32, count=count * num_prune).reshape(count, num_prune)
 
 
-def _combination_scores(m: np.ndarray, combos: np.ndarray) -> np.ndarray:
+def _combination_scores(m: np.ndarray, combos: np.ndarray, aggregation: str) -> np.ndarray:
     """Scores of many proposals at once, one row of sorted layers each."""
     n, p = combos.shape
     gap = np.diff(combos, axis=1) != 1
@@ -201,12 +226,33 @@ def _combination_scores(m: np.ndarray, combos: np.ndarray) -> np.ndarray:
     block_end = np.minimum.accumulate(end_or_max[:, ::-1], axis=1)[:, ::-1]
     total = np.zeros(n)
     for i in range(p):  # a loop over positions, not proposals; adds in the order _score does
-        total += np.where(starts[:, i], m[combos[:, i] - 1, block_end[:, i]], 0.0)
-    return total / starts.sum(axis=1)
+        block = m[combos[:, i] - 1, block_end[:, i]]
+        if aggregation == "damage":
+            total -= np.where(starts[:, i], 1.0 - block, 0.0)
+        else:
+            total += np.where(starts[:, i], block, 0.0)
+    return total if aggregation == "damage" else total / starts.sum(axis=1)
+
+
+def score_proposals(matrix: Any, proposals: Any, aggregation: str = "mean") -> np.ndarray:
+    """Scores of many proposals of the same size at once (the vectorised
+    :func:`score_proposal`): ``proposals`` is a (n, P) array of pruned layer numbers, each row
+    distinct layers of 1..L in any order."""
+    _check_aggregation(aggregation)
+    m = validate_matrix(matrix)
+    combos = np.sort(np.asarray(proposals, dtype=np.int64), axis=1)
+    if combos.ndim != 2 or combos.shape[1] == 0:
+        raise ValueError(f"proposals must be a (n, P >= 1) array, got shape {combos.shape}")
+    num_layers = m.shape[0] - 1
+    if combos.size and (combos.min() < 1 or combos.max() > num_layers):
+        raise ValueError(f"proposals must hold layer numbers in 1..{num_layers}")
+    if np.any(np.diff(combos, axis=1) == 0):
+        raise ValueError("a proposal must not repeat a layer")
+    return _combination_scores(m, combos, aggregation)
 
 
 def _exhaustive_search(
-    m: np.ndarray, num_prune: int, top_k: int, max_exhaustive: int
+    m: np.ndarray, num_prune: int, top_k: int, max_exhaustive: int, aggregation: str
 ) -> list[Proposal]:
     num_layers = m.shape[0] - 1
     count = math.comb(num_layers, num_prune)
@@ -218,7 +264,10 @@ def _exhaustive_search(
         )
     combos = _combinations(num_layers, num_prune)
     scores = np.concatenate(
-        [_combination_scores(m, combos[i : i + _CHUNK]) for i in range(0, count, _CHUNK)]
+        [
+            _combination_scores(m, combos[i : i + _CHUNK], aggregation)
+            for i in range(0, count, _CHUNK)
+        ]
     )
     best = np.argsort(-scores, kind="stable")[:top_k]
     return [Proposal(tuple(combos[i].tolist()), scores[i]) for i in best]
@@ -231,14 +280,17 @@ def coarse_search(
     beam_size: int = 10,
     top_k: int = 10,
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
+    aggregation: str = "mean",
 ) -> list[Proposal]:
-    """Best proposals for pruning ``num_prune`` layers, best first (modes: module docstring).
+    """Best proposals for pruning ``num_prune`` layers, best first (modes and aggregations:
+    module docstring).
 
     ``exhaustive`` refuses (ValueError) when C(L, P) exceeds ``max_exhaustive``;
     ``beam_size`` is used by ``beam`` only.
     """
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
+    _check_aggregation(aggregation)
     m = validate_matrix(matrix)
     num_layers = m.shape[0] - 1
     check_num_prune(num_prune, num_layers)
@@ -246,8 +298,9 @@ def coarse_search(
     _check_count("top_k", top_k, 1)
     _check_count("max_exhaustive", max_exhaustive, 1)
     if mode == "exhaustive":
-        return _exhaustive_search(m, num_prune, top_k, max_exhaustive)
-    return _beam_search(m, num_prune, 1 if mode == "greedy" else beam_size, top_k)
+        return _exhaustive_search(m, num_prune, top_k, max_exhaustive, aggregation)
+    beam = 1 if mode == "greedy" else beam_size
+    return _beam_search(m, num_prune, beam, top_k, aggregation)
 
 
 def format_proposals(proposals: Sequence[Proposal]) -> str:

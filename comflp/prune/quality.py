@@ -1,0 +1,515 @@
+"""How well does a coarse score predict the pruned model's accuracy? (the search-quality study)
+
+For P pruned layers, the study takes a set of proposals, evaluates the dev CER of each one's
+pruned model and compares every scoring variant's coarse scores with those CERs:
+
+- :func:`spearman` and :func:`kendall_tau` (tau-b) between score and CER (a good score has a
+  strongly negative correlation: higher score, lower CER);
+- :func:`top1_percentile`: how many proposals the coarse top-1 beats;
+- :func:`best_of_top_k_regret`: the CER of the best of the top K (what the fine search finds)
+  against the oracle (the lowest CER of the set).
+
+Proposals (:func:`proposal_set`): all C(L, P) when there are at most ``cap``, else a seeded
+uniform random sample of ``sample_size`` proposals plus the coarse top-K of every variant (so
+that the top-K statistics are exact). The rank statistics and the percentile use the uniform
+part only (all proposals in the exhaustive case), an unbiased view of the whole population;
+the regrets use every proposal, so with a sample the "oracle" is the best of the set.
+
+Features (:class:`StudyFeatures`): one frame-pooled dump of the largest calibration size
+serves every variant. The N-utterance variants take the first N utterances of a seeded
+permutation of the dumped ones (nested subsets, random order so that dc's consecutive batches
+are random batches). Mean pooling averages each utterance's dumped frames: exact when an
+utterance has no more than ``frames_per_utt`` frames (or the dump kept all frames), else the
+mean of a random sample of them. Frame pooling keeps at most ``frame_rows`` rows (a seeded
+sample, the same rows at every layer index), as the kernel measures are quadratic in rows.
+A dc batch size counts rows, as in stage 5: with frame pooling a batch holds consecutive
+frames, mostly of one utterance.
+
+CERs are cached per P in a JSON file (:func:`proposal_cers`), written after every chunk, so an
+interrupted study resumes and a rerun evaluates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import kaldiio
+import numpy as np
+from tqdm import tqdm
+
+from comflp.adapters.base import PrunableModel
+from comflp.expdir import DUMP_INFO
+from comflp.prune.correlation import correlation_matrix
+from comflp.prune.dump import layer_file
+from comflp.prune.evaluator import evaluate_subsets
+from comflp.prune.metric_search import fine_search
+from comflp.prune.search import (
+    DEFAULT_MAX_EXHAUSTIVE,
+    coarse_search,
+    score_proposals,
+)
+from comflp.prune.subsets import kept_layers
+from comflp.utils import atomic_write_json
+
+TOP_KS = (1, 3, 5, 10)
+CALIB_SIZES = (32, 64, 128, 320, 1280)
+DC_BATCH_SIZES = (4, 32, None)
+REFERENCE_NUM_UTTS = 320
+
+# ----------------------------------------------------------------------------- rank statistics
+
+
+def _pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"need two 1-D arrays of the same length, got {x.shape} and {y.shape}")
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 values, got {len(x)}")
+    return x, y
+
+
+def average_ranks(x: Any) -> np.ndarray:
+    """Ranks 1..n of ``x``; tied values share the mean of the ranks they span."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    first = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], len(x))
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + ends + 1) / 2.0)[group]
+    return ranks
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rho: the Pearson correlation of the average ranks (NaN if one is constant)."""
+    x, y = _pair(x, y)
+    rx, ry = average_ranks(x) - (len(x) + 1) / 2, average_ranks(y) - (len(y) + 1) / 2
+    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / den if den > 0 else math.nan
+
+
+def kendall_tau(x: Any, y: Any) -> float:
+    """Kendall's tau-b, (C - D) / sqrt((n0 - n1)(n0 - n2)) over all pairs, with n1 and n2 the
+    pairs tied in x and in y (NaN if one is constant). O(n^2) memory: meant for n <= a few
+    thousand."""
+    x, y = _pair(x, y)
+    i, j = np.triu_indices(len(x), k=1)
+    sx, sy = np.sign(x[j] - x[i]), np.sign(y[j] - y[i])
+    n0 = len(i)
+    den = math.sqrt(float(n0 - np.sum(sx == 0)) * float(n0 - np.sum(sy == 0)))
+    return float(np.sum(sx * sy)) / den if den > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------- top-K quality
+
+
+def ranking(scores: Any) -> np.ndarray:
+    """Indices best score first; ties keep the given order (as the coarse search does)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+def top1_percentile(scores: Any, cer: Any) -> float:
+    """Fraction of the other proposals whose CER is strictly worse (higher) than the CER of
+    the coarse top-1 (the highest score; among tied scores the first). Proposals with the
+    same CER as the top-1 count as not beaten, so 1.0 means the top-1 is the unique best."""
+    scores, cer = _pair(scores, cer)
+    top = ranking(scores)[0]
+    return float(np.sum(cer > cer[top])) / (len(cer) - 1)
+
+
+def best_of_top_k_regret(scores: Any, cer: Any, k: int) -> dict[str, float | None]:
+    """The lowest CER among the ``k`` best-scored proposals (``cer``), the oracle's lowest
+    CER of all (``oracle``), their difference (``regret``) and the difference relative to
+    the oracle (``relative``: 0 for no regret, None for a regret over an oracle CER of 0)."""
+    scores, cer = _pair(scores, cer)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    best = float(cer[ranking(scores)[:k]].min())
+    oracle = float(cer.min())
+    regret = best - oracle
+    return {
+        "cer": best,
+        "oracle": oracle,
+        "regret": regret,
+        "relative": regret / oracle if oracle > 0 else (0.0 if regret == 0 else None),
+    }
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to score proposals: a measure on features of one pooling and calibration size,
+    and a block-score aggregation (see :mod:`comflp.prune.search`)."""
+
+    measure: str
+    pooling: str
+    num_utts: int
+    batch_size: int | None = None  # dc only; None: one batch of all rows
+    aggregation: str = "mean"
+
+    @property
+    def label(self) -> str:
+        """The measure with its dc batch size, e.g. ``dc_b32`` or ``dc_ball``."""
+        if self.measure != "dc":
+            return self.measure
+        return f"dc_b{self.batch_size or 'all'}"
+
+    @property
+    def name(self) -> str:
+        agg = "" if self.aggregation == "mean" else f"/{self.aggregation}"
+        return f"{self.label}/{self.pooling}/N{self.num_utts}{agg}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size} if self.measure == "dc" else {}
+
+    @property
+    def matrix_key(self) -> tuple:
+        """Variants with the same key share one correlation matrix."""
+        return (self.measure, self.batch_size, self.pooling, self.num_utts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "measure": self.measure,
+            "options": self.options,
+            "pooling": self.pooling,
+            "num_utts": self.num_utts,
+            "aggregation": self.aggregation,
+        }
+
+
+def study_variants(
+    measures: Sequence[str],
+    poolings: Sequence[str],
+    sizes: Sequence[int],
+    rows: Callable[[str, int], int],
+    reference_num_utts: int,
+    dc_batch_sizes: Sequence[int | None] = DC_BATCH_SIZES,
+    aggregations: Sequence[str] = ("mean", "damage"),
+) -> list[Variant]:
+    """Every measure x pooling x calibration size (dc once per batch size), with the mean
+    aggregation; the other aggregations at the reference size only. ``rows(pooling, n)`` is
+    the number of feature rows of that variant: a dc batch size not below it equals one batch
+    of all rows and is left out."""
+    out = []
+    for pooling in poolings:
+        for n in sizes:
+            for measure in measures:
+                batches = dc_batch_sizes if measure == "dc" else (None,)
+                for b in batches:
+                    if b is not None and b >= rows(pooling, n):
+                        continue
+                    for agg in aggregations:
+                        if agg == "mean" or n == reference_num_utts:
+                            out.append(Variant(measure, pooling, n, b, agg))
+    return out
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class StudyFeatures:
+    """Per-variant features derived from one frame-pooled dump (module docstring)."""
+
+    def __init__(self, dump_dir: Path, frame_rows: int, seed: int = 0):
+        dump_dir = Path(dump_dir)
+        info_path = dump_dir / DUMP_INFO
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{info_path}: not found (the study's layer dump)")
+        self.info = json.loads(info_path.read_text())
+        if self.info["pooling"] != "frames":
+            raise ValueError(f"{dump_dir}: the study needs a frames-pooled dump")
+        if frame_rows < 2:
+            raise ValueError(f"frame_rows must be >= 2, got {frame_rows}")
+        self.frame_rows, self.seed = frame_rows, seed
+        utts = self.info["utts"]
+        order = np.random.default_rng(seed).permutation(len(utts))
+        self.utts = [utts[i] for i in order]
+        self.frames: list[list[np.ndarray]] = []
+        for k in range(self.info["num_layers"] + 1):
+            table = kaldiio.load_scp(str(layer_file(dump_dir, k).with_suffix(".scp")))
+            self.frames.append([np.atleast_2d(table[u]) for u in self.utts])
+        self.lengths = np.array([len(a) for a in self.frames[0]])
+
+    @property
+    def num_utts(self) -> int:
+        return len(self.utts)
+
+    def _frame_rows(self, n: int) -> np.ndarray | None:
+        total = int(self.lengths[:n].sum())
+        if total <= self.frame_rows:
+            return None
+        rng = np.random.default_rng(self.seed + n)
+        return np.sort(rng.choice(total, size=self.frame_rows, replace=False))
+
+    def rows(self, pooling: str, n: int) -> int:
+        if pooling == "mean":
+            return n
+        return min(int(self.lengths[:n].sum()), self.frame_rows)
+
+    def layer_feats(self, pooling: str, n: int) -> list[np.ndarray]:
+        """The L+1 (rows, D) arrays of the first ``n`` utterances with ``pooling``."""
+        if not 2 <= n <= self.num_utts:
+            raise ValueError(f"calibration size {n} is not in 2..{self.num_utts} (dumped)")
+        if pooling == "mean":
+            return [np.stack([a.mean(0) for a in layer[:n]]) for layer in self.frames]
+        keep = self._frame_rows(n)
+        feats = [np.concatenate(layer[:n]) for layer in self.frames]
+        return feats if keep is None else [f[keep] for f in feats]
+
+
+def variant_matrices(
+    features: StudyFeatures, variants: Sequence[Variant]
+) -> dict[tuple, tuple[np.ndarray, float]]:
+    """The correlation matrix of each distinct matrix key and the seconds it took."""
+    out: dict[tuple, tuple[np.ndarray, float]] = {}
+    cache: dict[tuple[str, int], list[np.ndarray]] = {}
+    for v in tqdm(variants, desc="correlation matrices", unit="variant", mininterval=10):
+        if v.matrix_key in out:
+            continue
+        if (v.pooling, v.num_utts) not in cache:
+            cache[(v.pooling, v.num_utts)] = features.layer_feats(v.pooling, v.num_utts)
+        feats = cache[(v.pooling, v.num_utts)]
+        start = time.perf_counter()
+        matrix = correlation_matrix(feats, v.measure, **v.options)
+        out[v.matrix_key] = (matrix, time.perf_counter() - start)
+    return out
+
+
+# ----------------------------------------------------------------------------- proposals
+
+
+def _random_proposals(
+    num_layers: int, num_prune: int, size: int, rng: np.random.Generator
+) -> set[tuple[int, ...]]:
+    drawn: set[tuple[int, ...]] = set()
+    while len(drawn) < size:
+        pick = rng.choice(num_layers, size=num_prune, replace=False) + 1
+        drawn.add(tuple(sorted(int(x) for x in pick)))
+    return drawn
+
+
+def proposal_set(
+    num_layers: int,
+    num_prune: int,
+    matrices: Sequence[tuple[np.ndarray, str]],
+    cap: int = 1000,
+    sample_size: int = 300,
+    top_k: int = max(TOP_KS),
+    seed: int = 0,
+) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """The proposals of the study in lexicographic order, and which of them belong to the
+    uniform part (module docstring). ``matrices``: (matrix, aggregation) of every variant,
+    whose coarse top ``top_k`` (exhaustive when C(L, P) allows, else beam) are included."""
+    count = math.comb(num_layers, num_prune)
+    if count <= max(cap, sample_size):
+        every = list(combinations(range(1, num_layers + 1), num_prune))
+        return every, np.ones(len(every), dtype=bool)
+    uniform = _random_proposals(num_layers, num_prune, sample_size, np.random.default_rng(seed))
+    top: set[tuple[int, ...]] = set()
+    mode = "exhaustive" if count <= DEFAULT_MAX_EXHAUSTIVE else "beam"
+    for matrix, aggregation in matrices:
+        found = coarse_search(matrix, num_prune, mode, top_k, top_k, aggregation=aggregation)
+        top.update(p.layers for p in found)
+    proposals = sorted(uniform | top)
+    return proposals, np.array([p in uniform for p in proposals])
+
+
+# ----------------------------------------------------------------------------- CER cache
+
+
+class CerCache:
+    """CERs of proposals (and fine-search timings) for one P, in a JSON file that is written
+    atomically after every change; refuses a file made with other settings."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"settings": settings, "cers": {}, "fine": {}}
+        if self.path.is_file():
+            stored = json.loads(self.path.read_text())
+            if stored.get("settings") != settings:
+                raise ValueError(
+                    f"{self.path}: made with other settings ({stored.get('settings')}, now "
+                    f"{settings}); use another --output_dir or delete the file"
+                )
+            self.data = stored
+
+    @staticmethod
+    def key(layers: Sequence[int]) -> str:
+        return ",".join(str(x) for x in layers)
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def proposal_cers(
+    model: PrunableModel,
+    batches: list[dict],
+    proposals: Sequence[tuple[int, ...]],
+    cache: CerCache,
+    chunk: int = 100,
+) -> np.ndarray:
+    """Dev CER of each proposal's pruned model (greedy CTC, prefix-cached evaluation), taking
+    what ``cache`` has and adding the rest to it, ``chunk`` proposals at a time."""
+    cers = cache.data["cers"]
+    todo = [p for p in proposals if cache.key(p) not in cers]
+    for start in tqdm(range(0, len(todo), chunk), desc="proposal CERs", unit="chunk"):
+        part = todo[start : start + chunk]
+        subsets = [kept_layers(model.num_layers, p) for p in part]
+        for p, r in zip(part, evaluate_subsets(model, batches, subsets), strict=True):
+            cers[cache.key(p)] = {"cer": r.cer, "wer": r.wer, "seconds": r.seconds}
+        cache.save()
+    return np.array([cers[cache.key(p)]["cer"] for p in proposals])
+
+
+def timed_fine_search(
+    model: PrunableModel,
+    batches: list[dict],
+    matrix: np.ndarray,
+    num_prune: int,
+    aggregation: str,
+    cache: CerCache,
+    beam_size: int = 10,
+    top_k: int = 10,
+) -> dict[str, Any]:
+    """CoMFLP as stage 6 runs it on ``matrix``: the beam search's top ``top_k`` and their fine
+    search; seconds of each step, the chosen layers and their CER. The fine search's choice is
+    read from the CER cache (the best of the top K, as the fine search picks it); its time,
+    which does not depend on the scoring variant (K evaluations with the prefix cache), is
+    measured once per P by running it on the first variant's top K."""
+    start = time.perf_counter()
+    proposals = coarse_search(matrix, num_prune, "beam", beam_size, top_k, aggregation=aggregation)
+    coarse_seconds = time.perf_counter() - start
+    layers = [tuple(p.layers) for p in proposals]
+    cers = proposal_cers(model, batches, layers, cache)
+    if "seconds" not in cache.data["fine"]:
+        cache.data["fine"]["seconds"] = fine_search(model, batches, proposals).seconds
+        cache.save()
+    best = int(np.argmin(cers))
+    return {
+        "beam_seconds": coarse_seconds,
+        "fine_seconds": cache.data["fine"]["seconds"],
+        "fine_layers": list(layers[best]),
+        "fine_cer": float(cers[best]),
+    }
+
+
+# ----------------------------------------------------------------------------- one variant
+
+
+def variant_quality(
+    scores: np.ndarray, cer: np.ndarray, uniform: np.ndarray, ks: Sequence[int] = TOP_KS
+) -> dict[str, Any]:
+    """Rank statistics over the uniform part, the top-1's percentile among the uniform part,
+    and the best-of-top-K regrets over every proposal."""
+    pool = uniform.copy()
+    pool[ranking(scores)[0]] = True  # the top-1 of all is the top-1 of the pool too
+    return {
+        "spearman": spearman(scores[uniform], cer[uniform]),
+        "kendall": kendall_tau(scores[uniform], cer[uniform]),
+        "top1_percentile": top1_percentile(scores[pool], cer[pool]),
+        "regret": {str(k): best_of_top_k_regret(scores, cer, k) for k in ks},
+    }
+
+
+def study_num_prune(
+    model: PrunableModel,
+    batches: list[dict],
+    variants: Sequence[Variant],
+    matrices: dict[tuple, tuple[np.ndarray, float]],
+    num_prune: int,
+    cache: CerCache,
+    dump_seconds_per_utt: float,
+    cap: int = 1000,
+    sample_size: int = 300,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The study for one P: proposals and their CERs, and every variant's scores, quality
+    and CoMFLP search time (the dump's share for its N utterances, its matrix, the beam
+    search and the fine search of the top 10)."""
+    proposals, uniform = proposal_set(
+        model.num_layers,
+        num_prune,
+        [(matrices[v.matrix_key][0], v.aggregation) for v in variants],
+        cap,
+        sample_size,
+        seed=seed,
+    )
+    cer = proposal_cers(model, batches, proposals, cache)
+    layers = np.array(proposals)
+    rows = []
+    for v in tqdm(variants, desc=f"variants, P={num_prune}", unit="variant", mininterval=10):
+        matrix, matrix_seconds = matrices[v.matrix_key]
+        scores = score_proposals(matrix, layers, v.aggregation)
+        timing = timed_fine_search(model, batches, matrix, num_prune, v.aggregation, cache)
+        dump_seconds = dump_seconds_per_utt * v.num_utts
+        total = dump_seconds + matrix_seconds + timing["beam_seconds"] + timing["fine_seconds"]
+        rows.append(
+            {
+                **v.to_dict(),
+                **variant_quality(scores, cer, uniform),
+                "dump_seconds": dump_seconds,
+                "matrix_seconds": matrix_seconds,
+                **timing,
+                "total_seconds": total,
+                "scores": scores.tolist(),
+            }
+        )
+    best = int(np.argmin(cer))
+    entries = cache.data["cers"]
+    return {
+        "num_prune": num_prune,
+        "num_proposals": len(proposals),
+        "exhaustive": bool(uniform.all()),
+        "num_uniform": int(uniform.sum()),
+        "oracle_layers": list(proposals[best]),
+        "oracle_cer": float(cer[best]),
+        "evaluation_seconds": sum(entries[cache.key(p)]["seconds"] for p in proposals),
+        "proposals": [
+            {"layers": list(p), "cer": float(c), "uniform": bool(u)}
+            for p, c, u in zip(proposals, cer, uniform, strict=True)
+        ],
+        "variants": rows,
+    }
+
+
+def smallest_matching_size(rows: Sequence[dict], reference_num_utts: int) -> int | None:
+    """The smallest calibration size whose best-of-top-10 CER equals the reference size's,
+    among one family's rows (same measure, pooling, aggregation); None without the reference."""
+    best = {r["num_utts"]: r["regret"][str(max(TOP_KS))]["cer"] for r in rows}
+    if reference_num_utts not in best:
+        return None
+    return min(n for n, c in best.items() if c == best[reference_num_utts])
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table of one P's variants."""
+    ks = [str(k) for k in TOP_KS]
+    head = (
+        "| variant | Spearman | Kendall | top-1 pct | "
+        + " | ".join(f"regret@{k}" for k in ks)
+        + " | rel@10 | CoMFLP CER | search s |"
+    )
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for v in result["variants"]:
+        rel = v["regret"]["10"]["relative"]
+        lines.append(
+            f"| {v['name']} | {v['spearman']:.3f} | {v['kendall']:.3f} | "
+            f"{100 * v['top1_percentile']:.1f} | "
+            + " | ".join(f"{v['regret'][k]['regret']:.2f}" for k in ks)
+            + f" | {'-' if rel is None else f'{100 * rel:.1f}%'} | {v['fine_cer']:.2f} | "
+            f"{v['total_seconds']:.1f} |"
+        )
+    return "\n".join(lines)
