@@ -6,7 +6,7 @@ from pathlib import Path
 
 from comflp.adapters.base import PrunableModel
 
-MODEL_TYPES = ("comflp",)
+MODEL_TYPES = ("comflp", "hf")
 
 
 def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:
@@ -15,4 +15,8 @@ def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:
         from comflp.adapters.native import NativeModel
 
         return NativeModel.load(model_dir)
+    if model_type == "hf":
+        from comflp.adapters.hf import HFModel
+
+        return HFModel.load(model_dir)
     raise ValueError(f"unknown model type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")

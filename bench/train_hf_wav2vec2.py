@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Train a small Hugging Face ``Wav2Vec2ForCTC`` from scratch on the built-in corpus (CPU, a
+wall-time budget), to have a model trained elsewhere that really recognises speech for
+``./run.sh --stage 4 --stop_stage 7 --model_type hf --model_dir OUT_DIR``.
+
+Reads the lhotse manifests of stage 0 (``--manifest_dir``, raw 16 kHz audio; no fbank needed)
+and builds a character vocabulary from the training transcripts (``|`` between words, ``<pad>``
+the CTC blank). The model is CoMFLP's class, ``Wav2Vec2ForCTC`` (12 layers, hidden size 144,
+4 heads by default), trained with CTC through comflp's HF adapter (its SpecAugment, dropout,
+and the optional LayerNorm before ``lm_head`` of CoMFLP's AISHELL model, ``--lm_head_norm``),
+AdamW, linear warm-up over ``--warmup_steps`` and then a cosine decay over the remaining wall
+time. Dev CER (greedy CTC, :func:`evaluate_subsets` through the adapter) after every epoch,
+every ``--eval_every`` steps and when the budget ends; the best model is written with
+``save_pretrained`` plus its processor into ``--out_dir``, the evaluations to
+``history.json`` there.
+
+    python bench/train_hf_wav2vec2.py --workdir . --out_dir exp/hf_wav2vec2 --minutes 30
+    python bench/train_hf_wav2vec2.py --workdir $tiny --out_dir /tmp/hf --minutes 1 \\
+        --num_layers 2 --hidden_size 32 --dev_num_utts 8        # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from comflp import expdir
+from comflp.adapters.hf import HFModel
+from comflp.asr.ctc import ctc_loss
+from comflp.asr.data import cut_text, load_cuts, load_eval_batches, random_subset, train_sampler
+from comflp.cli import UsageError, add_common_args, positive_int, run
+from comflp.prune.evaluator import evaluate_model
+from comflp.utils import atomic_write_json, seed_everything
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "|"]
+
+
+def build_processor(texts: list[str], out_dir: Path):
+    """A Wav2Vec2Processor with a character vocabulary of ``texts`` (saved in ``out_dir``)."""
+    import transformers
+
+    chars = sorted({c for t in texts for c in t} - {" "})
+    vocab = {token: i for i, token in enumerate(SPECIAL + chars)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    tokenizer = transformers.Wav2Vec2CTCTokenizer(
+        str(out_dir / "vocab.json"), unk_token="<unk>", pad_token="<pad>"
+    )
+    extractor = transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True
+    )
+    return transformers.Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+
+
+def build_model(args: argparse.Namespace, processor) -> HFModel:
+    import transformers
+
+    conv_dim = [int(x) for x in args.conv_dim.split()]
+    conv_kernel = [int(x) for x in args.conv_kernel.split()]
+    conv_stride = [int(x) for x in args.conv_stride.split()]
+    if not len(conv_dim) == len(conv_kernel) == len(conv_stride):
+        raise UsageError(
+            "--conv_dim, --conv_kernel and --conv_stride need the same number of values"
+        )
+    config = transformers.Wav2Vec2Config(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        intermediate_size=args.intermediate_size,
+        conv_dim=conv_dim,
+        conv_kernel=conv_kernel,
+        conv_stride=conv_stride,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=args.stable_layer_norm,
+        num_conv_pos_embeddings=args.pos_conv_kernel,
+        num_conv_pos_embedding_groups=args.pos_conv_groups,
+        hidden_dropout=args.dropout,
+        attention_dropout=args.dropout,
+        activation_dropout=args.dropout,
+        feat_proj_dropout=args.dropout,
+        final_dropout=args.dropout,
+        layerdrop=0.0,
+        mask_time_prob=args.mask_time_prob,
+        mask_time_length=5,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        ctc_loss_reduction="sum",
+        architectures=["Wav2Vec2ForCTC"],
+    )
+    hf = transformers.Wav2Vec2ForCTC(config)
+    norm = None
+    if args.lm_head_norm:
+        hf.add_module("lm_head_norm", torch.nn.LayerNorm(args.hidden_size, config.layer_norm_eps))
+        norm = "lm_head_norm"
+    return HFModel(hf, processor, args.out_dir, norm)
+
+
+def learning_rate(args: argparse.Namespace, step: int, elapsed: float, budget: float) -> float:
+    """Linear warm-up over ``--warmup_steps``, then cosine decay over the wall-time left."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
+
+
+def main(args: argparse.Namespace) -> None:
+    seed_everything(args.seed)
+    manifests = args.workdir / args.manifest_dir
+    train_cuts = load_cuts(manifests / f"cuts_{args.train_set}.jsonl.gz")
+    if args.num_train:
+        train_cuts = random_subset(train_cuts, args.num_train, args.seed)
+    dev_cuts = random_subset(
+        load_cuts(manifests / f"cuts_{args.dev_set}.jsonl.gz"), args.dev_num_utts, args.seed
+    )
+    processor = build_processor([cut_text(c).upper() for c in train_cuts], args.out_dir)
+    model = build_model(args, processor)
+    logging.info(
+        f"Wav2Vec2ForCTC: {model.num_layers} layers, hidden {args.hidden_size}, "
+        f"{model.num_parameters() / 1e6:.2f} M parameters, vocabulary {len(processor.tokenizer)}; "
+        f"{len(train_cuts)} training utterances, {len(dev_cuts)} dev"
+    )
+    dev_batches = load_eval_batches(model, dev_cuts, args.max_duration)
+    optimizer = torch.optim.AdamW(
+        model.module.parameters(), lr=args.lr, weight_decay=args.weight_decay
+    )
+    budget = args.minutes * 60
+    start = time.time()
+    history: list[dict] = []
+    best = math.inf
+    step = epoch = 0
+
+    def evaluate(reason: str) -> None:
+        nonlocal best
+        result = evaluate_model(model, dev_batches)
+        minutes = (time.time() - start) / 60
+        row = {"epoch": epoch, "step": step, "minutes": minutes, "reason": reason}
+        history.append({**row, **result.to_dict()})
+        atomic_write_json(args.out_dir / expdir.HISTORY, history)
+        logging.info(
+            f"dev after {minutes:.1f} min (epoch {epoch}, step {step}, {reason}): "
+            f"CER {result.cer:.2f}, WER {result.wer:.2f}, CTC loss {result.ctc_loss:.2f}"
+        )
+        if result.cer < best:
+            best = result.cer
+            model.save(args.out_dir, {**row, "dev_cer": result.cer, "dev_wer": result.wer})
+            logging.info(f"best so far: saved to {args.out_dir}")
+
+    dataset = model.dataset()
+    out_of_time = False
+    while not out_of_time:
+        epoch += 1
+        sampler = train_sampler(train_cuts, args.max_duration, args.num_buckets, args.seed)
+        sampler.set_epoch(epoch)
+        model.module.train()
+        for cuts in sampler:
+            batch = dataset[cuts]
+            elapsed = time.time() - start
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, step, elapsed, budget)
+            log_probs, lengths = model.log_probs(batch)
+            loss = ctc_loss(
+                log_probs, lengths, batch["targets"], batch["target_lens"], model.blank_id
+            )
+            optimizer.zero_grad()
+            (loss / len(batch["ids"])).backward()
+            torch.nn.utils.clip_grad_norm_(model.module.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            if step % args.log_every == 0:
+                logging.info(
+                    f"epoch {epoch} step {step}: loss/utt {loss.item() / len(batch['ids']):.3f}, "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {elapsed / 60:.1f} min"
+                )
+            out_of_time = time.time() - start >= budget
+            if out_of_time or (args.eval_every and step % args.eval_every == 0):
+                evaluate("time budget spent" if out_of_time else f"every {args.eval_every} steps")
+                model.module.train()
+            if out_of_time:
+                break
+        else:
+            evaluate(f"end of epoch {epoch}")
+    logging.info(
+        f"done: {step} steps, {epoch} epoch(s) in {(time.time() - start) / 60:.1f} min; "
+        f"best dev CER {best:.2f}, model in {args.out_dir}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("."), help="where data/ is")
+    parser.add_argument("--manifest_dir", default="data/manifests", help="relative to --workdir")
+    parser.add_argument("--train_set", default="train-clean-100")
+    parser.add_argument("--dev_set", default="dev-clean")
+    parser.add_argument("--num_train", type=int, default=0, help="random training subset (0: all)")
+    parser.add_argument("--dev_num_utts", type=int, default=200)
+    parser.add_argument("--out_dir", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=30.0, help="wall-time budget")
+    model = parser.add_argument_group("model")
+    model.add_argument("--num_layers", type=positive_int, default=12)
+    model.add_argument("--hidden_size", type=positive_int, default=144)
+    model.add_argument("--num_heads", type=positive_int, default=4)
+    model.add_argument("--intermediate_size", type=positive_int, default=576)
+    model.add_argument("--conv_dim", default="64 128 128 128 128 144 144")
+    model.add_argument("--conv_kernel", default="10 3 3 3 3 2 2")
+    model.add_argument("--conv_stride", default="5 2 2 2 2 2 2", help="product 320: 20 ms frames")
+    model.add_argument("--pos_conv_kernel", type=positive_int, default=64)
+    model.add_argument("--pos_conv_groups", type=positive_int, default=8)
+    model.add_argument(
+        "--stable_layer_norm",
+        type=lambda v: v.lower() in ("true", "1", "yes"),
+        default=True,
+        help="pre-norm layers (true) or post-norm layers, as wav2vec2-base (false)",
+    )
+    model.add_argument(
+        "--lm_head_norm", action="store_true", help="a LayerNorm before lm_head (CoMFLP's model)"
+    )
+    model.add_argument("--dropout", type=float, default=0.1)
+    model.add_argument("--mask_time_prob", type=float, default=0.05)
+    train = parser.add_argument_group("training")
+    train.add_argument(
+        "--max_duration", type=float, default=60.0, help="seconds of audio per batch"
+    )
+    train.add_argument("--num_buckets", type=positive_int, default=10)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup_steps", type=positive_int, default=300)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--grad_clip", type=float, default=5.0)
+    train.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps")
+    train.add_argument("--log_every", type=positive_int, default=20)
+    train.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
