@@ -51,6 +51,7 @@ dc_batch_size=32        # dc: mean of DC over batches of this many utterances (C
 svcca_threshold=0.99    # svcca: singular-value mass kept
 num_prune="6"           # layers to prune; several values allowed, e.g. "2 4 6"
 search_mode=beam        # beam | greedy | exhaustive
+coarse_aggregation=mean  # proposal score: mean (CoMFLP: mean block correlation) | damage (minus summed 1 - correlation)
 beam_size=10
 top_k=10                # proposals passed to the fine search
 fine_metric=cer         # cer | wer | ctc_loss
@@ -202,7 +203,7 @@ if run_stage 6; then
           for measure in $measures; do
             log "Stage 6: CoMFLP, $search_mode search on the $measure matrix + fine search ($fine_metric), P=$p"
             search "comflp_$measure" "$p" --method comflp --measure "$measure" \
-              --mode "$search_mode" --beam_size "$beam_size" --top_k "$top_k"
+              --mode "$search_mode" --aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
           done ;;
         glp|oracle)
           log "Stage 6: $method search ($fine_metric on $fine_num_utts dev utterances), P=$p"

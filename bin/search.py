@@ -43,6 +43,7 @@ from comflp.prune.metric_search import (
     greedy_layer_pruning,
 )
 from comflp.prune.search import (
+    AGGREGATIONS,
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
     Proposal,
@@ -80,7 +81,13 @@ def coarse(args: argparse.Namespace, matrix_path: Path, num_layers: int | None) 
     parse_num_prune(args.num_prune, depth, f"the {depth}-layer matrix {matrix_path}")
     try:
         proposals = coarse_search(
-            matrix, args.num_prune, args.mode, args.beam_size, args.top_k, args.max_exhaustive
+            matrix,
+            args.num_prune,
+            args.mode,
+            args.beam_size,
+            args.top_k,
+            args.max_exhaustive,
+            aggregation=args.aggregation,
         )
     except ValueError as e:
         raise UsageError(f"--mode {args.mode}: {e}") from None
@@ -105,6 +112,7 @@ def run_comflp(args, model, batches, matrix_path: Path, out_dir: Path) -> Search
         coarse_seconds=coarse_seconds,
         matrix=str(matrix_path),
         mode=args.mode,
+        aggregation=args.aggregation,
         beam_size=args.beam_size,
         top_k=args.top_k,
     )
@@ -217,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--measure", default="dc", help="with --exp_dir: whose matrix to use")
     group.add_argument("--mode", choices=MODES, default="beam")
+    group.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="mean",
+        help="proposal score: mean of its blocks' correlations (CoMFLP) or minus the summed "
+        "damage 1 - correlation of its blocks",
+    )
     group.add_argument("--beam_size", type=positive_int, default=10, help="beam mode only")
     group.add_argument("--top_k", type=positive_int, default=10, help="proposals to keep")
     group.add_argument(

@@ -386,6 +386,19 @@ def test_cli_writes_proposals(cli, matrix_file, tmp_path, capsys):
     assert sorted(q.name for q in output.parent.iterdir()) == ["proposals.json"]
 
 
+def test_cli_damage_aggregation(cli, matrix_file, tmp_path):
+    output = tmp_path / "damage.json"
+    args = cli.build_parser().parse_args(
+        ["--matrix", str(matrix_file), "--num_prune", "2", "--top_k", "4", "--output", str(output)]
+        + ["--aggregation", "damage"]
+    )
+    cli.main(args)
+    damage = [p.to_dict() for p in coarse_search(small_matrix(), 2, top_k=4, aggregation="damage")]
+    assert json.loads(output.read_text()) == damage
+    mean = [p.to_dict() for p in coarse_search(small_matrix(), 2, top_k=4)]
+    assert [p["layers"] for p in damage] != [p["layers"] for p in mean]
+
+
 def write_bad_inputs(tmp_path: Path) -> dict[str, Path]:
     files = {
         "nonsquare": tmp_path / "nonsquare.npy",
