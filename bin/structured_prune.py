@@ -20,10 +20,10 @@ from comflp.asr.tokenizer import Tokenizer
 from comflp.cli import (
     UsageError,
     add_common_args,
+    add_training_args,
     parse_overrides,
     resolve_device,
     run,
-    str2bool,
 )
 from comflp.expdir import CMVN, MODEL, TOKENIZER
 from comflp.structured.config import load_structured_config
@@ -91,22 +91,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--target_sparsity", type=float, help="overrides structured.target_sparsity"
     )
-    parser.add_argument(
-        "--resume", type=str2bool, default=True, help="continue from the latest checkpoint"
-    )
-    parser.add_argument(
-        "--stop_after_steps",
-        type=int,
-        default=0,
-        help="checkpoint and stop after this many steps in this run (time-sliced jobs)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set structured.gate_lr=0.1",
-    )
+    add_training_args(parser)
     parser.add_argument("--device", default="auto")
     add_common_args(parser)
     run(main, parser)

@@ -20,6 +20,7 @@ from comflp.asr.trainer import Dist, train
 from comflp.cli import (
     UsageError,
     add_common_args,
+    add_training_args,
     parse_overrides,
     resolve_device,
     run,
@@ -107,22 +108,7 @@ if __name__ == "__main__":
         type=Path,
         help="initialise from the comflp model in this directory (fine-tuning a pruned model)",
     )
-    parser.add_argument(
-        "--resume", type=str2bool, default=True, help="continue from the latest checkpoint"
-    )
-    parser.add_argument(
-        "--stop_after_steps",
-        type=int,
-        default=0,
-        help="checkpoint and stop after this many steps in this run (time-sliced jobs)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set model.num_layers=6",
-    )
+    add_training_args(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", type=str2bool, default=False, help="bf16 autocast on GPU")
     add_common_args(parser)

@@ -78,6 +78,26 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """What every training entry point takes: ``--resume``, ``--stop_after_steps``, ``--set``."""
+    parser.add_argument(
+        "--resume", type=str2bool, default=True, help="continue from the latest checkpoint"
+    )
+    parser.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=0,
+        help="checkpoint and stop after this many steps in this run (time-sliced jobs)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.num_epochs=2",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--exp_dir`` and the model it prunes: ``--model_type`` and ``--model_dir``."""
     from comflp.adapters import MODEL_TYPES
