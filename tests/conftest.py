@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,6 +31,15 @@ TINY_OPTIONS = [
     "--nj",
     "2",
 ]
+
+
+def load_script(path: Path, name: str):
+    """A script that is not part of a package (bin/, bench/, utils/) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cmd(

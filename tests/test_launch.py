@@ -3,31 +3,21 @@ the Slurm job script (run here by hand, as Slurm would run one task of it)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, REPO, run_cmd
+from .conftest import PYTHON, REPO, load_script, run_cmd
 
 LAUNCH = REPO / "utils/launch.py"
 
 
-def _load_launch():
-    spec = importlib.util.spec_from_file_location("launch", LAUNCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["launch"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-launch = _load_launch()
+launch = load_script(LAUNCH, "launch")
 
 
 def run_launch(cwd: Path, *args: str, check: bool = False, env: dict | None = None):

@@ -3,22 +3,20 @@ layer features with a known answer."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from .conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "residual_sum_score.py"
 
 
 @pytest.fixture(scope="module")
 def rs():
-    spec = importlib.util.spec_from_file_location("residual_sum_score", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "residual_sum_score")
 
 
 class LinearReadout:

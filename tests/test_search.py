@@ -1,6 +1,5 @@
 """Coarse search of CoMFLP (comflp.prune.search) and its entry point bin/search.py."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -21,6 +20,8 @@ from comflp.prune.search import (
     score_proposal,
     validate_matrix,
 )
+
+from .conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/comflp_aishell1"
@@ -356,10 +357,7 @@ def test_coarse_search_rejects_a_bad_matrix():
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("bin_search", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bin_search")
 
 
 @pytest.fixture
