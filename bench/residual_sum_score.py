@@ -31,7 +31,13 @@ import torch
 
 from comflp.adapters.base import Hidden
 from comflp.cli import add_common_args, add_model_args, load_model_args, positive_int, run
-from comflp.prune.quality import StudyFeatures, kendall_tau, spearman
+from comflp.prune.quality import (
+    StudyFeatures,
+    best_of_top_k_regret,
+    kendall_tau,
+    ranking,
+    spearman,
+)
 from comflp.utils import atomic_write_json
 
 
@@ -64,12 +70,13 @@ def study_one(model, feats: list[np.ndarray], cers: dict[str, dict]) -> dict[str
     out = {}
     for name in scores[0]:
         s = np.array([row[name] for row in scores])
+        top10 = best_of_top_k_regret(s, cer, 10)
         out[name] = {
             "spearman": spearman(s, cer),
             "kendall": kendall_tau(s, cer),
-            "top1_cer": float(cer[np.argmax(s)]),
-            "best_top10_cer": float(cer[np.argsort(-s, kind="stable")[:10]].min()),
-            "oracle_cer": float(cer.min()),
+            "top1_cer": float(cer[ranking(s)[0]]),
+            "best_top10_cer": top10["cer"],
+            "oracle_cer": top10["oracle"],
             "proposals": len(cer),
         }
     return out
