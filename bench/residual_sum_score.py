@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Does a first-order residual approximation of the pruned model rank proposals better than the
-correlation measures? An experiment on the output of ``bin/search_quality.py``.
+"""The residual-sum score and two readout variants of it, on the output of
+``bin/search_quality.py`` (the experiment that led to ``--measures residual_sum``).
 
 A pre-LN encoder adds each layer's update to a residual stream: h_l = h_{l-1} + d_l. Pruning the
 layers S removes their updates; to first order (ignoring how the kept layers react to their
@@ -8,7 +8,8 @@ changed input) the pruned model's top state is h_L - sum_{l in S} d_l. This scri
 proposal of the study's CER cache by how far that approximation moves the model's output, using
 only the study's frame dump (no extra forward pass):
 
-- ``cos``: mean over frames of cos(approx, h_L);
+- ``cos``: mean over frames of cos(approx, h_L), the residual_sum measure of stages 5-6
+  (:mod:`comflp.prune.residual_sum`);
 - ``kl``: mean KL(p(h_L) || p(approx)) of the CTC readouts (final norm + CTC head);
 - ``agree``: share of frames whose greedy CTC label is unchanged.
 
@@ -38,6 +39,7 @@ from comflp.prune.quality import (
     ranking,
     spearman,
 )
+from comflp.prune.residual_sum import ResidualSumScorer
 from comflp.utils import atomic_write_json
 
 
@@ -49,27 +51,29 @@ def readout_probs(model, x: torch.Tensor) -> torch.Tensor:
     return logp[0]
 
 
-def proposal_scores(model, feats: list[np.ndarray], layers: tuple[int, ...]) -> dict[str, float]:
-    """``cos``, ``kl`` and ``agree`` of the residual approximation of pruning ``layers``."""
+def readout_scores(model, feats: list[np.ndarray], layers: tuple[int, ...]) -> dict[str, float]:
+    """``kl`` (negated) and ``agree`` of the residual approximation of pruning ``layers``."""
     top = torch.from_numpy(feats[-1]).float()
     approx = top.clone()
     for layer in layers:
         approx -= torch.from_numpy(feats[layer] - feats[layer - 1]).float()
-    cos = torch.nn.functional.cosine_similarity(approx, top, dim=-1).mean().item()
     ref, new = readout_probs(model, top), readout_probs(model, approx)
     kl = (ref.exp() * (ref - new)).sum(-1).mean().item()
     agree = (ref.argmax(-1) == new.argmax(-1)).float().mean().item()
-    return {"cos": cos, "kl": -kl, "agree": agree}  # higher = predicted better for all three
+    return {"kl": -kl, "agree": agree}  # higher = predicted better, as for cos
 
 
 def study_one(model, feats: list[np.ndarray], cers: dict[str, dict]) -> dict[str, dict]:
     """Rank correlations of each score with the CERs of one P's proposals."""
     proposals = [tuple(int(x) for x in key.split(",")) for key in cers]
     cer = np.array([cers[key]["cer"] for key in cers])
-    scores = [proposal_scores(model, feats, p) for p in proposals]
+    readout = [readout_scores(model, feats, p) for p in proposals]
+    scores = {
+        "cos": ResidualSumScorer.from_layer_feats(feats).scores(np.array(proposals)),
+        **{name: np.array([row[name] for row in readout]) for name in readout[0]},
+    }
     out = {}
-    for name in scores[0]:
-        s = np.array([row[name] for row in scores])
+    for name, s in scores.items():
         top10 = best_of_top_k_regret(s, cer, 10)
         out[name] = {
             "spearman": spearman(s, cer),

@@ -2,7 +2,8 @@
 """Stage 6: search which encoder layers to prune, with one of the searches comflp compares.
 
 --method comflp (CoMFLP): the coarse search ranks pruning proposals by a layer correlation
-matrix (a block [a..b] scores M[a-1][b], a proposal the mean of its blocks) and writes them,
+matrix (a block [a..b] scores M[a-1][b], a proposal the mean of its blocks), or by stage 5's
+residual-sum statistics (--measure residual_sum, or --matrix stats.npz), and writes them,
 best first, as a JSON list of {"layers", "blocks", "score"} (--output); it also prints them.
 Given a model (--exp_dir) and a dev set (--dev_cuts), it goes on to the fine search: each
 proposal's pruned model is evaluated on a dev subset with --metric.
@@ -42,11 +43,14 @@ from comflp.prune.metric_search import (
     fine_search,
     greedy_layer_pruning,
 )
+from comflp.prune.residual_sum import ResidualSumScorer
 from comflp.prune.search import (
     AGGREGATIONS,
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
+    BlockScorer,
     Proposal,
+    ProposalScorer,
     coarse_search,
     format_proposals,
     validate_matrix,
@@ -56,38 +60,40 @@ from comflp.utils import atomic_write_json
 SEARCHES = ("comflp", "glp", "oracle")
 
 
-def load_matrix(path: Path, num_layers: int | None) -> np.ndarray:
-    """Load and check a correlation matrix saved with ``numpy.save`` (for a model of
-    ``num_layers`` layers, when given)."""
+def load_scorer(path: Path, num_layers: int | None, aggregation: str) -> ProposalScorer:
+    """Stage 5's output: a correlation matrix saved with ``numpy.save`` (checked, for a model of
+    ``num_layers`` layers when given), or the ``.npz`` statistics of the residual-sum score."""
     if not path.is_file():
         raise UsageError(f"--matrix {path}: no such file")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError):
-        raise UsageError(f"--matrix {path}: not an array file written by numpy.save") from None
-    if not isinstance(loaded, np.ndarray):
-        loaded.close()
-        raise UsageError(f"--matrix {path}: an .npz archive, expected one .npy array")
+        raise UsageError(
+            f"--matrix {path}: not an array file written by numpy.save or numpy.savez"
+        ) from None
     try:
-        return validate_matrix(loaded, num_layers)
+        if isinstance(loaded, np.ndarray):
+            return BlockScorer(validate_matrix(loaded, num_layers), aggregation)
+        loaded.close()
+        scorer = ResidualSumScorer.load(path)
+        if num_layers is not None and scorer.num_layers != num_layers:
+            raise ValueError(
+                f"residual-sum statistics of a {scorer.num_layers}-layer encoder, but the model "
+                f"has {num_layers} layers"
+            )
+        return scorer
     except ValueError as e:
         raise UsageError(f"--matrix {path}: {e}") from None
 
 
 def coarse(args: argparse.Namespace, matrix_path: Path, num_layers: int | None) -> list[Proposal]:
     """The coarse search the options ask for, best proposal first."""
-    matrix = load_matrix(matrix_path, num_layers)
-    depth = matrix.shape[0] - 1
-    parse_num_prune(args.num_prune, depth, f"the {depth}-layer matrix {matrix_path}")
+    scorer = load_scorer(matrix_path, num_layers, args.aggregation)
+    depth = scorer.num_layers
+    parse_num_prune(args.num_prune, depth, f"the {depth}-layer scores {matrix_path}")
     try:
         proposals = coarse_search(
-            matrix,
-            args.num_prune,
-            args.mode,
-            args.beam_size,
-            args.top_k,
-            args.max_exhaustive,
-            aggregation=args.aggregation,
+            scorer, args.num_prune, args.mode, args.beam_size, args.top_k, args.max_exhaustive
         )
     except ValueError as e:
         raise UsageError(f"--mode {args.mode}: {e}") from None
@@ -221,16 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_prune", type=int, required=True, help="layers to prune")
     group = parser.add_argument_group("coarse search (CoMFLP)")
     group.add_argument(
-        "--matrix", type=Path, help="(L+1) x (L+1) .npy matrix (default: stage 5's of --measure)"
+        "--matrix",
+        type=Path,
+        help="(L+1) x (L+1) .npy matrix or residual-sum stats.npz (default: stage 5's of --measure)",
     )
-    group.add_argument("--measure", default="dc", help="with --exp_dir: whose matrix to use")
+    group.add_argument(
+        "--measure", default="dc", help="with --exp_dir: whose stage-5 output to use"
+    )
     group.add_argument("--mode", choices=MODES, default="beam")
     group.add_argument(
         "--aggregation",
         choices=AGGREGATIONS,
         default="mean",
-        help="proposal score: mean of its blocks' correlations (CoMFLP) or minus the summed "
-        "damage 1 - correlation of its blocks",
+        help="proposal score on a matrix: mean of its blocks' correlations (CoMFLP) or minus "
+        "the summed damage 1 - correlation of its blocks (residual_sum ignores it)",
     )
     group.add_argument("--beam_size", type=positive_int, default=10, help="beam mode only")
     group.add_argument("--top_k", type=positive_int, default=10, help="proposals to keep")

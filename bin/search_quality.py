@@ -28,7 +28,6 @@ from comflp.cli import (
     run,
 )
 from comflp.expdir import DUMP_INFO, ExpDir
-from comflp.prune.correlation import MEASURES
 from comflp.prune.dump import POOLINGS, dump_layers
 from comflp.prune.quality import (
     CALIB_SIZES,
@@ -43,6 +42,7 @@ from comflp.prune.quality import (
     study_variants,
     variant_matrices,
 )
+from comflp.prune.search import COARSE_MEASURES
 from comflp.utils import atomic_path, atomic_write_json, atomic_write_text
 
 QUALITY_JSON = "quality.json"
@@ -187,9 +187,11 @@ def report(summary: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    bad = sorted(set(args.measures) - set(MEASURES))
+    bad = sorted(set(args.measures) - set(COARSE_MEASURES))
     if bad:
-        raise UsageError(f"--measures {' '.join(bad)}: unknown; choose from {', '.join(MEASURES)}")
+        raise UsageError(
+            f"--measures {' '.join(bad)}: unknown; choose from {', '.join(COARSE_MEASURES)}"
+        )
     model = load_model_args(args)
     nums = parse_num_prune(
         " ".join(map(str, args.num_prune)), model.num_layers, f"the {model.num_layers}-layer model"
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dev_cuts", type=Path, default=Path("data/fbank/cuts_dev-clean.jsonl.gz"))
     parser.add_argument("--dev_num_utts", type=positive_int, default=320)
-    parser.add_argument("--measures", nargs="+", default=list(MEASURES))
+    parser.add_argument("--measures", nargs="+", default=list(COARSE_MEASURES))
     parser.add_argument("--poolings", nargs="+", choices=POOLINGS, default=list(POOLINGS))
     parser.add_argument(
         "--frames_per_utt", type=int, default=50, help="frames dumped per utterance (0: all)"

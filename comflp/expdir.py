@@ -7,11 +7,13 @@
       epoch-N.pt checkpoint-latest.pt history.json final_dev.json training_curves.png tensorboard/
       log/                                  every stage's logs
       dump/                                 stage 4: layerKK.ark/.scp, info.json, parts/J/
-      correlation/<measure>/                stage 5: matrix.npy, heatmap.png, settings.json
+      correlation/<measure>/                stage 5: matrix.npy (residual_sum: stats.npz), heatmap.png,
+                                                     settings.json
       search/<method>_prune<P>/             stage 6: search.json, proposals.json (CoMFLP), pruned/
       compare/                              stage 7: methods*.json, decode/<set>/<model>/, results.json,
                                                      error_vs_prune.png
-      finetune/<method>_prune<P>/           stage 8: a training experiment directory
+      finetune/<method>_prune<P>/           stage 8: a training experiment directory (a model
+                                                     of another library: its own files + train.yaml)
       structured/sparsity<t>/               stage 9: a training experiment directory whose
                                                      model.pt is the pruned model, structure.json
       RESULTS.md                            stage 7: the table of every method
@@ -27,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from comflp.prune.residual_sum import MEASURE as RESIDUAL_SUM
+
 # A comflp model directory (experiment directory or pruned model).
 CONFIG = "config.yaml"
 MODEL = "model.pt"
@@ -36,6 +40,7 @@ CMVN = "cmvn.json"
 # Beside a model saved in its own library's format (Hugging Face): what comflp did to it.
 PRUNE_INFO = "comflp_prune.json"
 # Training.
+TRAIN_CONFIG = "train.yaml"  # fine-tuning a model saved in its own format: the train section
 LATEST_CHECKPOINT = "checkpoint-latest.pt"
 HISTORY = "history.json"
 FINAL_DEV = "final_dev.json"
@@ -44,6 +49,7 @@ TENSORBOARD = "tensorboard"
 # Stage outputs.
 DUMP_INFO = "info.json"
 MATRIX = "matrix.npy"
+RESIDUAL_STATS = "stats.npz"
 HEATMAP = "heatmap.png"
 CORRELATION_SETTINGS = "settings.json"
 PROPOSALS = "proposals.json"
@@ -89,7 +95,10 @@ class ExpDir:
         return self.root / "correlation" / measure
 
     def matrix(self, measure: str) -> Path:
-        return self.correlation(measure) / MATRIX
+        """Stage 5's output that stage 6 ranks proposals by: the correlation matrix, or for
+        ``residual_sum`` the statistics of its scorer."""
+        name = RESIDUAL_STATS if measure == RESIDUAL_SUM else MATRIX
+        return self.correlation(measure) / name
 
     def search(self, method: str, num_prune: int) -> Path:
         return self.root / "search" / f"{method}_prune{num_prune}"

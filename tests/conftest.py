@@ -88,13 +88,13 @@ SEARCH_OPTIONS = [
     "--fine_num_utts",
     "8",
     "--measures",
-    "dc svcca cka",
+    "dc svcca cka residual_sum",
 ]
 
 
 @pytest.fixture(scope="session")
 def searched(pipeline) -> dict:
-    """Stages 4-6 on the tiny baseline (measures dc, svcca, cka; P = 1 and 2)."""
+    """Stages 4-6 on the tiny baseline (dc, svcca, cka, residual_sum; P = 1 and 2)."""
     proc = run_sh(
         pipeline["workdir"], "--stage", "4", "--stop_stage", "6", *TINY_OPTIONS, *SEARCH_OPTIONS
     )

@@ -1,6 +1,7 @@
 """Stages 4-6: layer dump, correlation matrix, coarse + fine search, pruned model output."""
 
 import json
+import shutil
 
 import kaldiio
 import numpy as np
@@ -18,6 +19,7 @@ from comflp.asr.tokenizer import Tokenizer
 from comflp.prune.dump import dump_layers, load_layer_feats
 from comflp.prune.evaluator import evaluate_subsets, layer_evaluations
 from comflp.prune.metric_search import fine_search
+from comflp.prune.residual_sum import ResidualSumScorer
 from comflp.prune.search import Proposal
 
 from .conftest import PYTHON, REPO, run_cmd
@@ -165,6 +167,22 @@ def test_stages_4_to_6_end_to_end(searched):
             assert pruned.cfg.kept_layers == [
                 k for k in range(1, 5) if k not in fine["best_layers"]
             ]
+    # residual_sum: the scorer's statistics of the frame-pooled dump, then the same searches
+    feats = load_layer_feats(exp / "dump")
+    assert info["pooling"] == "frames" and feats[0].shape[0] == info["num_rows"] > 24
+    stats = ResidualSumScorer.load(exp / "correlation/residual_sum/stats.npz")
+    want = ResidualSumScorer.from_layer_feats(feats)
+    np.testing.assert_allclose(stats.gram, want.gram, rtol=1e-12)
+    assert (exp / "correlation/residual_sum/heatmap.png").stat().st_size > 1000
+    for p in (1, 2):
+        out = exp / f"search/comflp_residual_sum_prune{p}"
+        proposals = json.loads((out / "proposals.json").read_text())
+        scores = stats.scores(np.array([x["layers"] for x in proposals]))
+        np.testing.assert_allclose([x["score"] for x in proposals], scores, rtol=1e-12)
+        assert list(scores) == sorted(scores, reverse=True)
+        fine = json.loads((out / "search.json").read_text())
+        assert load_model(out / "pruned").cfg.num_layers == 4 - p
+        assert fine["best_layers"] in [x["layers"] for x in proposals]
     # dc with CoMFLP's batching: 24 utterances in batches of 8 -> settings recorded
     assert json.loads((exp / "correlation/dc/settings.json").read_text())["options"] == {
         "batch_size": 8
@@ -211,6 +229,25 @@ def test_search_refuses_a_matrix_that_does_not_fit_the_model(pipeline, tmp_path,
         "--matrix", matrix, "--num_prune", "2", "--output", out, "--exp_dir", pipeline["exp_dir"]
     )
     assert proc.returncode == 1 and "both --exp_dir and --dev_cuts" in proc.stderr
+
+
+def test_residual_sum_refuses_a_mean_pooled_dump_and_searches_from_its_stats(searched, tmp_path):
+    exp = tmp_path / "exp"
+    shutil.copytree(searched["exp_dir"] / "dump", exp / "dump")
+    info = json.loads((exp / "dump/info.json").read_text())
+    (exp / "dump/info.json").write_text(json.dumps({**info, "pooling": "mean"}))
+    proc = run_cmd(
+        [PYTHON, REPO / "bin/correlation.py", "--exp_dir", exp, "--measure", "residual_sum"],
+        check=False,
+    )
+    assert proc.returncode == 1 and "is mean-pooled; the score needs frames" in proc.stderr
+    assert not (exp / "correlation").exists()
+    stats = searched["exp_dir"] / "correlation/residual_sum/stats.npz"
+    out = tmp_path / "proposals.json"
+    proc = _search("--matrix", stats, "--num_prune", "2", "--mode", "exhaustive", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(out.read_text())
+    assert len(found) == 6 and found[0]["score"] == max(x["score"] for x in found)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,18 @@
-"""bench/residual_sum_score.py: the residual-sum approximation of a pruned model on hand-made
-layer features with a known answer."""
+"""The residual-sum score (comflp/prune/residual_sum.py) and bench/residual_sum_score.py's
+readout variants, on hand-made layer features with a known answer."""
 
 from __future__ import annotations
 
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from comflp.prune import residual_sum
+from comflp.prune.residual_sum import ResidualSumScorer
+from comflp.prune.search import coarse_search, score_proposals
 
 from .conftest import load_script
 
@@ -38,28 +43,14 @@ def residual_stream(scales: list[float], rows: int = 64, dim: int = 8) -> list[n
     return [f.astype(np.float32) for f in feats]
 
 
-def test_scores_follow_the_size_of_the_removed_updates(rs):
+def test_readout_scores_follow_the_size_of_the_removed_updates(rs):
     feats = residual_stream([0.0, 0.1, 1.0, 3.0])
     model = LinearReadout(8, 5)
-    scores = {p: rs.proposal_scores(model, feats, p) for p in [(1,), (2,), (3,), (4,)]}
-    cos = [scores[(k,)]["cos"] for k in (1, 2, 3, 4)]
-    assert cos == sorted(cos, reverse=True) and cos[0] == pytest.approx(1.0, abs=1e-6)
+    scores = {p: rs.readout_scores(model, feats, p) for p in [(1,), (2,), (3,), (4,)]}
     # removing an update of zero changes nothing: no KL, every greedy label kept
     assert scores[(1,)]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert scores[(1,)]["agree"] == 1.0
     assert scores[(4,)]["kl"] < scores[(3,)]["kl"] < 0
-
-
-def test_cosine_equals_a_direct_computation(rs):
-    feats = residual_stream([0.5, 0.7, 0.9])
-    approx = feats[3] - (feats[1] - feats[0]) - (feats[3] - feats[2])  # prune layers 1 and 3
-    want = np.mean(
-        (approx * feats[3]).sum(1)
-        / np.linalg.norm(approx, axis=1)
-        / np.linalg.norm(feats[3], axis=1)
-    )
-    got = rs.proposal_scores(LinearReadout(8, 5), feats, (1, 3))["cos"]
-    assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_study_one_ranks_against_the_cers(rs):
@@ -69,3 +60,78 @@ def test_study_one_ranks_against_the_cers(rs):
     assert out["cos"]["spearman"] == pytest.approx(-1.0)
     assert out["cos"]["top1_cer"] == 10.0 and out["cos"]["oracle_cer"] == 10.0
     assert out["cos"]["proposals"] == 4
+
+
+# --- the core scorer -----------------------------------------------------------------------
+
+
+def direct_cosine(feats: list[np.ndarray], layers) -> float:
+    """Mean cosine of h_L - sum of the removed updates with h_L, computed on the features."""
+    top = feats[-1].astype(np.float64)
+    approx = top.copy()
+    for layer in layers:
+        approx -= feats[layer].astype(np.float64) - feats[layer - 1]
+    cos = (approx * top).sum(1) / np.linalg.norm(approx, axis=1) / np.linalg.norm(top, axis=1)
+    return float(cos.mean())
+
+
+def test_scorer_equals_a_direct_computation_in_chunks(monkeypatch):
+    feats = residual_stream([0.5, 0.7, 0.9, 0.3, 1.2], rows=40)
+    scorer = ResidualSumScorer.from_layer_feats(feats)
+    assert (scorer.num_layers, scorer.num_rows) == (5, 40)
+    combos = np.array([[1, 3], [2, 5], [1, 2], [4, 5], [3, 4]])
+    want = [direct_cosine(feats, c) for c in combos]
+    monkeypatch.setattr(residual_sum, "_CHUNK_ELEMENTS", 80)  # 2 proposals per chunk
+    np.testing.assert_allclose(scorer.scores(combos), want, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(score_proposals(scorer, combos[:, ::-1]), want, atol=1e-9)
+
+
+def test_scorer_ranks_by_update_size_and_sees_cancelling_updates():
+    feats = residual_stream([0.0, 0.1, 1.0, 3.0])
+    scorer = ResidualSumScorer.from_layer_feats(feats)
+    singles = scorer.scores(np.array([[1], [2], [3], [4]]))
+    assert singles[0] == pytest.approx(1.0, abs=1e-12)
+    assert list(singles) == sorted(singles, reverse=True)
+    # layer 2 undoes layer 1: pruning both leaves h_L exactly, pruning one alone does not
+    rng = np.random.default_rng(3)
+    h0, d = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    feats = [h0, h0 + d, h0.copy(), h0 + 0.5 * d, h0 + 0.5 * d + rng.normal(size=(30, 6))]
+    scores = ResidualSumScorer.from_layer_feats(feats).scores(np.array([[1, 2], [1, 3], [2, 3]]))
+    assert scores[0] == pytest.approx(1.0, abs=1e-12) and scores[0] > scores[1:].max()
+
+
+def test_coarse_search_on_the_scorer_is_the_brute_force_best():
+    feats = residual_stream([0.3, 1.5, 0.2, 0.9, 0.4, 2.0], rows=20)
+    scorer = ResidualSumScorer.from_layer_feats(feats)
+    found = coarse_search(scorer, 3, mode="exhaustive", top_k=20)
+    brute = sorted(
+        ((direct_cosine(feats, c), c) for c in combinations(range(1, 7), 3)),
+        key=lambda x: -x[0],
+    )
+    assert [p.layers for p in found] == [c for _, c in brute]
+    np.testing.assert_allclose([p.score for p in found], [s for s, _ in brute], atol=1e-9)
+    beam = coarse_search(scorer, 3, mode="beam", beam_size=20, top_k=5)
+    assert [p.layers for p in beam] == [p.layers for p in found[:5]]
+    assert coarse_search(scorer, 3, mode="greedy", top_k=1)[0].layers == (1, 3, 5)
+
+
+def test_pair_matrix_save_load_and_bad_inputs(tmp_path):
+    feats = residual_stream([0.3, 1.5, 0.2])
+    scorer = ResidualSumScorer.from_layer_feats(feats)
+    pairs = scorer.pair_matrix()
+    assert pairs.shape == (3, 3) and np.allclose(pairs, pairs.T)
+    assert pairs[0, 2] == pytest.approx(direct_cosine(feats, (1, 3)))
+    assert pairs[1, 1] == pytest.approx(direct_cosine(feats, (2,)))
+    scorer.save(tmp_path / "stats.npz")
+    loaded = ResidualSumScorer.load(tmp_path / "stats.npz")
+    np.testing.assert_array_equal(loaded.scores(np.array([[1, 2]])), scorer.scores([[1, 2]]))
+    np.save(tmp_path / "m.npy", np.eye(4))
+    with pytest.raises(ValueError, match="one array, expected an .npz"):
+        ResidualSumScorer.load(tmp_path / "m.npy")
+    np.savez(tmp_path / "other.npz", top_sq=np.ones(3))
+    with pytest.raises(ValueError, match="found top_sq"):
+        ResidualSumScorer.load(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="same-shape"):
+        ResidualSumScorer.from_layer_feats([np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 3))])
+    with pytest.raises(ValueError, match="2 or more layer outputs"):
+        ResidualSumScorer.from_layer_feats([np.ones((4, 2))] * 2)

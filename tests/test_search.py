@@ -417,7 +417,7 @@ def write_bad_inputs(tmp_path: Path) -> dict[str, Path]:
         ("nonsquare", [], r"nonsquare\.npy: correlation matrix must be a 2-D square array"),
         ("nan", [], r"nan\.npy: correlation matrix has 1 non-finite entries"),
         ("text", [], r"--matrix .*matrix\.txt: not an array file written by numpy\.save"),
-        ("npz", [], r"--matrix .*matrix\.npz: an \.npz archive"),
+        ("npz", [], r"--matrix .*matrix\.npz: expected the arrays top_sq, proj, gram, found m"),
         ("missing", [], r"--matrix .*missing\.npy: no such file"),
         ("good", ["--num_prune", "4"], "--num_prune 4: must be between 1 and 3 for the 4-layer"),
         ("good", ["--num_prune", "0"], "--num_prune 0: must be between 1 and 3"),

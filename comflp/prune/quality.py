@@ -50,8 +50,10 @@ from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import layer_file
 from comflp.prune.evaluator import evaluate_subsets
 from comflp.prune.metric_search import fine_search
+from comflp.prune.residual_sum import ResidualSumScorer
 from comflp.prune.search import (
     DEFAULT_MAX_EXHAUSTIVE,
+    RESIDUAL_SUM,
     coarse_search,
     score_proposals,
 )
@@ -200,7 +202,8 @@ def study_variants(
     aggregations: Sequence[str] = ("mean", "damage"),
 ) -> list[Variant]:
     """Every measure x pooling x calibration size (dc once per batch size), with the mean
-    aggregation; the other aggregations at the reference size only. ``rows(pooling, n)`` is
+    aggregation; the other aggregations at the reference size only (not for residual_sum,
+    which scores whole proposals and has no blocks to aggregate). ``rows(pooling, n)`` is
     the number of feature rows of that variant: a dc batch size not below it equals one batch
     of all rows and is left out."""
     out = []
@@ -212,7 +215,7 @@ def study_variants(
                     if b is not None and b >= rows(pooling, n):
                         continue
                     for agg in aggregations:
-                        if agg == "mean" or n == reference_num_utts:
+                        if agg == "mean" or (n == reference_num_utts and measure != RESIDUAL_SUM):
                             out.append(Variant(measure, pooling, n, b, agg))
     return out
 
@@ -272,9 +275,10 @@ class StudyFeatures:
 
 def variant_matrices(
     features: StudyFeatures, variants: Sequence[Variant]
-) -> dict[tuple, tuple[np.ndarray, float]]:
-    """The correlation matrix of each distinct matrix key and the seconds it took."""
-    out: dict[tuple, tuple[np.ndarray, float]] = {}
+) -> dict[tuple, tuple[np.ndarray | ResidualSumScorer, float]]:
+    """The correlation matrix (for residual_sum, the scorer) of each distinct matrix key and
+    the seconds it took."""
+    out: dict[tuple, tuple[np.ndarray | ResidualSumScorer, float]] = {}
     cache: dict[tuple[str, int], list[np.ndarray]] = {}
     for v in tqdm(variants, desc="correlation matrices", unit="variant", mininterval=10):
         if v.matrix_key in out:
@@ -283,8 +287,11 @@ def variant_matrices(
             cache[(v.pooling, v.num_utts)] = features.layer_feats(v.pooling, v.num_utts)
         feats = cache[(v.pooling, v.num_utts)]
         start = time.perf_counter()
-        matrix = correlation_matrix(feats, v.measure, **v.options)
-        out[v.matrix_key] = (matrix, time.perf_counter() - start)
+        if v.measure == RESIDUAL_SUM:
+            source = ResidualSumScorer.from_layer_feats(feats)
+        else:
+            source = correlation_matrix(feats, v.measure, **v.options)
+        out[v.matrix_key] = (source, time.perf_counter() - start)
     return out
 
 

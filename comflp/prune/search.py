@@ -6,6 +6,10 @@ scores ``M[a-1][b]`` (how alike the block's input and output are) and the propos
 mean of its blocks. Higher is better. Every ranking is a stable sort, so ties keep the order
 in which the candidates were generated.
 
+The searches take a matrix (scored by :class:`BlockScorer`) or any :class:`ProposalScorer`,
+which scores whole proposals at once, e.g. the residual-sum score of
+:mod:`comflp.prune.residual_sum`; the aggregation applies to matrices only.
+
 Aggregations of the block scores (``aggregation`` of :func:`coarse_search`):
 
 - ``mean`` (CoMFLP, the default): the mean of the blocks' ``M[a-1][b]``;
@@ -33,12 +37,16 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, combinations
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from comflp.prune.correlation import MEASURES
+from comflp.prune.residual_sum import MEASURE as RESIDUAL_SUM
 from comflp.prune.subsets import check_num_prune
 
+# What stages 5 and 6 can rank proposals by: a correlation measure's matrix, or residual_sum.
+COARSE_MEASURES = (*MEASURES, RESIDUAL_SUM)
 MODES = ("beam", "greedy", "exhaustive")
 AGGREGATIONS = ("mean", "damage")
 DEFAULT_MAX_EXHAUSTIVE = 2_000_000
@@ -172,6 +180,44 @@ def score_proposal(matrix: Any, layers: Iterable[int], aggregation: str = "mean"
     return _score(m, layers, aggregation)
 
 
+@runtime_checkable
+class ProposalScorer(Protocol):
+    """Scores of whole proposals: ``scores`` maps (n, P) rows of sorted, distinct pruned layer
+    numbers of 1..``num_layers`` to n scores, higher meaning better to prune."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def scores(self, combos: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BlockScorer:
+    """CoMFLP's score on a correlation matrix: its blocks' ``M[a-1][b]``, aggregated."""
+
+    matrix: np.ndarray
+    aggregation: str = "mean"
+
+    def __post_init__(self) -> None:
+        _check_aggregation(self.aggregation)
+        object.__setattr__(self, "matrix", validate_matrix(self.matrix))
+
+    @property
+    def num_layers(self) -> int:
+        return self.matrix.shape[0] - 1
+
+    def scores(self, combos: np.ndarray) -> np.ndarray:
+        return _combination_scores(self.matrix, combos, self.aggregation)
+
+
+def as_scorer(source: Any, aggregation: str = "mean") -> ProposalScorer:
+    """A :class:`ProposalScorer` as given, or a :class:`BlockScorer` of a matrix."""
+    if isinstance(source, ProposalScorer):
+        _check_aggregation(aggregation)
+        return source
+    return BlockScorer(source, aggregation)
+
+
 def _check_count(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -195,14 +241,14 @@ def _extensions(beam: list[tuple[int, ...]], num_layers: int) -> list[tuple[int,
 
 
 def _beam_search(
-    m: np.ndarray, num_prune: int, beam_size: int, top_k: int, aggregation: str
+    scorer: ProposalScorer, num_prune: int, beam_size: int, top_k: int
 ) -> list[Proposal]:
     beam: list[tuple[int, ...]] = [()]
     ranked: list[Proposal] = []
     for step in range(1, num_prune + 1):
-        candidates = [
-            Proposal(c, _score(m, c, aggregation)) for c in _extensions(beam, m.shape[0] - 1)
-        ]
+        extended = _extensions(beam, scorer.num_layers)
+        scores = scorer.scores(np.array(extended, dtype=np.int64))
+        candidates = [Proposal(c, s) for c, s in zip(extended, scores, strict=True)]
         ranked = _ranked(candidates, top_k if step == num_prune else beam_size)
         beam = [p.layers for p in ranked]
     return ranked
@@ -234,27 +280,27 @@ def _combination_scores(m: np.ndarray, combos: np.ndarray, aggregation: str) -> 
     return total if aggregation == "damage" else total / starts.sum(axis=1)
 
 
-def score_proposals(matrix: Any, proposals: Any, aggregation: str = "mean") -> np.ndarray:
-    """Scores of many proposals of the same size at once (the vectorised
-    :func:`score_proposal`): ``proposals`` is a (n, P) array of pruned layer numbers, each row
-    distinct layers of 1..L in any order."""
-    _check_aggregation(aggregation)
-    m = validate_matrix(matrix)
+def score_proposals(source: Any, proposals: Any, aggregation: str = "mean") -> np.ndarray:
+    """Scores of many proposals of the same size at once (for a matrix, the vectorised
+    :func:`score_proposal`): ``source`` is a correlation matrix or a :class:`ProposalScorer`,
+    ``proposals`` a (n, P) array of pruned layer numbers, each row distinct layers of 1..L in
+    any order."""
+    scorer = as_scorer(source, aggregation)
     combos = np.sort(np.asarray(proposals, dtype=np.int64), axis=1)
     if combos.ndim != 2 or combos.shape[1] == 0:
         raise ValueError(f"proposals must be a (n, P >= 1) array, got shape {combos.shape}")
-    num_layers = m.shape[0] - 1
+    num_layers = scorer.num_layers
     if combos.size and (combos.min() < 1 or combos.max() > num_layers):
         raise ValueError(f"proposals must hold layer numbers in 1..{num_layers}")
     if np.any(np.diff(combos, axis=1) == 0):
         raise ValueError("a proposal must not repeat a layer")
-    return _combination_scores(m, combos, aggregation)
+    return scorer.scores(combos)
 
 
 def _exhaustive_search(
-    m: np.ndarray, num_prune: int, top_k: int, max_exhaustive: int, aggregation: str
+    scorer: ProposalScorer, num_prune: int, top_k: int, max_exhaustive: int
 ) -> list[Proposal]:
-    num_layers = m.shape[0] - 1
+    num_layers = scorer.num_layers
     count = math.comb(num_layers, num_prune)
     if count > max_exhaustive:
         raise ValueError(
@@ -264,10 +310,7 @@ def _exhaustive_search(
         )
     combos = _combinations(num_layers, num_prune)
     scores = np.concatenate(
-        [
-            _combination_scores(m, combos[i : i + _CHUNK], aggregation)
-            for i in range(0, count, _CHUNK)
-        ]
+        [scorer.scores(combos[i : i + _CHUNK]) for i in range(0, count, _CHUNK)]
     )
     best = np.argsort(-scores, kind="stable")[:top_k]
     return [Proposal(tuple(combos[i].tolist()), scores[i]) for i in best]
@@ -283,24 +326,22 @@ def coarse_search(
     aggregation: str = "mean",
 ) -> list[Proposal]:
     """Best proposals for pruning ``num_prune`` layers, best first (modes and aggregations:
-    module docstring).
+    module docstring). ``matrix`` is a correlation matrix or a :class:`ProposalScorer`.
 
     ``exhaustive`` refuses (ValueError) when C(L, P) exceeds ``max_exhaustive``;
     ``beam_size`` is used by ``beam`` only.
     """
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
-    _check_aggregation(aggregation)
-    m = validate_matrix(matrix)
-    num_layers = m.shape[0] - 1
-    check_num_prune(num_prune, num_layers)
+    scorer = as_scorer(matrix, aggregation)
+    check_num_prune(num_prune, scorer.num_layers)
     _check_count("beam_size", beam_size, 1)
     _check_count("top_k", top_k, 1)
     _check_count("max_exhaustive", max_exhaustive, 1)
     if mode == "exhaustive":
-        return _exhaustive_search(m, num_prune, top_k, max_exhaustive, aggregation)
+        return _exhaustive_search(scorer, num_prune, top_k, max_exhaustive)
     beam = 1 if mode == "greedy" else beam_size
-    return _beam_search(m, num_prune, beam, top_k, aggregation)
+    return _beam_search(scorer, num_prune, beam, top_k)
 
 
 def format_proposals(proposals: Sequence[Proposal]) -> str:

@@ -43,17 +43,22 @@ def plot_training_curves(history: list[dict], path: Path, final_cer: float | Non
     _save(fig, path)
 
 
-def plot_matrix(matrix, path: Path, title: str) -> None:
-    """Heatmap of an (L+1) x (L+1) layer correlation matrix, labelled 'in', 1..L."""
+def plot_matrix(matrix, path: Path, title: str, pairs: bool = False) -> None:
+    """Heatmap of an (L+1) x (L+1) layer correlation matrix, labelled 'in', 1..L; with
+    ``pairs``, of an L x L matrix of scores for pruning the layers {i, j}, labelled 1..L."""
     n = matrix.shape[0]
-    labels = ["in"] + [str(k) for k in range(1, n)]
+    labels = [str(k) for k in range(1, n + 1)] if pairs else ["in"] + [str(k) for k in range(1, n)]
     size = max(5.0, 0.45 * n)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
     ax.set_xticks(range(n), labels, fontsize=8 if n <= 25 else 5)
     ax.set_yticks(range(n), labels, fontsize=8 if n <= 25 else 5)
-    ax.set_xlabel("layer index (output of layer k; 'in' = encoder input)")
-    ax.set_ylabel("layer index")
+    if pairs:
+        ax.set_xlabel("pruned layer j (diagonal: layer i alone)")
+        ax.set_ylabel("pruned layer i")
+    else:
+        ax.set_xlabel("layer index (output of layer k; 'in' = encoder input)")
+        ax.set_ylabel("layer index")
     if n <= 25:
         for i in range(n):
             for j in range(n):
