@@ -44,9 +44,9 @@ model_dir=              # the model to prune (default: exp_dir, comflp's own)
 # ---- CoMFLP search (stages 4-6) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)
 calib_num_utts=320      # calibration utterances (CoMFLP: 10 batches of 32)
-pooling=mean            # mean (utterance level) | frames
-frames_per_utt=0        # frames pooling: random frames kept per utterance (0: all)
-measures="dc svcca cka" # correlation measures; each gets its own matrix and search
+pooling=frames          # frames | mean (utterance level, CoMFLP's); residual_sum needs frames
+frames_per_utt=25       # frames pooling: random frames kept per utterance (0: all)
+measures="residual_sum dc svcca cka"  # coarse scores, each with its own stage-5 output and search (docs/SEARCH_QUALITY.md)
 dc_batch_size=32        # dc: mean of DC over batches of this many utterances (CoMFLP's setting)
 svcca_threshold=0.99    # svcca: singular-value mass kept
 num_prune="6"           # layers to prune; several values allowed, e.g. "2 4 6"
@@ -179,7 +179,7 @@ fi
 
 if run_stage 5; then
   for measure in $measures; do
-    log "Stage 5: $measure correlation matrix into $exp_dir/correlation/$measure"
+    log "Stage 5: $measure scores (correlation matrix or residual-sum statistics) into $exp_dir/correlation/$measure"
     $train_cmd "$exp_dir/log/correlation_${measure}.log" \
       python "$bin/correlation.py" --exp_dir "$exp_dir" --measure "$measure" \
         --batch_size "$dc_batch_size" --threshold "$svcca_threshold"
@@ -201,7 +201,7 @@ if run_stage 6; then
       case $method in
         comflp)
           for measure in $measures; do
-            log "Stage 6: CoMFLP, $search_mode search on the $measure matrix + fine search ($fine_metric), P=$p"
+            log "Stage 6: CoMFLP, $search_mode search on the $measure scores + fine search ($fine_metric), P=$p"
             search "comflp_$measure" "$p" --method comflp --measure "$measure" \
               --mode "$search_mode" --aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
           done ;;
