@@ -250,13 +250,14 @@ if run_stage 8; then
     log "Stage 8: fine-tune $src into $ft with $finetune_config"
     $train_job "$ft/log/train.log" \
       "${train_python[@]}" "$bin/train.py" --config "$finetune_config" --exp_dir "$ft" --init_model "$src" \
+        --model_type "$model_type" \
         --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" \
         --resume "$resume" --device "$device"
     ft_dirs+=("$ft")
   done
   $train_cmd "$compare_dir/log/finetuned_methods.log" \
     python "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
-      --finetuned_dirs "${ft_dirs[@]}"
+      --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}" --finetuned_dirs "${ft_dirs[@]}"
   decode_and_score 8 finetune
   log "Stage 8 done: fine-tuned rows added to $exp_dir/RESULTS.md"
 fi

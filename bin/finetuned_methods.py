@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from comflp.asr.checkpoint import load_experiment_config
+from comflp.adapters import MODEL_TYPES, load_prunable
 from comflp.cli import add_common_args, run
 from comflp.expdir import HISTORY, METHODS_FINETUNED, ExpDir
 from comflp.prune.methods import Method, MethodList, comflp_methods
@@ -15,12 +15,11 @@ from comflp.prune.methods import Method, MethodList, comflp_methods
 def main(args: argparse.Namespace) -> None:
     exp = ExpDir(args.exp_dir)
     methods = MethodList()
-    num_layers = load_experiment_config(exp.root).model.num_layers
+    source = (args.model_type, str(args.model_dir or exp.root))
+    num_layers = load_prunable(*source).num_layers
     for ft_dir in args.finetuned_dirs:
-        cfg = load_experiment_config(ft_dir)
-        kept = cfg.model.kept_layers or list(range(1, cfg.model.num_layers + 1))
-        num_prune = num_layers - len(kept)
-        fine = comflp_methods(exp, args.measure, num_prune, ("comflp", str(exp.root)))[1]
+        num_prune = num_layers - load_prunable(args.model_type, ft_dir).num_layers
+        fine = comflp_methods(exp, args.measure, num_prune, source)[1]
         epochs = len(json.loads((ft_dir / HISTORY).read_text()))
         methods.add(
             Method(
@@ -32,6 +31,7 @@ def main(args: argparse.Namespace) -> None:
                 fine.evaluations,
                 note=f"fine-tuned {epochs} epochs",
                 original_pruned=fine.pruned,
+                model_type=args.model_type,
             )
         )
     methods.save(exp.compare / METHODS_FINETUNED)
@@ -40,6 +40,10 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exp_dir", type=Path, required=True, help="the baseline experiment")
+    parser.add_argument("--model_type", choices=MODEL_TYPES, default="comflp")
+    parser.add_argument(
+        "--model_dir", type=Path, help="the pruned model's source (default: --exp_dir)"
+    )
     parser.add_argument("--measure", required=True)
     parser.add_argument("--finetuned_dirs", type=Path, nargs="+", required=True)
     add_common_args(parser)

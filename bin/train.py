@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Stage 3: train the baseline (Transformer CTC, intermediate CTC, stochastic depth) into an experiment directory.
 
-Also stage 8 with --init_model: fine-tune a pruned model. Run under torchrun for several processes.
+Also stage 8 with --init_model: fine-tune a pruned model; with --model_type hf a Hugging Face
+model, through its adapter (comflp/asr/trainer.py: AdapterTrainer), written back in its own
+format. Run under torchrun for several processes (comflp models only).
 """
 
 import argparse
@@ -11,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from comflp.adapters import MODEL_TYPES, load_prunable
 from comflp.asr.checkpoint import copy_assets, load_checkpoint, load_experiment_config
 from comflp.asr.config import load_config
 from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.asr.trainer import Dist, train
+from comflp.asr.trainer import AdapterTrainer, Dist, train
 from comflp.cli import (
     UsageError,
     add_common_args,
@@ -29,9 +32,35 @@ from comflp.cli import (
 from comflp.expdir import CMVN, MODEL, TOKENIZER
 
 
+def finetune_adapter(args: argparse.Namespace, dist_info: Dist, device: str) -> bool:
+    """Stage 8 for a model of another library: fine-tune --init_model through its adapter."""
+    if dist_info.world_size > 1:
+        raise UsageError(f"--model_type {args.model_type}: fine-tuning runs in one process only")
+    if args.init_model is None:
+        raise UsageError(f"--model_type {args.model_type} needs --init_model (the pruned model)")
+    try:
+        adapter = load_prunable(args.model_type, args.init_model)
+    except ValueError as e:
+        raise UsageError(f"--init_model {args.init_model}: {e}") from None
+    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg.train.validate(f"{args.config}: train")
+    max_seconds = cfg.train.max_utterance_duration
+    train_cuts = load_cuts(args.train_cuts).filter(lambda c: c.duration <= max_seconds).to_eager()
+    dev_cuts = load_cuts(args.dev_cuts)
+    logging.info(f"train: {len(train_cuts)} utterances; dev: {len(dev_cuts)}")
+    args.exp_dir.mkdir(parents=True, exist_ok=True)
+    trainer = AdapterTrainer(adapter, cfg, args.exp_dir, train_cuts, dev_cuts, device)
+    trainer.restore(args.resume, None)
+    return trainer.run(args.stop_after_steps)
+
+
 def main(args: argparse.Namespace) -> None:
     dist_info = Dist.from_env()
     device = resolve_device(args.device)
+    if args.model_type != "comflp":
+        if not finetune_adapter(args, dist_info, device):
+            raise SystemExit(3)
+        return
     if dist_info.world_size > 1 and not args.nthreads:
         # The processes on this node share its cores (several threads each would thrash).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
@@ -106,7 +135,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "--init_model",
         type=Path,
-        help="initialise from the comflp model in this directory (fine-tuning a pruned model)",
+        help="initialise from the model in this directory (fine-tuning a pruned model)",
+    )
+    parser.add_argument(
+        "--model_type",
+        choices=MODEL_TYPES,
+        default="comflp",
+        help="the library of --init_model (not comflp: fine-tuned through its adapter)",
     )
     add_training_args(parser)
     parser.add_argument("--device", default="auto")

@@ -15,9 +15,10 @@ from safetensors.torch import load_file  # noqa: E402
 from comflp import expdir  # noqa: E402
 from comflp.adapters import load_prunable  # noqa: E402
 from comflp.adapters.hf import HFModel  # noqa: E402
-from comflp.asr.config import ConfigError  # noqa: E402
+from comflp.asr.config import ConfigError, load_config  # noqa: E402
 from comflp.asr.ctc import ctc_greedy_search, ctc_loss  # noqa: E402
-from comflp.asr.data import load_cuts, load_eval_batches  # noqa: E402
+from comflp.asr.data import eval_loader, load_cuts, load_eval_batches  # noqa: E402
+from comflp.asr.trainer import AdapterTrainer  # noqa: E402
 from comflp.prune.dump import dump_layers, load_layer_feats  # noqa: E402
 from comflp.prune.evaluator import evaluate_subsets  # noqa: E402
 
@@ -289,15 +290,71 @@ def test_bad_input_gives_one_clear_error_line(models, tiny_data, tmp_path):
     assert not (exp / "search").exists()
 
 
+def _adapter_trainer(model_dir, exp_dir, data) -> AdapterTrainer:
+    cfg = load_config(REPO / "conf/train_tiny.yaml", {"train.max_duration": 10})
+    # a raw-waveform front end is slow on CPU: 8 utterances (about 3 steps per epoch), 4 dev
+    train = load_cuts(data["train"]).subset(first=8).to_eager()
+    dev = load_cuts(data["dev"]).subset(first=4).to_eager()
+    return AdapterTrainer(load_prunable("hf", model_dir), cfg, exp_dir, train, dev, "cpu")
+
+
+def test_adapter_trainer_resumes_exactly_and_writes_the_library_format(models, tiny_data, tmp_path):
+    source = models["wav2vec2_lm_head_norm"]
+    full = _adapter_trainer(source, tmp_path / "full", tiny_data)
+    full.restore(True, None)
+    assert full.run()
+    steps = full.step
+    part = _adapter_trainer(source, tmp_path / "part", tiny_data)
+    part.restore(True, None)
+    assert not part.run(stop_after_steps=steps // 2 + 1)  # stops inside the second epoch
+    again = _adapter_trainer(source, tmp_path / "part", tiny_data)
+    again.restore(True, None)
+    assert again.step == steps // 2 + 1 and again.run() and again.step == steps
+    # what transformers loads from each directory: the same weights, not the source's
+    tuned = [load_file(tmp_path / d / "model.safetensors") for d in ("full", "part")]
+    original = load_file(source / "model.safetensors")
+    assert set(tuned[0]) == set(original) and set(NORM_KEYS) <= set(tuned[0])
+    assert all(torch.equal(tuned[0][k], tuned[1][k]) for k in tuned[0])
+    assert not torch.equal(tuned[0]["lm_head.weight"], original["lm_head.weight"])
+    reloaded, info = transformers.Wav2Vec2ForCTC.from_pretrained(
+        tmp_path / "full", output_loading_info=True
+    )
+    assert not info["missing_keys"] and sorted(info["unexpected_keys"]) == sorted(NORM_KEYS)
+    history = json.loads((tmp_path / "full" / expdir.HISTORY).read_text())
+    final = json.loads((tmp_path / "full" / expdir.FINAL_DEV).read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and final["averaged"] == [
+        "epoch-1.pt",
+        "epoch-2.pt",
+    ]
+    prune_info = json.loads((tmp_path / "full" / expdir.PRUNE_INFO).read_text())
+    assert prune_info["finetuned_from"] == str(source)
+    assert prune_info["dev"]["cer"] == pytest.approx(final["cer"])
+    # the averaged model's dev CER, recomputed through the reloaded adapter
+    tuned_model = HFModel.load(tmp_path / "full")
+    dev = load_cuts(tiny_data["dev"]).subset(first=4)
+    batches = list(eval_loader(dev, tuned_model.dataset(), 100.0))
+    again_cer = evaluate_subsets(tuned_model, batches, [(1, 2, 3, 4)])[0].cer
+    assert again_cer == pytest.approx(final["cer"])
+    assert "train" in (tmp_path / "full" / expdir.TRAIN_CONFIG).read_text()
+    assert not (tmp_path / "full" / expdir.CONFIG).exists()  # comflp's model config is not written
+
+
 @pytest.mark.e2e
-def test_stages_4_to_7_prune_an_hf_model(pipeline, models):
+def test_stages_4_to_8_prune_and_finetune_an_hf_model(pipeline, models, tmp_path):
     exp = pipeline["workdir"] / "exp/hf"
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(
+        "train: {num_epochs: 1, max_duration: 30, lr: 0.0005, warmup_steps: 2, "
+        "average_checkpoints: 1, num_workers: 0, seed: 1}\n"
+    )
     run_sh(
         pipeline["workdir"],
         "--stage",
         "4",
         "--stop_stage",
-        "7",
+        "8",
+        "--finetune_config",
+        str(finetune),
         "--model_type",
         "hf",
         "--model_dir",
@@ -337,3 +394,22 @@ def test_stages_4_to_7_prune_an_hf_model(pipeline, models):
     assert "unpruned" in results and "glp" in results and "(model trained elsewhere)" in results
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
     assert any(r["num_prune"] == 1 for r in rows) and any(r["num_prune"] == 0 for r in rows)
+    # stage 8: the fine-searched model fine-tuned through the adapter, saved as an HF model
+    ft = exp / "finetune/comflp_dc_prune1"
+    tuned = HFModel.load(ft)
+    assert tuned.num_layers == 3 and tuned.lm_head_norm == "lm_head_norm"
+    assert len(json.loads((ft / expdir.HISTORY).read_text())) == 1
+    before = load_file(exp / "search/comflp_dc_prune1/pruned/model.safetensors")
+    after = load_file(ft / "model.safetensors")
+    assert set(before) == set(after) and not torch.equal(
+        before["lm_head.weight"], after["lm_head.weight"]
+    )
+    (listed,) = json.loads((exp / "compare" / expdir.METHODS_FINETUNED).read_text())
+    assert (
+        listed["model_type"] == "hf" and listed["model_dir"] == "exp/hf/finetune/comflp_dc_prune1"
+    )
+    assert listed["num_prune"] == 1 and listed["pruned"] == []
+    rows = json.loads((exp / "compare/results.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["method"] == "comflp_dc_fine+finetune"]
+    assert row["num_prune"] == 1 and 0 <= row["errors"]["dev-clean"]["cer"] <= 100
+    assert "| comflp_dc_fine+finetune | 1 |" in (exp / "RESULTS.md").read_text()

@@ -8,6 +8,7 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from lhotse import CutSet
 from lhotse.dataset import SpecAugment
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from comflp.adapters.base import PrunableModel
 from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import (
     average_state_dicts,
@@ -34,6 +37,7 @@ from comflp.asr.checkpoint import (
     save_model,
 )
 from comflp.asr.config import ConfigError, ExperimentConfig, TrainConfig, save_config
+from comflp.asr.ctc import ctc_loss
 from comflp.asr.data import AsrDataset, SkipFirst, eval_loader, train_sampler
 from comflp.asr.model import ASRModel, count_parameters
 from comflp.asr.tokenizer import Tokenizer
@@ -44,10 +48,17 @@ from comflp.expdir import (
     LATEST_CHECKPOINT,
     MODEL,
     TENSORBOARD,
+    TRAIN_CONFIG,
     TRAINING_CURVES,
 )
 from comflp.prune.evaluator import evaluate_model
-from comflp.utils import atomic_write_json, rng_state, seed_everything, set_rng_state
+from comflp.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -186,7 +197,7 @@ class Trainer:
         self.train_cuts, self.tokenizer, self.cmvn = train_cuts, tokenizer, cmvn
         self.device, self.dist = device, dist_info
         seed_everything(self.tc.seed)
-        self.model = ASRModel(cfg.model).to(device)
+        self.model = self.build_model().to(device)
         self.optimizer = make_optimizer(self.model, self.tc)
         self.steps_per_epoch = sum(1 for _ in _epoch_sampler(train_cuts, self.tc, dist_info, 1))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -195,7 +206,7 @@ class Trainer:
         self.epoch, self.batches_done, self.step = 1, 0, 0
         self.history: list[dict] = []
         self.sums: dict[str, float] = {}  # running sums of the logged losses over the epoch
-        self.dataset = AsrDataset(tokenizer, cmvn)
+        self.dataset = self.build_dataset()
         self.dev = eval_loader(dev_cuts, self.dataset, self.tc.max_duration, self.tc.num_workers)
         self.spec_augment = _spec_augment(self.tc)
         self.autocast = (
@@ -205,6 +216,17 @@ class Trainer:
         )
         self.writer = None
         self.ddp_model: torch.nn.Module = self.model
+
+    def build_model(self) -> torch.nn.Module:
+        """The network trained (comflp's own ASRModel of the config's model section)."""
+        return ASRModel(self.cfg.model)
+
+    def build_dataset(self) -> torch.utils.data.Dataset:
+        """Maps a sampler's CutSet to a batch dict (features, targets)."""
+        return AsrDataset(self.tokenizer, self.cmvn)
+
+    def write_config(self) -> None:
+        save_config(self.cfg, self.exp_dir / CONFIG)
 
     @property
     def total_steps(self) -> int:
@@ -255,8 +277,8 @@ class Trainer:
         """Write the config, open TensorBoard, wrap the model for DDP."""
         self.first_step = self.step  # stop_after_steps counts from here
         if self.dist.is_main:
-            save_config(self.cfg, self.exp_dir / CONFIG)
-            logging.info(f"model: {count_parameters(self.model):,} parameters; {self.cfg.model}")
+            self.write_config()
+            logging.info(f"model: {count_parameters(self.model):,} parameters; {self.describe()}")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.exp_dir / TENSORBOARD), purge_step=self.step + 1)
@@ -266,6 +288,9 @@ class Trainer:
                 device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None,
                 find_unused_parameters=True,  # stochastic depth skips whole layers
             )
+
+    def describe(self) -> str:
+        return str(self.cfg.model)
 
     def save(self, path: Path, epoch: int, batches_done: int) -> None:
         """Checkpoint everything needed to resume exactly (every rank's random state)."""
@@ -430,9 +455,9 @@ class Trainer:
         self.model.load_state_dict(average_state_dicts(chosen))
         metrics = self.validate()
         averaged = [p.name for p in chosen]
-        save_model(self.model, self.cfg, self.exp_dir, extra={"averaged": averaged, "dev": metrics})
+        where = self.save_final({"averaged": averaged, "dev": metrics})
         logging.info(
-            f"{self.exp_dir / MODEL}: average of {', '.join(averaged)}; dev CER "
+            f"{where}: average of {', '.join(averaged)}; dev CER "
             f"{metrics['cer']:.2f}%, dev WER {metrics['wer']:.2f}%, dev CTC loss {metrics['loss']:.3f}"
         )
         atomic_write_json(self.exp_dir / FINAL_DEV, {"averaged": averaged, **metrics})
@@ -440,6 +465,71 @@ class Trainer:
 
         plot_training_curves(self.history, self.exp_dir / TRAINING_CURVES, final_cer=metrics["cer"])
         return metrics
+
+    def save_final(self, info: dict) -> Path:
+        """Write the averaged model; where it went."""
+        save_model(self.model, self.cfg, self.exp_dir, extra=info)
+        return self.exp_dir / MODEL
+
+
+class AdapterTrainer(Trainer):
+    """Fine-tunes a model trained elsewhere (a :class:`PrunableModel` such as a Hugging Face
+    ``*ForCTC``) through its adapter: ``log_probs`` (embed, every encoder layer, readout) and
+    CTC on the dataset's targets, summed over a batch's utterances and divided by their
+    number, as stage 3's loss. Everything else is the :class:`Trainer`'s: exact resume,
+    checkpoint averaging, progress, TensorBoard, history and curves. The model's own
+    augmentation applies (a wav2vec2-family model masks time steps in training mode), not
+    comflp's SpecAugment; one process only. The averaged model is written in its own format
+    (``PrunableModel.save``) into the experiment directory, the training section to
+    ``train.yaml``."""
+
+    def __init__(
+        self,
+        adapter: PrunableModel,
+        cfg: ExperimentConfig,
+        exp_dir: Path,
+        train_cuts: CutSet,
+        dev_cuts: CutSet,
+        device: str,
+    ):
+        self.adapter = adapter.to(device)
+        cfg.train.spec_augment = False
+        super().__init__(cfg, exp_dir, train_cuts, dev_cuts, None, None, device, False, Dist())
+
+    def build_model(self) -> torch.nn.Module:
+        return self.adapter.module
+
+    def build_dataset(self) -> torch.utils.data.Dataset:
+        return self.adapter.dataset()
+
+    def write_config(self) -> None:
+        atomic_write_text(
+            self.exp_dir / TRAIN_CONFIG,
+            yaml.safe_dump({"train": dataclasses.asdict(self.tc)}, sort_keys=False),
+        )
+
+    def describe(self) -> str:
+        return f"{type(self.model).__name__} from {self.adapter.source}"
+
+    def input_features(self, batch: dict) -> dict:
+        return batch
+
+    def compute_loss(self, batch: dict, _: dict) -> tuple[torch.Tensor, dict]:
+        log_probs, lengths = self.adapter.log_probs(batch)
+        loss = ctc_loss(
+            log_probs, lengths, batch["targets"], batch["target_lens"], self.adapter.blank_id
+        ) / len(batch["ids"])
+        return loss, {"loss": loss.item()}
+
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "config": {"train": dataclasses.asdict(self.tc)}}
+
+    def validate(self) -> dict:
+        return evaluate_model(self.adapter, self.dev).to_dict()
+
+    def save_final(self, info: dict) -> Path:
+        self.adapter.save(self.exp_dir, {"finetuned_from": str(self.adapter.source), **info})
+        return self.exp_dir
 
 
 def _spec_augment(tc: TrainConfig) -> SpecAugment | None:
