@@ -16,11 +16,13 @@ evaluation of training (one subset: all layers). It sees the model only through
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from comflp.adapters.base import Hidden, PrunableModel
 from comflp.asr.ctc import ctc_greedy_search, ctc_loss
@@ -175,11 +177,15 @@ def evaluate_subsets(
     batches: Iterable[dict],
     subsets: Sequence[tuple[int, ...]],
     prefix_cache: bool = True,
+    progress: str | None = None,
 ) -> list[SubsetResult]:
-    """CER/WER (greedy CTC) and CTC loss of each layer subset, in the order given."""
+    """CER/WER (greedy CTC) and CTC loss of each layer subset, in the order given; with
+    ``progress``, a progress bar of that name over the batches."""
     _check_subsets(subsets, model.num_layers)
     acc = _Accumulator(len(subsets))
     root = _trie(subsets)
+    if progress is not None:
+        batches = tqdm(batches, desc=progress, unit="batch", mininterval=2 if os.isatty(2) else 30)
     with eval_mode(model.module):
         for batch in batches:
             if prefix_cache:

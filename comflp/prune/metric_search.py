@@ -68,10 +68,11 @@ def evaluate_candidates(
     candidates: Sequence[Sequence[int]],
     metric: str,
     prefix_cache: bool = True,
+    progress: str | None = None,
 ) -> tuple[list[dict], int]:
     """One row per candidate set of pruned layers, and the layer passes per batch it took."""
     subsets = [kept_layers(model.num_layers, c) for c in candidates]
-    results = evaluate_subsets(model, batches, subsets, prefix_cache)
+    results = evaluate_subsets(model, batches, subsets, prefix_cache, progress)
     rows = [
         {
             "layers": sorted(c),
@@ -181,7 +182,8 @@ def exhaustive_metric_search(
         )
     start = time.perf_counter()
     candidates = list(combinations(range(1, num_layers + 1), num_prune))
-    rows, passes = evaluate_candidates(model, batches, candidates, metric, prefix_cache)
+    progress = f"oracle: {count} pruned models"
+    rows, passes = evaluate_candidates(model, batches, candidates, metric, prefix_cache, progress)
     return SearchResult(
         "oracle", num_prune, metric, rows, _best(rows), time.perf_counter() - start, passes
     )
