@@ -67,7 +67,7 @@ decode_nj=2             # decoding jobs per set (a job array)
 score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)
 # ---- fine-tuning (stage 8) ----
 finetune_config=conf/finetune.yaml
-finetune_measure=       # fine-tune the fine-searched model of this measure (default: the first of measures)
+finetune_measure=best   # fine-tune the fine-searched model of this measure; best: the measure whose fine search reached the lowest dev metric
 # ---- structured pruning (stage 9) ----
 sp_config=conf/structured.yaml
 sp_target_sparsity=0.5  # fraction of the encoder layers' parameters to remove; several values allowed
@@ -242,7 +242,10 @@ if run_stage 7; then
 fi
 
 if run_stage 8; then
-  finetune_measure=${finetune_measure:-${measures%% *}}
+  if [ "$finetune_measure" = best ]; then
+    finetune_measure=$(python "$bin/best_measure.py" --exp_dir "$exp_dir" --measures "$measures" \
+      --num_prune "$num_prune" --log_file "$exp_dir/log/best_measure.log") || die "stage 8: no fine search to choose from"
+  fi
   ft_dirs=()
   for p in $num_prune; do
     src=$exp_dir/search/comflp_${finetune_measure}_prune$p/pruned

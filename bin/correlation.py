@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> None:
         what = "correlation matrix"
     seconds = time.time() - t0
     title = (
-        f"{args.measure} {options or ''} {what}\n"
+        f"{args.measure}{f' {options}' if options else ''} {what}\n"
         f"({info['pooling']} pooling, {info['num_utts']} utterances)"
     )
     plot_matrix(matrix, out_dir / HEATMAP, title, pairs=args.measure == RESIDUAL_SUM)

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from comflp.prune.methods import MethodList
+from comflp.expdir import ExpDir
+from comflp.prune.methods import MethodList, best_fine_measure
 from comflp.prune.rules import drop_bottom, drop_top, every_other, random_layers
 
 from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
@@ -21,6 +22,21 @@ def test_fixed_rules():
     assert len(set(random_layers(12, 6, 3))) == 6
     with pytest.raises(ValueError, match="between 1 and 11"):
         drop_top(12, 12)
+
+
+def test_best_fine_measure_averages_over_p_and_keeps_the_first_on_a_tie(tmp_path):
+    exp = ExpDir(tmp_path)
+    metrics = {"dc": (20.0, 30.0), "svcca": (22.0, 26.0), "cka": (21.0, 27.0)}
+    for measure, values in metrics.items():
+        for p, value in zip((2, 6), values, strict=True):
+            exp.search(f"comflp_{measure}", p).mkdir(parents=True)
+            exp.search_result(f"comflp_{measure}", p).write_text(json.dumps({"best_metric": value}))
+    best, means = best_fine_measure(exp, ["dc", "svcca", "cka"], [2, 6])
+    assert (best, means) == ("svcca", {"dc": 25.0, "svcca": 24.0, "cka": 24.0})
+    assert best_fine_measure(exp, ["cka", "svcca"], [2, 6])[0] == "cka"
+    assert best_fine_measure(exp, ["dc", "cka"], [2])[0] == "dc"
+    with pytest.raises(FileNotFoundError, match="run stage 6 with --num_prune 4"):
+        best_fine_measure(exp, ["dc"], [4])
 
 
 def test_stages_7_and_8_write_the_table(compared):
@@ -39,9 +55,18 @@ def test_stages_7_and_8_write_the_table(compared):
         "random",
         "glp",
         "oracle",
-        "comflp_dc_fine+finetune",
     ):
         assert f"| {method} |" in results, method
+    # stage 8 fine-tunes the measure whose fine search did best (mean dev CER over P = 1, 2)
+    means = {
+        m: sum(
+            json.loads((exp / f"search/comflp_{m}_prune{p}/search.json").read_text())["best_metric"]
+            for p in (1, 2)
+        )
+        for m in ("dc", "svcca", "cka", "residual_sum")
+    }
+    best = min(means, key=means.get)
+    assert f"| comflp_{best}_fine+finetune |" in results
     assert "3 seeds" in results and "run.sh --stage 7 --stop_stage 8" in results
     assert (exp / "compare/error_vs_prune.png").stat().st_size > 1000
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
@@ -58,7 +83,7 @@ def test_stages_7_and_8_write_the_table(compared):
     assert len(list(unpruned.glob("part*.json"))) == 2
     # The fine-tuned model starts from the fine-searched pruned model.
     ft = MethodList.load(exp / "compare/methods_finetuned.json").methods
-    fine = json.loads((exp / "search/comflp_dc_prune2/search.json").read_text())
+    fine = json.loads((exp / f"search/comflp_{best}_prune2/search.json").read_text())
     assert [m.original_pruned for m in ft if m.num_prune == 2] == [fine["best_layers"]]
 
 

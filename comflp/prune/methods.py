@@ -89,6 +89,16 @@ def read_search(exp: ExpDir, method: str, num_prune: int) -> dict:
     return json.loads(path.read_text())
 
 
+def best_fine_measure(exp: ExpDir, measures: list[str], nums: list[int]) -> tuple[str, dict]:
+    """The measure whose fine search reached the lowest dev metric, averaged over the P values
+    (the first such measure on a tie), and every measure's average."""
+    means = {
+        m: sum(read_search(exp, f"comflp_{m}", p)["best_metric"] for p in nums) / len(nums)
+        for m in measures
+    }
+    return min(means, key=means.get), means
+
+
 def comflp_methods(
     exp: ExpDir, measure: str, num_prune: int, model: tuple[str, str]
 ) -> list[Method]:

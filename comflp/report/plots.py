@@ -50,7 +50,11 @@ def plot_matrix(matrix, path: Path, title: str, pairs: bool = False) -> None:
     labels = [str(k) for k in range(1, n + 1)] if pairs else ["in"] + [str(k) for k in range(1, n)]
     size = max(5.0, 0.45 * n)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
+    # pair scores all lie near 1: colour their own range
+    low, high = (
+        (float(matrix.min()), float(matrix.max())) if pairs else (min(0.0, matrix.min()), 1.0)
+    )
+    image = ax.imshow(matrix, cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(n), labels, fontsize=8 if n <= 25 else 5)
     ax.set_yticks(range(n), labels, fontsize=8 if n <= 25 else 5)
     if pairs:
@@ -66,11 +70,11 @@ def plot_matrix(matrix, path: Path, title: str, pairs: bool = False) -> None:
                 ax.text(
                     j,
                     i,
-                    f"{value:.2f}",
+                    f"{value:.3f}" if pairs else f"{value:.2f}",
                     ha="center",
                     va="center",
                     fontsize=6,
-                    color="black" if value > 0.6 else "white",
+                    color="black" if value > low + 0.6 * (high - low) else "white",
                 )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=9)
