@@ -231,6 +231,10 @@ class HFModel(PrunableModel):
             raise ConfigError(f"{model_dir}: models with add_adapter=true are not supported")
         if config.pad_token_id is None:
             raise ConfigError(f"{model_dir}/config.json: no pad_token_id (the CTC blank)")
+        # comflp reports missing and unused weights itself (below); transformers' own report
+        # would flag the known LayerNorm before lm_head as unexpected at every load
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
         try:
             hf, info = getattr(transformers, arch).from_pretrained(
                 model_dir, output_loading_info=True
@@ -240,6 +244,8 @@ class HFModel(PrunableModel):
             raise ConfigError(
                 f"{model_dir}: cannot load the {arch} model or processor ({_first_line(e)})"
             ) from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         missing = sorted(info["missing_keys"])
         if any(k.startswith("lm_head.") for k in missing):
             raise ConfigError(f"{model_dir}: the weights have no CTC head (lm_head) for {arch}")
