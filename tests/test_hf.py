@@ -332,7 +332,8 @@ def test_adapter_trainer_resumes_exactly_and_writes_the_library_format(models, t
     # the averaged model's dev CER, recomputed through the reloaded adapter
     tuned_model = HFModel.load(tmp_path / "full")
     dev = load_cuts(tiny_data["dev"]).subset(first=4)
-    batches = list(eval_loader(dev, tuned_model.dataset(), 100.0))
+    # batched as the trainer's dev set (the group norm of the conv front end sees the padding)
+    batches = list(eval_loader(dev, tuned_model.dataset(), full.tc.max_duration))
     again_cer = evaluate_subsets(tuned_model, batches, [(1, 2, 3, 4)])[0].cer
     assert again_cer == pytest.approx(final["cer"])
     assert "train" in (tmp_path / "full" / expdir.TRAIN_CONFIG).read_text()
@@ -411,5 +412,5 @@ def test_stages_4_to_8_prune_and_finetune_an_hf_model(pipeline, models, tmp_path
     assert listed["num_prune"] == 1 and listed["pruned"] == []
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
     (row,) = [r for r in rows if r["method"] == "comflp_dc_fine+finetune"]
-    assert row["num_prune"] == 1 and 0 <= row["errors"]["dev-clean"]["cer"] <= 100
+    assert row["num_prune"] == 1 and row["errors"]["dev-clean"]["cer"] >= 0  # untrained: > 100
     assert "| comflp_dc_fine+finetune | 1 |" in (exp / "RESULTS.md").read_text()

@@ -141,7 +141,7 @@ def test_fine_search_picks_the_lowest_metric_and_breaks_ties_by_coarse_rank(batc
     assert len({r["cer"] for r in by_cer.candidates}) > 1 or by_cer.best == 0
 
 
-def test_stages_4_to_6_end_to_end(searched):
+def test_stages_4_to_6_end_to_end(searched, monkeypatch):
     exp = searched["exp_dir"]
     assert "Stage 6" in searched["log"]
     info = json.loads((exp / "dump/info.json").read_text())
@@ -168,6 +168,7 @@ def test_stages_4_to_6_end_to_end(searched):
                 k for k in range(1, 5) if k not in fine["best_layers"]
             ]
     # residual_sum: the scorer's statistics of the frame-pooled dump, then the same searches
+    monkeypatch.chdir(searched["workdir"])  # the scp files hold paths relative to the recipe
     feats = load_layer_feats(exp / "dump")
     assert info["pooling"] == "frames" and feats[0].shape[0] == info["num_rows"] > 24
     stats = ResidualSumScorer.load(exp / "correlation/residual_sum/stats.npz")
