@@ -36,7 +36,7 @@ def residual_sum_stats(feats, exp: ExpDir) -> np.ndarray:
         scorer = ResidualSumScorer.from_layer_feats(feats)
     except ValueError as e:
         raise UsageError(f"--measure {RESIDUAL_SUM} on {exp.dump}: {e}") from None
-    with atomic_path(exp.matrix(RESIDUAL_SUM)) as tmp:
+    with atomic_path(exp.coarse_scores(RESIDUAL_SUM)) as tmp:
         scorer.save(tmp)
     return scorer.pair_matrix()
 
@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> None:
             matrix = correlation_matrix(feats, args.measure, **options)
         except ValueError as e:
             raise UsageError(f"--measure {args.measure} on {exp.dump}: {e}") from None
-        with atomic_path(exp.matrix(args.measure)) as tmp:
+        with atomic_path(exp.coarse_scores(args.measure)) as tmp:
             np.save(tmp, matrix)
         what = "correlation matrix"
     seconds = time.time() - t0
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> None:
         },
     )
     logging.info(
-        f"{exp.matrix(args.measure)}: {args.measure} over {info['num_rows']} rows in "
+        f"{exp.coarse_scores(args.measure)}: {args.measure} over {info['num_rows']} rows in "
         f"{seconds:.2f} s"
     )
 

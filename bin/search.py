@@ -74,8 +74,7 @@ def load_scorer(path: Path, num_layers: int | None, aggregation: str) -> Proposa
     try:
         if isinstance(loaded, np.ndarray):
             return BlockScorer(validate_matrix(loaded, num_layers), aggregation)
-        loaded.close()
-        scorer = ResidualSumScorer.load(path)
+        scorer = ResidualSumScorer.from_archive(loaded)
         if num_layers is not None and scorer.num_layers != num_layers:
             raise ValueError(
                 f"residual-sum statistics of a {scorer.num_layers}-layer encoder, but the model "
@@ -184,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
         return
     batches = load_eval_batches(model, args.dev_cuts, args.max_duration, args.num_utts, args.seed)
     if args.method == "comflp":
-        matrix_path = args.matrix or ExpDir(args.exp_dir).matrix(args.measure)
+        matrix_path = args.matrix or ExpDir(args.exp_dir).coarse_scores(args.measure)
         result = run_comflp(args, model, batches, matrix_path, out_dir)
     else:
         result = run_metric_search(args, model, batches)

@@ -94,7 +94,7 @@ class ExpDir:
     def correlation(self, measure: str) -> Path:
         return self.root / "correlation" / measure
 
-    def matrix(self, measure: str) -> Path:
+    def coarse_scores(self, measure: str) -> Path:
         """Stage 5's output that stage 6 ranks proposals by: the correlation matrix, or for
         ``residual_sum`` the statistics of its scorer."""
         name = RESIDUAL_STATS if measure == RESIDUAL_SUM else MATRIX

@@ -493,7 +493,8 @@ class AdapterTrainer(Trainer):
         device: str,
     ):
         self.adapter = adapter.to(device)
-        cfg.train.spec_augment = False
+        train = dataclasses.replace(cfg.train, spec_augment=False)
+        cfg = dataclasses.replace(cfg, train=train)
         super().__init__(cfg, exp_dir, train_cuts, dev_cuts, None, None, device, False, Dist())
 
     def build_model(self) -> torch.nn.Module:

@@ -128,7 +128,12 @@ class ResidualSumScorer:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError(f"one array, expected an .npz archive of {', '.join(_KEYS)}")
-        with loaded as archive:
+        return cls.from_archive(loaded)
+
+    @classmethod
+    def from_archive(cls, archive: np.lib.npyio.NpzFile) -> ResidualSumScorer:
+        """The statistics in an open ``np.load`` archive of :meth:`save` (closed after)."""
+        with archive:
             if set(archive.files) != set(_KEYS):
                 raise ValueError(
                     f"expected the arrays {', '.join(_KEYS)}, found {', '.join(archive.files)}"
