@@ -39,7 +39,7 @@ nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DD
 train_threads=0         # CPU cores for a training job when ngpu=0 (0: all of this machine's); Slurm: --cpus-per-task
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
 # ---- model to prune (stages 4-7) ----
-model_type=comflp       # comflp (trained by stage 3) | hf | espnet
+model_type=native       # native (comflp's own, trained by stage 3) | hf | espnet
 model_dir=              # the model to prune (default: exp_dir, comflp's own)
 # ---- CoMFLP search (stages 4-6) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)

@@ -7,7 +7,7 @@ experiment directory, --pruned_dir, e.g. exp/baseline/search/comflp_dc_prune6/pr
 beam search. The test batches are loaded into memory once; for each device, thread count,
 method and model: a warm-up on the first --warmup_batches batches, then --repeats decodings of
 the whole set, reporting the median RTF (decoding time / audio seconds, the cuts' durations;
-comflp.asr.decode.decode_set times the model and the search, not data loading) and the ratio
+comflp.decoding.decode_set times the model and the search, not data loading) and the ratio
 pruned / unpruned. GPU rows are added when CUDA is available. Prints a Markdown table, also
 written to --output.
 
@@ -29,7 +29,7 @@ from common import emit, gpu_note
 from comflp.adapters.base import PrunableModel
 from comflp.adapters.native import NativeModel
 from comflp.asr.data import load_eval_batches
-from comflp.asr.decode import DecodeResult, decode_set
+from comflp.decoding import DecodeResult, decode_set
 from comflp.asr.scoring import error_stats
 from comflp.cli import UsageError, add_common_args, run, str2bool
 from comflp.expdir import CMVN, TOKENIZER

@@ -24,7 +24,7 @@ from comflp.asr.config import load_config
 from comflp.asr.data import ctc_feasible, load_cuts, load_eval_batches, random_subset
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.asr.trainer import train
+from comflp.train.trainer import train
 from comflp.cli import add_common_args, run
 from comflp.expdir import CMVN, TOKENIZER
 from comflp.prune.evaluator import evaluate_subsets

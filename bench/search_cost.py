@@ -47,7 +47,7 @@ from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
 from comflp.asr.data import ctc_feasible, eval_loader, load_cuts, load_eval_batches, random_subset
 from comflp.asr.model import ASRModel
-from comflp.asr.trainer import train
+from comflp.train.trainer import train
 from comflp.cli import UsageError, add_common_args, run
 from comflp.expdir import CMVN, MODEL, TOKENIZER, ExpDir
 from comflp.prune.correlation import correlation_matrix

@@ -2,7 +2,7 @@
 """Benchmark: training throughput of a config, one process against data-parallel processes.
 
 Trains a fresh model of --config on real batches of the built-in corpus (stages 0-2 must have
-run in --workdir) exactly as comflp.asr.trainer does a step (SpecAugment if the config asks,
+run in --workdir) exactly as comflp.train.trainer does a step (SpecAugment if the config asks,
 forward with intermediate CTC and stochastic depth, backward, gradient clipping, Adam), in:
 
 - one process with torch's default number of threads;
@@ -44,7 +44,7 @@ from comflp.asr.data import AsrDataset, ctc_feasible, load_cuts, train_sampler
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
-from comflp.asr.trainer import make_optimizer
+from comflp.train.trainer import make_optimizer
 from comflp.cli import UsageError, add_common_args, run
 from comflp.expdir import TOKENIZER
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from comflp.adapters import MODEL_TYPES, load_prunable
 from comflp.asr.data import eval_loader, load_cuts, part_of
-from comflp.asr.decode import METHODS, decode_set
+from comflp.decoding import decode_set
 from comflp.cli import UsageError, add_common_args, resolve_device, run
 from comflp.expdir import DECODE_PART, ExpDir
 from comflp.prune.methods import METHOD_LISTS, Method, MethodList
@@ -84,7 +84,7 @@ if __name__ == "__main__":
     parser.add_argument("--method_list", choices=sorted(METHOD_LISTS), default="compare")
     parser.add_argument("--set", help="with --exp_dir: the name of the decoded set")
     parser.add_argument("--model_dir", type=Path, help="decode this one model instead")
-    parser.add_argument("--model_type", choices=MODEL_TYPES, default="comflp")
+    parser.add_argument("--model_type", choices=MODEL_TYPES.names(), default="native")
     parser.add_argument(
         "--prune_layers", default="", help="with --model_dir: layers to remove first"
     )
@@ -92,7 +92,7 @@ if __name__ == "__main__":
     parser.add_argument("--cuts", type=Path, required=True)
     parser.add_argument("--part", type=int, default=1)
     parser.add_argument("--num_parts", type=int, default=1)
-    parser.add_argument("--decoding_method", choices=METHODS, default="ctc_greedy_search")
+    parser.add_argument("--decoding_method", default="ctc_greedy_search")
     parser.add_argument("--beam_size", type=int, default=10)
     parser.add_argument(
         "--ctc_weight", type=float, default=0.3, help="attention_rescoring: CTC score weight"

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exp_dir", type=Path, required=True, help="the baseline experiment")
-    parser.add_argument("--model_type", choices=MODEL_TYPES, default="comflp")
+    parser.add_argument("--model_type", choices=MODEL_TYPES.names(), default="native")
     parser.add_argument(
         "--model_dir", type=Path, help="the pruned model's source (default: --exp_dir)"
     )

@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exp_dir", type=Path, required=True)
-    parser.add_argument("--model_type", choices=MODEL_TYPES, default="comflp")
+    parser.add_argument("--model_type", choices=MODEL_TYPES.names(), default="native")
     parser.add_argument("--model_dir", help="the model pruned (default: --exp_dir)")
     parser.add_argument("--num_prune", required=True, help='space-separated, e.g. "2 4 6"')
     parser.add_argument(

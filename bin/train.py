@@ -2,7 +2,7 @@
 """Stage 3: train the baseline (Transformer CTC, intermediate CTC, stochastic depth) into an experiment directory.
 
 Also stage 8 with --init_model: fine-tune a pruned model; with --model_type hf a Hugging Face
-model, through its adapter (comflp/asr/trainer.py: AdapterTrainer), written back in its own
+model, through its adapter (comflp/train/trainer.py: AdapterTrainer), written back in its own
 format. Run under torchrun for several processes (comflp models only).
 """
 
@@ -19,7 +19,7 @@ from comflp.asr.config import load_config
 from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.asr.trainer import AdapterTrainer, Dist, train
+from comflp.train.trainer import AdapterTrainer, Dist, train
 from comflp.cli import (
     UsageError,
     add_common_args,
@@ -57,7 +57,7 @@ def finetune_adapter(args: argparse.Namespace, dist_info: Dist, device: str) -> 
 def main(args: argparse.Namespace) -> None:
     dist_info = Dist.from_env()
     device = resolve_device(args.device)
-    if args.model_type != "comflp":
+    if args.model_type != "native":
         if not finetune_adapter(args, dist_info, device):
             raise SystemExit(3)
         return
@@ -139,9 +139,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--model_type",
-        choices=MODEL_TYPES,
-        default="comflp",
-        help="the library of --init_model (not comflp: fine-tuned through its adapter)",
+        choices=MODEL_TYPES.names(),
+        default="native",
+        help="the library of --init_model (not native: fine-tuned through its adapter)",
     )
     add_training_args(parser)
     parser.add_argument("--device", default="auto")

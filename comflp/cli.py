@@ -105,7 +105,7 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument(
         "--exp_dir", type=Path, required=required, help="experiment directory (stage outputs)"
     )
-    parser.add_argument("--model_type", choices=MODEL_TYPES, default="comflp")
+    parser.add_argument("--model_type", choices=MODEL_TYPES.names(), default="native")
     parser.add_argument(
         "--model_dir", type=Path, help="the model to prune (default: --exp_dir, a comflp model)"
     )

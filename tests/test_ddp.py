@@ -192,7 +192,7 @@ def _steps_worker(out: str) -> None:
 
 def _train_worker(out: str, *train_args: str) -> None:
     """Run bin/train.py, then save this rank's final weights (bin/train.py keeps them in memory)."""
-    import comflp.asr.trainer
+    import comflp.train.trainer
 
     models = []
 
@@ -201,7 +201,7 @@ def _train_worker(out: str, *train_args: str) -> None:
             super().__init__(cfg)
             models.append(self)
 
-    comflp.asr.trainer.ASRModel = Recorded
+    comflp.train.trainer.ASRModel = Recorded
     sys.argv = [str(REPO / "bin/train.py"), *train_args]
     runpy.run_path(sys.argv[0], run_name="__main__")
     torch.save(models[-1].state_dict(), Path(out) / f"rank{os.environ['RANK']}.pt")

@@ -8,7 +8,7 @@ from comflp.asr.config import ConfigError, load_config
 from comflp.asr.data import load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.asr.trainer import train
+from comflp.train.trainer import train
 
 from .conftest import REPO
 

@@ -1,22 +1,6 @@
-"""Models the pruning pipeline can work on, each behind :class:`PrunableModel`."""
+"""Models the pruning pipeline can work on, each behind :class:`PrunableModel`; every module of
+this package registers its model type in :data:`MODEL_TYPES`."""
 
-from __future__ import annotations
+from comflp.adapters.base import MODEL_TYPES, PrunableModel, load_prunable
 
-from pathlib import Path
-
-from comflp.adapters.base import PrunableModel
-
-MODEL_TYPES = ("comflp", "hf")
-
-
-def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:
-    """Load the model in ``model_dir`` as a :class:`PrunableModel` of ``model_type``."""
-    if model_type == "comflp":
-        from comflp.adapters.native import NativeModel
-
-        return NativeModel.load(model_dir)
-    if model_type == "hf":
-        from comflp.adapters.hf import HFModel
-
-        return HFModel.load(model_dir)
-    raise ValueError(f"unknown model type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+__all__ = ["MODEL_TYPES", "PrunableModel", "load_prunable"]

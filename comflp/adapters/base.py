@@ -20,6 +20,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from comflp.asr.ctc import ctc_greedy_search, ctc_loss, ctc_prefix_beam_search
+from comflp.registry import Registry
+from comflp.utils import eval_mode
+
+# Model types by the name ``--model_type`` takes; each adapter module of this package registers
+# its class (docs/DESIGN.md, "Adding a model type").
+MODEL_TYPES: Registry[type[PrunableModel]] = Registry("model type", "comflp.adapters")
+CTC_DECODING = ("ctc_greedy_search", "ctc_prefix_beam_search")
+
 
 @dataclass
 class Hidden:
@@ -31,13 +40,20 @@ class Hidden:
 
 
 class PrunableModel(ABC):
-    """A CTC speech recogniser whose encoder layers can be evaluated in any subset."""
+    """A speech recogniser whose encoder layers can be evaluated in any subset."""
 
     model_type: ClassVar[str]
+    # What decode() can do with this model (stage 7's --decoding_method).
+    decoding_methods: ClassVar[tuple[str, ...]] = CTC_DECODING
 
     def __init__(self, source: Path):
         self.source = Path(source)  # the directory the model was loaded from
         self.device = torch.device("cpu")
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_dir: Path) -> PrunableModel:
+        """The model saved in ``model_dir``; ConfigError (a ValueError) says what is wrong."""
 
     @property
     @abstractmethod
@@ -51,6 +67,11 @@ class PrunableModel(ABC):
     @property
     def blank_id(self) -> int:
         return 0
+
+    @property
+    def interctc_layers(self) -> tuple[int, ...]:
+        """Layers trained to be read out by the CTC head (intermediate CTC); empty if none."""
+        return ()
 
     @abstractmethod
     def dataset(self) -> torch.utils.data.Dataset:
@@ -91,3 +112,58 @@ class PrunableModel(ABC):
     def log_probs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """CTC log-probabilities of the whole model for a batch."""
         return self.readout(self.forward_layers(self.embed(batch)))
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Fine-tuning loss of a batch (stage 8) and its parts for logging: CTC of the whole
+        model, summed over the utterances and divided by their number, as stage 3's loss.
+        Models with a decoder train it too (their own override)."""
+        log_probs, lengths = self.log_probs(batch)
+        loss = ctc_loss(
+            log_probs, lengths, batch["targets"], batch["target_lens"], self.blank_id
+        ) / len(batch["ids"])
+        return loss, {"loss": loss.item()}
+
+    def transcribe(self, h: Hidden, batch: dict) -> tuple[list[list[int]], float]:
+        """Greedy hypotheses (token ids) and the summed task loss (CTC) of a batch, from the
+        last kept encoder layer's output ``h``: what every metric search scores."""
+        log_probs, lengths = self.readout(h)
+        loss = ctc_loss(log_probs, lengths, batch["targets"], batch["target_lens"], self.blank_id)
+        return ctc_greedy_search(log_probs, lengths, self.blank_id), loss.item()
+
+    def check_decoding(self, method: str, beam_size: int, ctc_weight: float) -> None:
+        """ValueError for options :meth:`decode` cannot use with this model."""
+        if method not in self.decoding_methods:
+            raise ValueError(
+                f"decoding method {method!r} is not available for a {self.model_type} model "
+                f"{self.source}; choose one of {', '.join(self.decoding_methods)}"
+            )
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if not 0 <= ctc_weight <= 1:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+
+    @torch.no_grad()
+    def decode(
+        self,
+        batch: dict,
+        method: str = "ctc_greedy_search",
+        beam_size: int = 10,
+        ctc_weight: float = 0.3,
+    ) -> list[list[int]]:
+        """Token ids per utterance of a batch, the encoder run once, in eval mode (restored
+        after). ``ctc_prefix_beam_search`` prunes each frame's tokens to the top ``beam_size``;
+        models with a decoder add methods of their own (``decoding_methods``)."""
+        self.check_decoding(method, beam_size, ctc_weight)
+        with eval_mode(self.module):
+            log_probs, lengths = self.log_probs(batch)
+            if method == "ctc_greedy_search":
+                return ctc_greedy_search(log_probs, lengths, self.blank_id)
+            return [
+                ctc_prefix_beam_search(log_probs[i, :n], beam_size, beam_size, self.blank_id)[0][0]
+                for i, n in enumerate(lengths.tolist())
+            ]
+
+
+def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:
+    """Load the model in ``model_dir`` as a :class:`PrunableModel` of ``model_type``."""
+    return MODEL_TYPES[model_type].load(Path(model_dir))

@@ -51,7 +51,7 @@ import torch
 from lhotse import CutSet
 
 from comflp import expdir
-from comflp.adapters.base import Hidden, PrunableModel
+from comflp.adapters.base import MODEL_TYPES, Hidden, PrunableModel
 from comflp.asr.config import ConfigError
 from comflp.asr.data import transcripts
 from comflp.utils import atomic_write_json
@@ -63,7 +63,6 @@ CTC_CLASSES = {
     "wavlm": "WavLMForCTC",
     "data2vec-audio": "Data2VecAudioForCTC",
 }
-SAMPLING_RATE = 16000
 
 
 def _first_line(error: Exception) -> str:
@@ -204,6 +203,7 @@ class HFDataset(torch.utils.data.Dataset):
         }
 
 
+@MODEL_TYPES.register("hf")
 class HFModel(PrunableModel):
     """A transformers ``*ForCTC`` model and its ``Wav2Vec2Processor``."""
 

@@ -42,7 +42,7 @@ class Method:
     seed: int | None = None
     note: str = ""
     original_pruned: list[int] | None = None  # for display: layers removed from the original model
-    model_type: str = "comflp"
+    model_type: str = "native"
 
     @property
     def key(self) -> str:

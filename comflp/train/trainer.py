@@ -37,7 +37,6 @@ from comflp.asr.checkpoint import (
     save_model,
 )
 from comflp.asr.config import ConfigError, ExperimentConfig, TrainConfig, save_config
-from comflp.asr.ctc import ctc_loss
 from comflp.asr.data import AsrDataset, SkipFirst, eval_loader, train_sampler
 from comflp.asr.model import ASRModel, count_parameters
 from comflp.asr.tokenizer import Tokenizer
@@ -320,8 +319,9 @@ class Trainer:
             feats = _augment(self.spec_augment, feats, batch["feat_lens"])
         return feats.to(self.device)
 
-    def compute_loss(self, feats: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The training loss of one batch and its parts for logging."""
+        feats = self.input_features(batch)
         with self.autocast:
             return self.ddp_model(
                 feats,
@@ -344,7 +344,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> None:
         """One optimiser step on one batch, with its logging."""
-        loss, stats = self.compute_loss(self.input_features(batch), batch)
+        loss, stats = self.compute_loss(batch)
         grad_norm = self.update(loss)
         self.step += 1
         self.batches_done += 1
@@ -474,9 +474,8 @@ class Trainer:
 
 class AdapterTrainer(Trainer):
     """Fine-tunes a model trained elsewhere (a :class:`PrunableModel` such as a Hugging Face
-    ``*ForCTC``) through its adapter: ``log_probs`` (embed, every encoder layer, readout) and
-    CTC on the dataset's targets, summed over a batch's utterances and divided by their
-    number, as stage 3's loss. Everything else is the :class:`Trainer`'s: exact resume,
+    ``*ForCTC``) through its adapter, on its ``training_loss`` (CTC of the whole model unless
+    the adapter trains more, e.g. an attention decoder). Everything else is the :class:`Trainer`'s: exact resume,
     checkpoint averaging, progress, TensorBoard, history and curves. The model's own
     augmentation applies (a wav2vec2-family model masks time steps in training mode), not
     comflp's SpecAugment; one process only. The averaged model is written in its own format
@@ -512,15 +511,8 @@ class AdapterTrainer(Trainer):
     def describe(self) -> str:
         return f"{type(self.model).__name__} from {self.adapter.source}"
 
-    def input_features(self, batch: dict) -> dict:
-        return batch
-
-    def compute_loss(self, batch: dict, _: dict) -> tuple[torch.Tensor, dict]:
-        log_probs, lengths = self.adapter.log_probs(batch)
-        loss = ctc_loss(
-            log_probs, lengths, batch["targets"], batch["target_lens"], self.adapter.blank_id
-        ) / len(batch["ids"])
-        return loss, {"loss": loss.item()}
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.adapter.training_loss(batch)
 
     def checkpoint_state(self) -> dict:
         return {**super().checkpoint_state(), "config": {"train": dataclasses.asdict(self.tc)}}
