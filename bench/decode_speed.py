@@ -29,9 +29,9 @@ from common import emit, gpu_note
 from comflp.adapters.base import PrunableModel
 from comflp.adapters.native import NativeModel
 from comflp.asr.data import load_eval_batches
-from comflp.decoding import DecodeResult, decode_set
 from comflp.asr.scoring import error_stats
 from comflp.cli import UsageError, add_common_args, run, str2bool
+from comflp.decoding import DecodeResult, decode_set
 from comflp.expdir import CMVN, TOKENIZER
 
 

@@ -24,12 +24,12 @@ from comflp.asr.config import load_config
 from comflp.asr.data import ctc_feasible, load_cuts, load_eval_batches, random_subset
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.train.trainer import train
 from comflp.cli import add_common_args, run
 from comflp.expdir import CMVN, TOKENIZER
 from comflp.prune.evaluator import evaluate_subsets
 from comflp.prune.rules import drop_top, every_other
 from comflp.prune.subsets import kept_layers
+from comflp.train.trainer import train
 from comflp.utils import atomic_write_text
 
 VARIANTS = {

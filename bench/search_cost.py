@@ -47,7 +47,6 @@ from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
 from comflp.asr.data import ctc_feasible, eval_loader, load_cuts, load_eval_batches, random_subset
 from comflp.asr.model import ASRModel
-from comflp.train.trainer import train
 from comflp.cli import UsageError, add_common_args, run
 from comflp.expdir import CMVN, MODEL, TOKENIZER, ExpDir
 from comflp.prune.correlation import correlation_matrix
@@ -60,6 +59,7 @@ from comflp.prune.metric_search import (
     greedy_layer_pruning,
 )
 from comflp.prune.search import blocks_of, coarse_search
+from comflp.train.trainer import train
 
 METRIC = "cer"
 

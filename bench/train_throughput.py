@@ -44,9 +44,9 @@ from comflp.asr.data import AsrDataset, ctc_feasible, load_cuts, train_sampler
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
-from comflp.train.trainer import make_optimizer
 from comflp.cli import UsageError, add_common_args, run
 from comflp.expdir import TOKENIZER
+from comflp.train.trainer import make_optimizer
 
 # Seconds per fbank frame: audio s/s is counted from the frames (feat_lens), not batch["seconds"],
 # so that it is the frames/s column in seconds.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from comflp.adapters import MODEL_TYPES, load_prunable
 from comflp.asr.data import eval_loader, load_cuts, part_of
-from comflp.decoding import decode_set
 from comflp.cli import UsageError, add_common_args, resolve_device, run
+from comflp.decoding import decode_set
 from comflp.expdir import DECODE_PART, ExpDir
 from comflp.prune.methods import METHOD_LISTS, Method, MethodList
 from comflp.utils import atomic_write_json

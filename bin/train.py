@@ -19,7 +19,6 @@ from comflp.asr.config import load_config
 from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.train.trainer import AdapterTrainer, Dist, train
 from comflp.cli import (
     UsageError,
     add_common_args,
@@ -30,6 +29,7 @@ from comflp.cli import (
     str2bool,
 )
 from comflp.expdir import CMVN, MODEL, TOKENIZER
+from comflp.train.trainer import AdapterTrainer, Dist, train
 
 
 def finetune_adapter(args: argparse.Namespace, dist_info: Dist, device: str) -> bool:

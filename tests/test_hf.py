@@ -18,9 +18,9 @@ from comflp.adapters.hf import HFModel  # noqa: E402
 from comflp.asr.config import ConfigError, load_config  # noqa: E402
 from comflp.asr.ctc import ctc_greedy_search, ctc_loss  # noqa: E402
 from comflp.asr.data import eval_loader, load_cuts, load_eval_batches  # noqa: E402
-from comflp.train.trainer import AdapterTrainer  # noqa: E402
 from comflp.prune.dump import dump_layers, load_layer_feats  # noqa: E402
 from comflp.prune.evaluator import evaluate_subsets  # noqa: E402
+from comflp.train.trainer import AdapterTrainer  # noqa: E402
 
 from .conftest import PYTHON, REPO, run_sh  # noqa: E402
 

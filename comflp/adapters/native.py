@@ -87,7 +87,9 @@ class NativeModel(PrunableModel):
             log_probs, ctc_lens = self.readout(h)
             hyps = []
             for i, n in enumerate(ctc_lens.tolist()):
-                nbest = ctc_prefix_beam_search(log_probs[i, :n], beam_size, beam_size, self.blank_id)
+                nbest = ctc_prefix_beam_search(
+                    log_probs[i, :n], beam_size, beam_size, self.blank_id
+                )
                 if len(nbest) > 1:
                     enc = self.asr.encoder.after_norm(h.x[i, : int(h.lengths[i])])
                     hyps.append(attention_rescoring(self.asr, enc, nbest, ctc_weight)[0])

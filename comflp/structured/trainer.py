@@ -30,7 +30,6 @@ from comflp.asr.checkpoint import save_model
 from comflp.asr.config import ConfigError, ExperimentConfig
 from comflp.asr.model import ASRModel, count_parameters
 from comflp.asr.tokenizer import Tokenizer
-from comflp.train.trainer import Dist, Trainer, lr_lambda
 from comflp.expdir import FINAL_DEV, MODEL, STRUCTURE, TRAINING_CURVES
 from comflp.prune.evaluator import evaluate_model
 from comflp.structured.config import StructuredConfig
@@ -44,6 +43,7 @@ from comflp.structured.params import (
     sparsity,
 )
 from comflp.structured.physical import physically_prune
+from comflp.train.trainer import Dist, Trainer, lr_lambda
 from comflp.utils import atomic_write_json
 
 
