@@ -38,43 +38,47 @@ ngpu=0                  # GPUs per training job; > 1 trains with DDP (nccl) thro
 nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DDP (gloo), cores shared out as threads
 train_threads=0         # CPU cores for a training job when ngpu=0 (0: all of this machine's); Slurm: --cpus-per-task
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
-# ---- model to prune (stages 4-7) ----
-model_type=native       # native (comflp's own, trained by stage 3) | hf | espnet
-model_dir=              # the model to prune (default: exp_dir, comflp's own)
-# ---- CoMFLP search (stages 4-6) ----
+# ---- model to prune (stages 4-8) ----
+model_type=native       # native (comflp's own, stage 3) | hf | espnet (names from the model-type registry)
+model_dir=              # the model to prune (default: exp_dir, a native model)
+stack=encoder           # the layer stack stages 4-8 prune: encoder | decoder (encoder-decoder models)
+# ---- layer dump (stage 4) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)
 calib_num_utts=320      # calibration utterances (CoMFLP: 10 batches of 32)
 pooling=frames          # frames | mean (utterance level, CoMFLP's); residual_sum needs frames
 frames_per_utt=25       # frames pooling: random frames kept per utterance (0: all)
-measures="residual_sum dc svcca cka"  # coarse scores, each with its own stage-5 output and search (docs/SEARCH_QUALITY.md)
-dc_batch_size=32        # dc: mean of DC over batches of this many utterances (CoMFLP's setting)
-svcca_threshold=0.99    # svcca: singular-value mass kept
-num_prune="6"           # layers to prune; several values allowed, e.g. "2 4 6"
-search_mode=beam        # beam | greedy | exhaustive
-coarse_aggregation=mean  # proposal score: mean (CoMFLP: mean block correlation) | damage (minus summed 1 - correlation)
-beam_size=10
-top_k=10                # proposals passed to the fine search
-fine_metric=cer         # cer | wer | ctc_loss
-fine_num_utts=320       # dev utterances of the fine search
-prefix_cache=true       # metric searches: compute layers shared by candidates once
-search_methods="comflp glp oracle"  # stage 6: CoMFLP (per measure), GLP (greedy metric search), the exhaustive oracle
+# ---- scores (stage 5) ----
+scores="residual_sum dc svcca cka"  # coarse scores, each built once; their top K are merged (docs/SEARCH_QUALITY.md)
+dc_batch_size=32        # dc: mean of DC over batches of this many rows (CoMFLP's setting; 0: one batch)
+svcca_threshold=0.99    # svcca/pwcca: singular-value mass kept
+# ---- searches (stage 6) ----
+num_prune="6"           # layers to prune: values ("2 4 6"), all (1..L-1) or ranges A:B[:STEP]
+search_methods="comflp glp oracle"  # CoMFLP (coarse searches of every score, one fine search), GLP (greedy), the exhaustive oracle
+search_mode=beam        # coarse search: beam | greedy | exhaustive
+coarse_aggregation=mean  # matrix scores: mean (CoMFLP: mean block correlation) | damage (minus summed 1 - correlation)
+beam_size=10            # coarse beam search: beam width
+top_k=10                # coarse proposals of each score passed to the fine search
+fine_metric=cer         # cer | wer | loss (the model's own: CTC, or cross-entropy without CTC)
+fine_num_utts=320       # dev utterances the metric is measured on
+prefix_cache=true       # metric searches: compute the layers candidates share once
 oracle_max_evaluations=1000  # oracle: only when C(L, P) is at most this
 # ---- comparison and decoding (stage 7) ----
 random_seeds=5          # random layer selections per P
-decoding_method=ctc_greedy_search  # ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring
-decode_beam_size=10
+rules=all               # fixed rules in the table (all: every one that fits the stack and model)
+decoding_method=ctc_greedy_search  # a method the model has: ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring | ...
+decode_beam_size=10     # beam of the beam searches
 decode_nj=2             # decoding jobs per set (a job array)
 score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)
 # ---- fine-tuning (stage 8) ----
 finetune_config=conf/finetune.yaml
-finetune_measure=best   # fine-tune the fine-searched model of this measure; best: the measure whose fine search reached the lowest dev metric
+finetune_search=comflp  # the search whose choice is fine-tuned
 # ---- structured pruning (stage 9) ----
 sp_config=conf/structured.yaml
-sp_target_sparsity=0.5  # fraction of the encoder layers' parameters to remove; several values allowed
+sp_target_sparsity=0.5  # fractions of the encoder layers' parameters to remove; several values allowed
 
 help_message="Usage: $0 [--stage N] [--stop_stage M] [--name value ...]
 Stages: 0 data preparation, 1 features, 2 tokenizer, 3 train the baseline,
-4 dump layer outputs, 5 correlation matrices, 6 searches (CoMFLP coarse + fine, GLP, oracle),
+4 dump layer outputs, 5 scores, 6 searches (CoMFLP coarse + fine, GLP, oracle),
 7 compare layer-selection methods (decode, score, RESULTS.md), 8 fine-tune the pruned model,
 9 L0 structured pruning with distillation (rows beside 8's).
 Options (defaults in brackets):
@@ -82,6 +86,7 @@ $(sed -n '/^# ---- general/,/^sp_target_sparsity=/p' "$0" | grep -E '^[a-z_]+=' 
 
 . "$comflp_root/utils/parse_options.sh"
 . "$comflp_root/utils/log.sh"
+"$comflp_root/utils/setup.sh" --quiet  # set up on first use; instant once done
 . "$comflp_root/path.sh"
 if [ -f ./cmd.sh ]; then . ./cmd.sh; else . "$comflp_root/cmd.sh"; fi
 
@@ -100,6 +105,8 @@ case $token_type in
   *) die "--token_type must be bpe or char, got '$token_type'" ;;
 esac
 all_sets="$train_set $dev_set $test_sets"
+train_cuts=data/fbank/cuts_${train_set}.jsonl.gz
+dev_cuts=data/fbank/cuts_${dev_set}.jsonl.gz
 bin=$comflp_root/bin
 log_dir=exp/log
 
@@ -127,11 +134,11 @@ if run_stage 0; then
     $train_cmd $log_dir/make_corpus.log \
       python "$comflp_root/local/make_corpus.py" --corpus_dir "$corpus_dir" \
         --num_train "$num_train" --num_dev "$num_dev" --num_test "$num_test" \
-        --seed "$corpus_seed" --nj "$nj"
+        --corpus_seed "$corpus_seed" --nj "$nj"
   fi
   layout=$corpus; [ "$corpus" = builtin ] && layout=librispeech  # the built-in corpus is in LibriSpeech's layout
   $train_cmd $log_dir/prepare_data.log \
-    python "$bin/prepare_data.py" --corpus "$layout" --corpus_dir "$corpus_dir" \
+    python "$bin/prepare_data.py" --layout "$layout" --corpus_dir "$corpus_dir" \
       --subsets "$all_sets" --download "$download" --download_url "$download_url" \
       --output_dir data/manifests --nj "$nj"
 fi
@@ -150,67 +157,51 @@ fi
 if run_stage 2; then
   log "Stage 2: $token_type tokenizer into $lang_dir"
   $train_cmd $log_dir/train_tokenizer.log \
-    python "$bin/train_tokenizer.py" --cuts "data/fbank/cuts_${train_set}.jsonl.gz" \
-      --output_dir "$lang_dir" --token_type "$token_type" --vocab_size "$nbpe"
+    python "$bin/train_tokenizer.py" --cuts "$train_cuts" \
+      --output_dir "$lang_dir" --token_type "$token_type" --nbpe "$nbpe"
 fi
 
 if run_stage 3; then
   log "Stage 3: train the baseline with $train_config into $exp_dir"
   # shellcheck disable=SC2086  # train_args holds several words on purpose
   $train_job "$exp_dir/log/train.log" \
-    "${train_python[@]}" "$bin/train.py" --config "$train_config" --exp_dir "$exp_dir" \
-      --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" \
+    "${train_python[@]}" "$bin/train.py" --train_config "$train_config" --exp_dir "$exp_dir" \
+      --train_cuts "$train_cuts" --dev_cuts "$dev_cuts" \
       --lang_dir "$lang_dir" --cmvn data/fbank/cmvn.json --resume "$resume" --device "$device" $train_args
   log "Stage 3 done: $exp_dir/model.pt, curves in $exp_dir/training_curves.png"
 fi
 
 calib_set=${calib_set:-$train_set}
-model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}" --device "$device")
+model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}"
+  --stack "$stack" --device "$device")
 
 if run_stage 4; then
-  log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $exp_dir/dump ($nj parts)"
+  log "Stage 4: dump the $stack layers of $calib_num_utts utterances of $calib_set into $exp_dir ($nj parts)"
   $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers.JOB.log" \
     python "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
-      --num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
+      --calib_num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
       --part JOB --num_parts "$nj"
   $train_cmd "$exp_dir/log/merge_dump.log" \
-    python "$bin/merge_dump.py" --exp_dir "$exp_dir" --num_parts "$nj"
+    python "$bin/merge_dump.py" --exp_dir "$exp_dir" --stack "$stack" --num_parts "$nj"
 fi
 
 if run_stage 5; then
-  for measure in $measures; do
-    log "Stage 5: $measure scores (correlation matrix or residual-sum statistics) into $exp_dir/correlation/$measure"
-    $train_cmd "$exp_dir/log/correlation_${measure}.log" \
-      python "$bin/correlation.py" --exp_dir "$exp_dir" --measure "$measure" \
-        --batch_size "$dc_batch_size" --threshold "$svcca_threshold"
-  done
+  log "Stage 5: scores $scores of the $stack dump of $exp_dir"
+  $train_cmd "$exp_dir/log/scores.log" \
+    python "$bin/scores.py" --exp_dir "$exp_dir" --stack "$stack" --scores "$scores" \
+      --dc_batch_size "$dc_batch_size" --svcca_threshold "$svcca_threshold"
 fi
 
-search() {  # search METHOD P [options]: one stage-6 search into search/<method>_prune<P>/
-  local name=$1 p=$2
-  shift 2
-  $train_cmd "$exp_dir/log/search_${name}_prune$p.log" \
-    python "$bin/search.py" "${model_args[@]}" --num_prune "$p" "$@" \
-      --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" \
-      --metric "$fine_metric" --prefix_cache "$prefix_cache"
-}
+search_args=(--num_prune "$num_prune" --scores "$scores" --search_mode "$search_mode"
+  --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
+  --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
+  --oracle_max_evaluations "$oracle_max_evaluations" --dev_cuts "$dev_cuts")
 
 if run_stage 6; then
-  for p in $num_prune; do
-    for method in $search_methods; do
-      case $method in
-        comflp)
-          for measure in $measures; do
-            log "Stage 6: CoMFLP, $search_mode search on the $measure scores + fine search ($fine_metric), P=$p"
-            search "comflp_$measure" "$p" --method comflp --measure "$measure" \
-              --mode "$search_mode" --aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
-          done ;;
-        glp|oracle)
-          log "Stage 6: $method search ($fine_metric on $fine_num_utts dev utterances), P=$p"
-          search "$method" "$p" --method "$method" --oracle_max_evaluations "$oracle_max_evaluations" ;;
-        *) die "--search_methods: unknown search '$method' (expected comflp, glp, oracle)" ;;
-      esac
-    done
+  for method in $search_methods; do
+    log "Stage 6: $method search of the $stack, P in {$num_prune} ($fine_metric on $fine_num_utts dev utterances)"
+    $train_cmd "$exp_dir/log/search_$method.log" \
+      python "$bin/search.py" "${model_args[@]}" "${search_args[@]}" --search_methods "$method"
   done
 fi
 
@@ -224,60 +215,38 @@ decode_and_score() {  # decode_and_score STAGE METHOD_LIST: decode every eval se
     $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$2.JOB.log" \
       python "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
         --cuts "data/fbank/cuts_${set}.jsonl.gz" --part JOB --num_parts "$decode_nj" \
-        --decoding_method "$decoding_method" --beam_size "$decode_beam_size" --device "$device"
+        --decoding_method "$decoding_method" --decode_beam_size "$decode_beam_size" --device "$device"
   done
   $train_cmd "$compare_dir/log/results.log" \
-    python "$bin/results.py" --exp_dir "$exp_dir" --sets "$eval_sets" --metrics "$score_metrics" \
-      --command "$run_command"
+    python "$bin/results.py" --exp_dir "$exp_dir" --eval_sets "$eval_sets" \
+      --score_metrics "$score_metrics" --command "$run_command"
 }
 
 if run_stage 7; then
   log "Stage 7: layers chosen by each method for P in {$num_prune}, decoding, scoring"
   $train_cmd "$compare_dir/log/list_methods.log" \
-    python "$bin/list_methods.py" --exp_dir "$exp_dir" --model_type "$model_type" \
-      --model_dir "${model_dir:-$exp_dir}" --num_prune "$num_prune" --search_methods "$search_methods" \
-      --measures "$measures" --random_seeds "$random_seeds"
+    python "$bin/list_methods.py" "${model_args[@]}" "${search_args[@]}" \
+      --search_methods "$search_methods" --random_seeds "$random_seeds" --rules "$rules"
   decode_and_score 7 compare
   log "Stage 7 done: $exp_dir/RESULTS.md"
 fi
 
 if run_stage 8; then
-  if [ "$finetune_measure" = best ]; then
-    finetune_measure=$(python "$bin/best_measure.py" --exp_dir "$exp_dir" --measures "$measures" \
-      --num_prune "$num_prune" --log_file "$exp_dir/log/best_measure.log") || die "stage 8: no fine search to choose from"
-  fi
-  ft_dirs=()
-  for p in $num_prune; do
-    src=$exp_dir/search/comflp_${finetune_measure}_prune$p/pruned
-    ft=$exp_dir/finetune/comflp_${finetune_measure}_prune$p
-    log "Stage 8: fine-tune $src into $ft with $finetune_config"
-    $train_job "$ft/log/train.log" \
-      "${train_python[@]}" "$bin/train.py" --config "$finetune_config" --exp_dir "$ft" --init_model "$src" \
-        --model_type "$model_type" \
-        --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" \
-        --resume "$resume" --device "$device"
-    ft_dirs+=("$ft")
-  done
-  $train_cmd "$compare_dir/log/finetuned_methods.log" \
-    python "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
-      --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}" --finetuned_dirs "${ft_dirs[@]}"
+  log "Stage 8: fine-tune the $finetune_search choice for P in {$num_prune} with $finetune_config"
+  $train_job "$exp_dir/log/finetune.log" \
+    "${train_python[@]}" "$bin/finetune.py" "${model_args[@]}" --num_prune "$num_prune" \
+      --finetune_config "$finetune_config" --finetune_search "$finetune_search" \
+      --train_cuts "$train_cuts" --dev_cuts "$dev_cuts" --resume "$resume"
   decode_and_score 8 finetune
   log "Stage 8 done: fine-tuned rows added to $exp_dir/RESULTS.md"
 fi
 
 if run_stage 9; then
-  sp_dirs=()
-  for t in $sp_target_sparsity; do
-    sp_dir=$exp_dir/structured/sparsity$t
-    log "Stage 9: L0 structured pruning of $exp_dir to sparsity $t with $sp_config into $sp_dir"
-    $train_job "$sp_dir/log/train.log" \
-      python "$bin/structured_prune.py" --config "$sp_config" --init_model "$exp_dir" --exp_dir "$sp_dir" \
-        --target_sparsity "$t" --train_cuts "data/fbank/cuts_${train_set}.jsonl.gz" \
-        --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --resume "$resume" --device "$device"
-    sp_dirs+=("$sp_dir")
-  done
-  $train_cmd "$compare_dir/log/structured_methods.log" \
-    python "$bin/structured_methods.py" --exp_dir "$exp_dir" --structured_dirs "${sp_dirs[@]}"
+  log "Stage 9: L0 structured pruning of $exp_dir to sparsity {$sp_target_sparsity} with $sp_config"
+  $train_job "$exp_dir/log/structured.log" \
+    python "$bin/structured_prune.py" --sp_config "$sp_config" --exp_dir "$exp_dir" \
+      --sp_target_sparsity "$sp_target_sparsity" --train_cuts "$train_cuts" --dev_cuts "$dev_cuts" \
+      --resume "$resume" --device "$device"
   decode_and_score 9 structured
   log "Stage 9 done: structured rows added to $exp_dir/RESULTS.md"
 fi

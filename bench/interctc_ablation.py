@@ -28,7 +28,7 @@ from comflp.cli import add_common_args, run
 from comflp.expdir import CMVN, TOKENIZER
 from comflp.prune.evaluator import evaluate_subsets
 from comflp.prune.rules import drop_top, every_other
-from comflp.prune.subsets import kept_layers
+from comflp.subsets import kept_layers
 from comflp.train.trainer import train
 from comflp.utils import atomic_write_text
 

@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> None:
         atomic_write_json(args.out_dir / expdir.HISTORY, history)
         logging.info(
             f"dev after {minutes:.1f} min (epoch {epoch}, step {step}, {reason}): "
-            f"CER {result.cer:.2f}, WER {result.wer:.2f}, CTC loss {result.ctc_loss:.2f}"
+            f"CER {result.cer:.2f}, WER {result.wer:.2f}, CTC loss {result.loss:.2f}"
         )
         if result.cer < best:
             best = result.cer

@@ -7,9 +7,10 @@
       epoch-N.pt checkpoint-latest.pt history.json final_dev.json training_curves.png tensorboard/
       log/                                  every stage's logs
       dump/                                 stage 4: layerKK.ark/.scp, info.json, parts/J/
-      correlation/<measure>/                stage 5: matrix.npy (residual_sum: stats.npz), heatmap.png,
-                                                     settings.json
-      search/<method>_prune<P>/             stage 6: search.json, proposals.json (CoMFLP), pruned/
+      scores/<score>/                       stage 5: the score's file (matrix.npy, stats.npz, ...),
+                                                     heatmap.png, settings.json
+      search/<search>_prune<P>/             stage 6: search.json, pruned/
+      decoder/                              stages 4-6 on the decoder stack: dump/, scores/, search/
       compare/                              stage 7: methods*.json, decode/<set>/<model>/, results.json,
                                                      error_vs_prune.png
       finetune/<method>_prune<P>/           stage 8: a training experiment directory (a model
@@ -19,7 +20,7 @@
       RESULTS.md                            stage 7: the table of every method
 
 ``run.sh`` hands these folders from stage to stage by passing ``--exp_dir`` and the names
-(measure, method, P); the entry points build the paths here. A model trained elsewhere (Hugging
+(score, search, P, stack); the entry points build the paths here. A model trained elsewhere (Hugging
 Face, ESPnet) keeps its own format in its own directory; its experiment directory holds
 everything from the dump on.
 """
@@ -28,8 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from comflp.prune.residual_sum import MEASURE as RESIDUAL_SUM
 
 # A comflp model directory (experiment directory or pruned model).
 CONFIG = "config.yaml"
@@ -48,16 +47,16 @@ TRAINING_CURVES = "training_curves.png"
 TENSORBOARD = "tensorboard"
 # Stage outputs.
 DUMP_INFO = "info.json"
-MATRIX = "matrix.npy"
-RESIDUAL_STATS = "stats.npz"
 HEATMAP = "heatmap.png"
-CORRELATION_SETTINGS = "settings.json"
-PROPOSALS = "proposals.json"
+SCORE_SETTINGS = "settings.json"
 SEARCH_RESULT = "search.json"
 PRUNED = "pruned"
-METHODS = "methods.json"
-METHODS_FINETUNED = "methods_finetuned.json"
-METHODS_STRUCTURED = "methods_structured.json"
+# compare/'s method lists, by the stage that writes them: 7, 8, 9.
+METHOD_LISTS = {
+    "compare": "methods.json",
+    "finetune": "methods_finetuned.json",
+    "structured": "methods_structured.json",
+}
 STRUCTURE = "structure.json"
 RESULTS_JSON = "results.json"
 ERROR_PLOT = "error_vs_prune.png"
@@ -91,26 +90,27 @@ class ExpDir:
     def dump_part(self, part: int) -> Path:
         return self.dump / "parts" / str(part)
 
-    def correlation(self, measure: str) -> Path:
-        return self.root / "correlation" / measure
+    def stack(self, name: str) -> ExpDir:
+        """Where stages 4-6 of a stack write: the experiment itself for the encoder."""
+        return self if name == "encoder" else ExpDir(self.root / name)
 
-    def coarse_scores(self, measure: str) -> Path:
-        """Stage 5's output that stage 6 ranks proposals by: the correlation matrix, or for
-        ``residual_sum`` the statistics of its scorer."""
-        name = RESIDUAL_STATS if measure == RESIDUAL_SUM else MATRIX
-        return self.correlation(measure) / name
+    def score(self, name: str) -> Path:
+        return self.root / "scores" / name
 
-    def search(self, method: str, num_prune: int) -> Path:
-        return self.root / "search" / f"{method}_prune{num_prune}"
+    def search(self, name: str, num_prune: int) -> Path:
+        return self.root / "search" / f"{name}_prune{num_prune}"
 
-    def search_result(self, method: str, num_prune: int) -> Path:
-        return self.search(method, num_prune) / SEARCH_RESULT
+    def search_result(self, name: str, num_prune: int) -> Path:
+        return self.search(name, num_prune) / SEARCH_RESULT
 
-    def pruned_model(self, method: str, num_prune: int) -> Path:
-        return self.search(method, num_prune) / PRUNED
+    def pruned_model(self, name: str, num_prune: int) -> Path:
+        return self.search(name, num_prune) / PRUNED
 
-    def finetune(self, method: str, num_prune: int) -> Path:
-        return self.root / "finetune" / f"{method}_prune{num_prune}"
+    def finetune(self, name: str, num_prune: int) -> Path:
+        return self.root / "finetune" / f"{name}_prune{num_prune}"
+
+    def structured(self, target_sparsity: float) -> Path:
+        return self.root / "structured" / f"sparsity{target_sparsity:g}"
 
     @property
     def compare(self) -> Path:

@@ -14,15 +14,18 @@ import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from comflp.errors import InputError
+
 T = TypeVar("T")
 
 
-class UnknownChoice(ValueError):
+class UnknownChoice(InputError):
     """A name that is not in a registry; the message lists the names that are."""
 
 
 class Registry(Generic[T]):
-    """Names -> entries of one kind, in registration order."""
+    """Names -> entries of one kind: in registration order, or sorted by name for a registry
+    filled by its package's modules (whose import order depends on who imports them first)."""
 
     def __init__(self, kind: str, package: str | None = None):
         self.kind = kind
@@ -55,7 +58,7 @@ class Registry(Generic[T]):
 
     def names(self) -> tuple[str, ...]:
         self._discover()
-        return tuple(self._entries)
+        return tuple(sorted(self._entries) if self.package else self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self.names()
@@ -67,7 +70,7 @@ class Registry(Generic[T]):
         self._discover()
         if name not in self._entries:
             raise UnknownChoice(
-                f"unknown {self.kind} {name!r}; choose one of {', '.join(self._entries)}"
+                f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}"
             )
         return self._entries[name]
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from comflp.errors import InputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -105,3 +107,11 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available")
+    return name

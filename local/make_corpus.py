@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> None:
         check_tools()
     except RuntimeError as e:
         raise UsageError(str(e)) from None
-    synthesize_corpus(args.corpus_dir, sizes, args.seed, args.nj)
+    synthesize_corpus(args.corpus_dir, sizes, args.corpus_seed, args.nj)
     logging.info(f"{args.corpus_dir}: built-in corpus ready ({sizes})")
 
 
@@ -37,7 +37,7 @@ if __name__ == "__main__":
     parser.add_argument("--num_train", type=int, default=3000)
     parser.add_argument("--num_dev", type=int, default=200)
     parser.add_argument("--num_test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus_seed", type=int, default=0, help="same seed, same corpus")
     parser.add_argument("--nj", type=int, default=2, help="parallel espeak-ng processes")
     add_common_args(parser)
     run(main, parser)

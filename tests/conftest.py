@@ -33,6 +33,17 @@ TINY_OPTIONS = [
 ]
 
 
+# Fixtures that run run.sh's stages: every test that uses one is end to end.
+PIPELINE_FIXTURES = {"pipeline", "searched", "compared", "tiny_data"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that run the pipeline ``e2e``, so that ``-m "not e2e"`` is the unit run."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 def load_script(path: Path, name: str):
     """A script that is not part of a package (bin/, bench/, utils/) imported as a module."""
     spec = importlib.util.spec_from_file_location(name, path)
@@ -87,7 +98,7 @@ SEARCH_OPTIONS = [
     "24",
     "--fine_num_utts",
     "8",
-    "--measures",
+    "--scores",
     "dc svcca cka residual_sum",
 ]
 

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from comflp.expdir import ExpDir
-from comflp.prune.methods import MethodList, best_fine_measure
-from comflp.prune.rules import drop_bottom, drop_top, every_other, random_layers
+from comflp.errors import InputError
+from comflp.prune.method_list import MethodList
+from comflp.prune.rules import RULES, drop_bottom, drop_top, every_other, random_layers, rules_for
 
 from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
 
@@ -24,19 +24,21 @@ def test_fixed_rules():
         drop_top(12, 12)
 
 
-def test_best_fine_measure_averages_over_p_and_keeps_the_first_on_a_tie(tmp_path):
-    exp = ExpDir(tmp_path)
-    metrics = {"dc": (20.0, 30.0), "svcca": (22.0, 26.0), "cka": (21.0, 27.0)}
-    for measure, values in metrics.items():
-        for p, value in zip((2, 6), values, strict=True):
-            exp.search(f"comflp_{measure}", p).mkdir(parents=True)
-            exp.search_result(f"comflp_{measure}", p).write_text(json.dumps({"best_metric": value}))
-    best, means = best_fine_measure(exp, ["dc", "svcca", "cka"], [2, 6])
-    assert (best, means) == ("svcca", {"dc": 25.0, "svcca": 24.0, "cka": 24.0})
-    assert best_fine_measure(exp, ["cka", "svcca"], [2, 6])[0] == "cka"
-    assert best_fine_measure(exp, ["dc", "cka"], [2])[0] == "dc"
-    with pytest.raises(FileNotFoundError, match="run stage 6 with --num_prune 4"):
-        best_fine_measure(exp, ["dc"], [4])
+def test_rules_registry_fits_the_stack_and_the_model():
+    every = ["drop_top", "interctc_on_demand", "drop_bottom", "every_other", "random"]
+    assert list(RULES) == every
+    assert rules_for(["all"], "encoder", has_interctc=True) == every
+    # without intermediate CTC, pruning on demand is drop_top under another name: left out
+    assert "interctc_on_demand" not in rules_for(["all"], "encoder", has_interctc=False)
+    assert rules_for(["drop_top", "interctc_on_demand"], "encoder", False) == ["drop_top"]
+    assert "interctc_on_demand" not in rules_for(["all"], "decoder", has_interctc=True)
+    with pytest.raises(
+        InputError, match="--rules interctc_on_demand: a rule for the encoder stack"
+    ):
+        rules_for(["interctc_on_demand"], "decoder", True)
+    with pytest.raises(InputError, match="--rules: unknown rule drop_middle; choose from drop_top"):
+        rules_for(["drop_middle"], "encoder", True)
+    assert RULES["random"].choose(12, 6, 3) == random_layers(12, 6, 3)
 
 
 def test_stages_7_and_8_write_the_table(compared):
@@ -44,6 +46,7 @@ def test_stages_7_and_8_write_the_table(compared):
     results = (exp / "RESULTS.md").read_text()
     for method in (
         "unpruned",
+        "comflp",
         "comflp_dc_coarse",
         "comflp_dc_fine",
         "comflp_svcca_fine",
@@ -57,16 +60,8 @@ def test_stages_7_and_8_write_the_table(compared):
         "oracle",
     ):
         assert f"| {method} |" in results, method
-    # stage 8 fine-tunes the measure whose fine search did best (mean dev CER over P = 1, 2)
-    means = {
-        m: sum(
-            json.loads((exp / f"search/comflp_{m}_prune{p}/search.json").read_text())["best_metric"]
-            for p in (1, 2)
-        )
-        for m in ("dc", "svcca", "cka", "residual_sum")
-    }
-    best = min(means, key=means.get)
-    assert f"| comflp_{best}_fine+finetune |" in results
+    # stage 8 fine-tunes the choice of the merged CoMFLP search
+    assert "| comflp+finetune |" in results
     assert "3 seeds" in results and "run.sh --stage 7 --stop_stage 8" in results
     assert (exp / "compare/error_vs_prune.png").stat().st_size > 1000
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
@@ -74,6 +69,7 @@ def test_stages_7_and_8_write_the_table(compared):
     assert by[("glp", 2)]["evaluations"] == 4 + 3
     assert by[("oracle", 2)]["evaluations"] == 6  # C(4, 2)
     assert by[("comflp_dc_fine", 1)]["evaluations"] == 4  # every 1-layer proposal of 4 layers
+    assert by[("comflp", 1)]["evaluations"] == 4  # the four scores' top Ks: the same 4 proposals
     assert by[("unpruned", 0)]["params"] > by[("drop_top", 2)]["params"]
     assert by[("drop_top", 2)]["errors"] == by[("interctc_on_demand", 2)]["errors"]
     # Two decoding parts per set, merged: every dev utterance scored once.
@@ -83,7 +79,7 @@ def test_stages_7_and_8_write_the_table(compared):
     assert len(list(unpruned.glob("part*.json"))) == 2
     # The fine-tuned model starts from the fine-searched pruned model.
     ft = MethodList.load(exp / "compare/methods_finetuned.json").methods
-    fine = json.loads((exp / f"search/comflp_{best}_prune2/search.json").read_text())
+    fine = json.loads((exp / "search/comflp_prune2/search.json").read_text())
     assert [m.original_pruned for m in ft if m.num_prune == 2] == [fine["best_layers"]]
 
 
@@ -104,7 +100,7 @@ def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
         *TINY_OPTIONS,
         "--num_prune",
         "2",
-        "--measures",
+        "--scores",
         "dc",
         "--dc_batch_size",
         "8",
@@ -115,7 +111,8 @@ def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
         "--decode_nj",
         "1",
     )
-    assert "| comflp_dc_fine | 2 |" in (exp / "RESULTS.md").read_text()
+    results = (exp / "RESULTS.md").read_text()
+    assert "| comflp | 2 |" in results and "| comflp_dc_fine | 2 |" in results
 
 
 def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
@@ -128,7 +125,7 @@ def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
     assert proc.returncode == 1 and "manifest not found" in proc.stderr
     # A pruned checkpoint whose config does not match its weights.
     broken = tmp_path / "broken"
-    shutil.copytree(exp / "search/comflp_dc_prune2/pruned", broken)
+    shutil.copytree(exp / "search/comflp_prune2/pruned", broken)
     shutil.copy(exp / "model.pt", broken / "model.pt")
     proc = run_cmd(
         [*base, "--model_dir", broken, "--cuts", "data/fbank/cuts_dev-clean.jsonl.gz"], check=False

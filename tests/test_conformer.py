@@ -103,7 +103,7 @@ def test_rel_shift_picks_relative_position_i_minus_j():
             # column m of the input holds relative position t - 1 - m
             m = next(m for m in range(2 * t - 1) if t - 1 - m == i - j)
             assert torch.equal(shifted[:, :, i, j], x[:, :, i, m])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 4, 7\) scores, got \(1, 1, 4, 6\)"):
         rel_shift(torch.randn(1, 1, 4, 6))
 
 
@@ -338,7 +338,7 @@ def test_default_layer_shapes():
     cfg = tiny_cfg()
     assert cfg.layer_shape(1) == {"heads": HEADS, "ffn1": FFN, "ffn2": FFN, "conv": D}
     assert ModelConfig(num_layers=2).layer_shape(2) == {"heads": 4, "ffn": 576}
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="layer 5 is outside 1..4"):
         cfg.layer_shape(5)
 
 

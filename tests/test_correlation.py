@@ -404,7 +404,7 @@ def test_unknown_options(measure: str, options: dict, message: str):
         correlation_matrix([x, x], measure, **options)
 
 
-# ----------------------------------------------------------------------------- angular, residual
+# ----------------------------------------------------------------------------- angular, change
 
 
 def test_angular_exact():
@@ -418,18 +418,18 @@ def test_angular_exact():
     assert similarity(zero_row, [[1.0, 0.0], [1.0, 0.0]], "angular") == 0.5
 
 
-def test_residual_exact_and_sees_norms():
+def test_change_exact_and_sees_norms():
     x = np.array([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
     y = np.array([[2.0, 0.0], [-1.0, 0.0], [3.0, 4.0]])
     # relative changes 1/3, 1, 0
-    assert similarity(x, y, "residual") == pytest.approx(np.mean([2 / 3, 0.0, 1.0]), abs=1e-12)
-    # angular ignores a row's scale, residual does not
+    assert similarity(x, y, "change") == pytest.approx(np.mean([2 / 3, 0.0, 1.0]), abs=1e-12)
+    # angular ignores a row's scale, change does not
     assert similarity(x, 2 * x, "angular") == 1.0
-    assert similarity(x, 2 * x, "residual") == pytest.approx(2 / 3, abs=1e-12)
-    assert similarity(np.zeros((2, 2)), np.zeros((2, 2)), "residual") == 0.0
+    assert similarity(x, 2 * x, "change") == pytest.approx(2 / 3, abs=1e-12)
+    assert similarity(np.zeros((2, 2)), np.zeros((2, 2)), "change") == 0.0
 
 
-@pytest.mark.parametrize("measure", ["angular", "residual"])
+@pytest.mark.parametrize("measure", ["angular", "change"])
 def test_paired_row_matrices_equal_pairs_in_any_chunking(measure: str, monkeypatch):
     feats = _layers(13, n=25, dims=(5,) * 6)
     m = correlation_matrix(feats, measure)

@@ -129,7 +129,7 @@ def test_ddp_matches_one_process_on_the_whole_batch(tmp_path):
 def train_args(workdir: Path, exp_dir: Path) -> list[str]:
     """bin/train.py's arguments for the tiny pipeline's data (paths relative to ``workdir``)."""
     return [
-        "--config",
+        "--train_config",
         str(REPO / "conf/train_tiny.yaml"),
         "--train_cuts",
         "data/fbank/cuts_train-clean-100.jsonl.gz",

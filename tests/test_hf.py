@@ -20,6 +20,7 @@ from comflp.asr.ctc import ctc_greedy_search, ctc_loss  # noqa: E402
 from comflp.asr.data import eval_loader, load_cuts, load_eval_batches  # noqa: E402
 from comflp.prune.dump import dump_layers, load_layer_feats  # noqa: E402
 from comflp.prune.evaluator import evaluate_subsets  # noqa: E402
+from comflp.prune.stacks import EncoderStack  # noqa: E402
 from comflp.train.trainer import AdapterTrainer  # noqa: E402
 
 from .conftest import PYTHON, REPO, run_sh  # noqa: E402
@@ -124,7 +125,7 @@ def _valid_max_diff(a, b, lengths) -> float:
 def test_dump_index_0_and_L_are_the_libraries_hidden_states(kind, models, tiny_data, tmp_path):
     model = HFModel.load(models[kind])
     batches = load_eval_batches(model, tiny_data["dev"], max_duration=12)
-    info = dump_layers(model, batches, tmp_path / "dump")
+    info = dump_layers(EncoderStack(model), batches, tmp_path / "dump")
     assert info["num_layers"] == 4 and info["d_model"] == 32 and info["num_utts"] == 8
     feats = load_layer_feats(tmp_path / "dump")
     row = 0
@@ -175,7 +176,7 @@ def test_pruned_model_reloaded_by_transformers_gives_comflps_log_probs(
         loss = ctc_loss(reference, lengths, batch["targets"], batch["target_lens"], 0)
         total_loss += loss.item()
     assert result.num_utts == 8
-    assert result.ctc_loss == pytest.approx(total_loss / 8, rel=1e-5)
+    assert result.loss == pytest.approx(total_loss / 8, rel=1e-5)
     # comflp reloads it too, the LayerNorm before lm_head included
     again = HFModel.load(tmp_path / "pruned")
     assert again.num_layers == 2 and again.lm_head_norm == (
@@ -269,12 +270,12 @@ def test_bad_input_gives_one_clear_error_line(models, tiny_data, tmp_path):
         models["wavlm"],
         "--dev_cuts",
         tiny_data["dev"],
-        "--method",
+        "--search_methods",
         "glp",
         "--num_prune",
         "4",
     ]
-    errors["num_prune"] = "--num_prune 4: must be between 1 and 3 for the 4-layer model"
+    errors["num_prune"] = "--num_prune 4: must be between 1 and 3 for the 4-layer encoder"
     procs = {  # concurrently: each process spends seconds importing transformers
         name: subprocess.Popen(
             [str(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -372,7 +373,7 @@ def test_stages_4_to_8_prune_and_finetune_an_hf_model(pipeline, models, tmp_path
         "8",
         "--dc_batch_size",
         "8",
-        "--measures",
+        "--scores",
         "dc",
         "--num_prune",
         "1",
@@ -383,8 +384,8 @@ def test_stages_4_to_8_prune_and_finetune_an_hf_model(pipeline, models, tmp_path
     )
     info = json.loads((exp / "dump/info.json").read_text())
     assert info["model_type"] == "hf" and info["num_layers"] == 4 and info["num_utts"] == 16
-    assert np.load(exp / "correlation/dc/matrix.npy").shape == (5, 5)
-    for method in ("comflp_dc", "glp", "oracle"):
+    assert np.load(exp / "scores/dc/matrix.npy").shape == (5, 5)
+    for method in ("comflp", "glp", "oracle"):
         search = json.loads((exp / f"search/{method}_prune1/search.json").read_text())
         assert search["model_type"] == "hf" and len(search["best_layers"]) == 1
         pruned = HFModel.load(exp / f"search/{method}_prune1/pruned")
@@ -396,21 +397,19 @@ def test_stages_4_to_8_prune_and_finetune_an_hf_model(pipeline, models, tmp_path
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
     assert any(r["num_prune"] == 1 for r in rows) and any(r["num_prune"] == 0 for r in rows)
     # stage 8: the fine-searched model fine-tuned through the adapter, saved as an HF model
-    ft = exp / "finetune/comflp_dc_prune1"
+    ft = exp / "finetune/comflp_prune1"
     tuned = HFModel.load(ft)
     assert tuned.num_layers == 3 and tuned.lm_head_norm == "lm_head_norm"
     assert len(json.loads((ft / expdir.HISTORY).read_text())) == 1
-    before = load_file(exp / "search/comflp_dc_prune1/pruned/model.safetensors")
+    before = load_file(exp / "search/comflp_prune1/pruned/model.safetensors")
     after = load_file(ft / "model.safetensors")
     assert set(before) == set(after) and not torch.equal(
         before["lm_head.weight"], after["lm_head.weight"]
     )
-    (listed,) = json.loads((exp / "compare" / expdir.METHODS_FINETUNED).read_text())
-    assert (
-        listed["model_type"] == "hf" and listed["model_dir"] == "exp/hf/finetune/comflp_dc_prune1"
-    )
+    (listed,) = json.loads((exp / "compare" / expdir.METHOD_LISTS["finetune"]).read_text())
+    assert listed["model_type"] == "hf" and listed["model_dir"] == "exp/hf/finetune/comflp_prune1"
     assert listed["num_prune"] == 1 and listed["pruned"] == []
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
-    (row,) = [r for r in rows if r["method"] == "comflp_dc_fine+finetune"]
+    (row,) = [r for r in rows if r["method"] == "comflp+finetune"]
     assert row["num_prune"] == 1 and row["errors"]["dev-clean"]["cer"] >= 0  # untrained: > 100
-    assert "| comflp_dc_fine+finetune | 1 |" in (exp / "RESULTS.md").read_text()
+    assert "| comflp+finetune | 1 |" in (exp / "RESULTS.md").read_text()

@@ -69,7 +69,7 @@ def test_stages_0_and_1_on_kaldi_directories(kaldi, tmp_path, monkeypatch):
 
 def prepare(corpus_dir: Path, subsets: str, out: Path):
     return run_cmd(
-        [PYTHON, REPO / "bin/prepare_data.py", "--corpus", "kaldi", "--corpus_dir", corpus_dir,
+        [PYTHON, REPO / "bin/prepare_data.py", "--layout", "kaldi", "--corpus_dir", corpus_dir,
          "--subsets", subsets, "--output_dir", out, "--nj", "1"],
         check=False,
     )  # fmt: skip

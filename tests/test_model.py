@@ -177,9 +177,17 @@ def test_prune_layers_removes_and_renumbers():
     assert prune_layers(model, [4, 6]).cfg.interctc_layers == [2, 3]
 
 
-@pytest.mark.parametrize("bad", [[0], [7], [1, 2, 3, 4, 5, 6], []])
-def test_prune_layers_rejects_bad_sets(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([0], r"pruned layers \[0\] are outside 1..6"),
+        ([7], r"pruned layers \[7\] are outside 1..6"),
+        ([1, 2, 3, 4, 5, 6], "num_prune must be between 1 and 5, got 6"),
+        ([], "num_prune must be between 1 and 5, got 0"),
+    ],
+)
+def test_prune_layers_rejects_bad_sets(bad, message):
+    with pytest.raises(ValueError, match=message):
         prune_layers(tiny(num_layers=6), bad)
 
 

@@ -16,11 +16,13 @@ from comflp.asr.data import load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
+from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import dump_layers, load_layer_feats
 from comflp.prune.evaluator import evaluate_subsets, layer_evaluations
-from comflp.prune.metric_search import fine_search
-from comflp.prune.residual_sum import ResidualSumScorer
-from comflp.prune.search import Proposal
+from comflp.prune.metric_search import best_row, fine_search
+from comflp.prune.scores.residual_sum import ResidualSumScore
+from comflp.prune.search import coarse_search
+from comflp.prune.stacks import EncoderStack
 
 from .conftest import PYTHON, REPO, run_cmd
 
@@ -62,7 +64,7 @@ def _manual_layer_outputs(model: ASRModel, batch):
 def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):
     make, data = batches
     model = make()
-    info = dump_layers(model, data, tmp_path / "dump", pooling="mean")
+    info = dump_layers(EncoderStack(model), data, tmp_path / "dump", pooling="mean")
     assert info["num_utts"] == 8 and info["num_layers"] == 4 and info["num_rows"] == 8
     feats = load_layer_feats(tmp_path / "dump")
     assert len(feats) == 5 and all(f.shape == (8, 16) for f in feats)
@@ -87,8 +89,9 @@ def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):
 def test_dump_frame_sampling_keeps_the_same_frames_at_every_layer(tmp_path, batches):
     make, data = batches
     model = make()
-    dump_layers(model, data, tmp_path / "all", pooling="frames")
-    dump_layers(model, data, tmp_path / "some", pooling="frames", frames_per_utt=3, seed=5)
+    stack = EncoderStack(model)
+    dump_layers(stack, data, tmp_path / "all", pooling="frames")
+    dump_layers(stack, data, tmp_path / "some", pooling="frames", frames_per_utt=3, seed=5)
     every = [kaldiio.load_scp(str(tmp_path / f"all/layer{k:02d}.scp")) for k in range(5)]
     some = [kaldiio.load_scp(str(tmp_path / f"some/layer{k:02d}.scp")) for k in range(5)]
     for utt in every[0]:
@@ -111,7 +114,7 @@ def test_prefix_cache_gives_identical_results_with_fewer_layer_passes(batches):
     plain = evaluate_subsets(model, data, subsets, prefix_cache=False)
     for a, b in zip(cached, plain):
         assert (a.kept, a.cer, a.wer) == (b.kept, b.cer, b.wer)
-        assert a.ctc_loss == pytest.approx(b.ctc_loss, rel=1e-6)
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
     # trie nodes: 1, 1-2, 1-2-4, 1-2-5, 1-3, 1-3-4, 2, 2-3, 2-3-6; without it 15 layer passes
     assert layer_evaluations(subsets, True) == 9
     assert layer_evaluations(subsets, False) == 15
@@ -122,72 +125,68 @@ def test_prefix_cache_gives_identical_results_with_fewer_layer_passes(batches):
         log_probs, lens = pruned.asr.ctc_log_probs(batch["feats"], batch["feat_lens"])
     single = evaluate_subsets(model, [batch], [(1, 2, 4)])[0]
     loss = ctc_loss(log_probs, lens, batch["targets"], batch["target_lens"]).item()
-    assert single.ctc_loss == pytest.approx(loss / len(batch["ids"]), rel=1e-5)
+    assert single.loss == pytest.approx(loss / len(batch["ids"]), rel=1e-5)
     assert single.num_utts == len(batch["ids"])
 
 
-def test_fine_search_picks_the_lowest_metric_and_breaks_ties_by_coarse_rank(batches):
+def test_fine_search_evaluates_each_distinct_proposal_once_as_if_alone(batches):
     make, data = batches
-    model = make(num_layers=6)
-    proposals = [Proposal((1, 2), 0.9), Proposal((5, 6), 0.8), Proposal((3, 4), 0.7)]
-    result = fine_search(model, data, proposals, metric="ctc_loss")
-    losses = [r["ctc_loss"] for r in result.candidates]
-    assert result.best == int(np.argmin(losses))
-    assert [r["coarse_rank"] for r in result.candidates] == [1, 2, 3]
-    assert result.candidates[0]["kept"] == [3, 4, 5, 6]
-    assert result.candidates[0]["blocks"] == [[1, 2]]
-    # A random model emits no tokens: every CER is 100, so the tie goes to coarse rank 1.
-    by_cer = fine_search(model, data, proposals, metric="cer")
-    assert len({r["cer"] for r in by_cer.candidates}) > 1 or by_cer.best == 0
+    stack = EncoderStack(make(num_layers=6))
+    merged = [(1, 2), (5, 6), (1, 2), (3, 4), (6, 5)]  # two scores' top lists, overlapping
+    rows, seconds = fine_search(stack, data, merged, metric="loss")
+    assert [r["layers"] for r in rows] == [[1, 2], [5, 6], [3, 4]]
+    assert rows[0]["kept"] == [3, 4, 5, 6] and seconds > 0
+    for row in rows:  # the shared prefix cache changes nothing: the same as evaluated alone
+        alone = fine_search(stack, data, [tuple(row["layers"])], metric="loss")[0][0]
+        assert (alone["cer"], alone["wer"]) == (row["cer"], row["wer"])
+        assert alone["loss"] == pytest.approx(row["loss"], rel=1e-6)
+    losses = [r["loss"] for r in rows]
+    assert len(set(losses)) == 3 and best_row(rows) == int(np.argmin(losses))
 
 
 def test_stages_4_to_6_end_to_end(searched, monkeypatch):
     exp = searched["exp_dir"]
     assert "Stage 6" in searched["log"]
     info = json.loads((exp / "dump/info.json").read_text())
-    assert info["num_utts"] == 24 and info["num_layers"] == 4
-    for measure in ("dc", "svcca", "cka"):
-        m = np.load(exp / f"correlation/{measure}/matrix.npy")
-        assert m.shape == (5, 5) and np.allclose(np.diag(m), 1.0) and np.allclose(m, m.T)
-        assert (exp / f"correlation/{measure}/heatmap.png").stat().st_size > 1000
-        settings = json.loads((exp / f"correlation/{measure}/settings.json").read_text())
-        assert settings["measure"] == measure
-        for p in (1, 2):
-            out = exp / f"search/comflp_{measure}_prune{p}"
-            proposals = json.loads((out / "proposals.json").read_text())
-            assert all(len(x["layers"]) == p for x in proposals)
-            assert [x["score"] for x in proposals] == sorted(
-                (x["score"] for x in proposals), reverse=True
-            )
-            fine = json.loads((out / "search.json").read_text())
-            assert len(fine["candidates"]) == len(proposals)
-            assert fine["best_layers"] == fine["candidates"][fine["best"]]["layers"]
-            pruned = load_model(out / "pruned")
-            assert pruned.cfg.num_layers == 4 - p
-            assert pruned.cfg.kept_layers == [
-                k for k in range(1, 5) if k not in fine["best_layers"]
-            ]
-    # residual_sum: the scorer's statistics of the frame-pooled dump, then the same searches
+    assert info["num_utts"] == 24 and info["num_layers"] == 4 and info["stack"] == "encoder"
+    assert info["interctc_layers"] == [2]
     monkeypatch.chdir(searched["workdir"])  # the scp files hold paths relative to the recipe
     feats = load_layer_feats(exp / "dump")
     assert info["pooling"] == "frames" and feats[0].shape[0] == info["num_rows"] > 24
-    stats = ResidualSumScorer.load(exp / "correlation/residual_sum/stats.npz")
-    want = ResidualSumScorer.from_layer_feats(feats)
-    np.testing.assert_allclose(stats.gram, want.gram, rtol=1e-12)
-    assert (exp / "correlation/residual_sum/heatmap.png").stat().st_size > 1000
+    options = {"dc": {"batch_size": 8}, "svcca": {"threshold": 0.99}, "cka": {}}
+    matrices = {}
+    for name, opts in options.items():
+        m = np.load(exp / f"scores/{name}/matrix.npy")
+        np.testing.assert_allclose(m, correlation_matrix(feats, name, **opts), rtol=1e-12)
+        assert (exp / f"scores/{name}/heatmap.png").stat().st_size > 1000
+        settings = json.loads((exp / f"scores/{name}/settings.json").read_text())
+        assert settings["score"] == name and settings["options"] == opts
+        matrices[name] = m
+    stats = ResidualSumScore.read(exp / "scores/residual_sum/stats.npz")
+    np.testing.assert_allclose(stats.gram, ResidualSumScore.build(feats).gram, rtol=1e-12)
+    assert (exp / "scores/residual_sum/heatmap.png").stat().st_size > 1000
+    scorers = {**matrices, "residual_sum": stats}
     for p in (1, 2):
-        out = exp / f"search/comflp_residual_sum_prune{p}"
-        proposals = json.loads((out / "proposals.json").read_text())
-        scores = stats.scores(np.array([x["layers"] for x in proposals]))
-        np.testing.assert_allclose([x["score"] for x in proposals], scores, rtol=1e-12)
-        assert list(scores) == sorted(scores, reverse=True)
-        fine = json.loads((out / "search.json").read_text())
-        assert load_model(out / "pruned").cfg.num_layers == 4 - p
-        assert fine["best_layers"] in [x["layers"] for x in proposals]
-    # dc with CoMFLP's batching: 24 utterances in batches of 8 -> settings recorded
-    assert json.loads((exp / "correlation/dc/settings.json").read_text())["options"] == {
-        "batch_size": 8
-    }
+        out = exp / f"search/comflp_prune{p}"
+        search = json.loads((out / "search.json").read_text())
+        merged = []
+        for name, source in scorers.items():
+            want = [x.to_dict() for x in coarse_search(source, p)]
+            ranking = search["rankings"][name]
+            assert [x["layers"] for x in ranking] == [x["layers"] for x in want]
+            np.testing.assert_allclose([x["score"] for x in ranking], [x["score"] for x in want])
+            merged += [tuple(x["layers"]) for x in want]
+        distinct = {tuple(r["layers"]) for r in search["candidates"]}
+        assert distinct == set(merged) and len(search["candidates"]) == len(distinct)
+        metrics = [r["metric"] for r in search["candidates"]]
+        assert search["best"] == metrics.index(min(metrics))
+        assert search["best_layers"] == search["candidates"][search["best"]]["layers"]
+        parts = search["dump_seconds"] + sum(search["score_seconds"].values())
+        parts += sum(search["coarse_seconds"].values()) + search["fine_seconds"]
+        assert search["seconds"] == pytest.approx(parts, rel=1e-12)
+        pruned = load_model(out / "pruned")
+        assert pruned.cfg.num_layers == 4 - p
+        assert pruned.cfg.kept_layers == [k for k in range(1, 5) if k not in search["best_layers"]]
 
 
 def _search(*args, check=False):
@@ -211,7 +210,7 @@ def test_search_refuses_a_matrix_that_does_not_fit_the_model(pipeline, tmp_path,
         "--dev_cuts",
         "data/fbank/cuts_dev-clean.jsonl.gz",
     )
-    assert proc.returncode == 1 and "expected 5 x 5" in proc.stderr
+    assert proc.returncode == 1 and "expected 5 x 5" in proc.stderr, proc.stderr
     assert not out.parent.exists()
     proc = _search(
         "--matrix",
@@ -238,12 +237,12 @@ def test_residual_sum_refuses_a_mean_pooled_dump_and_searches_from_its_stats(sea
     info = json.loads((exp / "dump/info.json").read_text())
     (exp / "dump/info.json").write_text(json.dumps({**info, "pooling": "mean"}))
     proc = run_cmd(
-        [PYTHON, REPO / "bin/correlation.py", "--exp_dir", exp, "--measure", "residual_sum"],
+        [PYTHON, REPO / "bin/scores.py", "--exp_dir", exp, "--scores", "dc residual_sum"],
         check=False,
     )
     assert proc.returncode == 1 and "is mean-pooled; the score needs frames" in proc.stderr
-    assert not (exp / "correlation").exists()
-    stats = searched["exp_dir"] / "correlation/residual_sum/stats.npz"
+    assert not (exp / "scores").exists()
+    stats = searched["exp_dir"] / "scores/residual_sum/stats.npz"
     out = tmp_path / "proposals.json"
     proc = _search("--matrix", stats, "--num_prune", "2", "--mode", "exhaustive", "--output", out)
     assert proc.returncode == 0, proc.stderr
@@ -253,18 +252,22 @@ def test_residual_sum_refuses_a_mean_pooled_dump_and_searches_from_its_stats(sea
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--measure", "pearson"], "unknown measure"), (["--exp_dir", "nowhere"], "run stage 4")],
+    [
+        (["--scores", "pearson"], "--scores: unknown pearson; choose from angular, change, cka"),
+        (["--exp_dir", "nowhere"], "not found (run stage 4, the layer dump)"),
+    ],
 )
-def test_correlation_cli_errors(searched, tmp_path, args, message):
-    base = {"--exp_dir": str(searched["exp_dir"]), "--measure": "dc"}
+def test_scores_cli_errors(searched, tmp_path, args, message):
+    base = {"--exp_dir": str(searched["exp_dir"]), "--scores": "dc"}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
-    before = sorted((searched["exp_dir"] / "correlation").iterdir())
+    before = sorted((searched["exp_dir"] / "scores").iterdir())
     proc = run_cmd(
-        [PYTHON, REPO / "bin/correlation.py", *[x for kv in base.items() for x in kv]],
+        [PYTHON, REPO / "bin/scores.py", *[x for kv in base.items() for x in kv]],
         check=False,
         cwd=tmp_path,
     )
-    assert proc.returncode == 1 and message in proc.stderr
-    assert sorted((searched["exp_dir"] / "correlation").iterdir()) == before
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # the command line, the error
+    assert sorted((searched["exp_dir"] / "scores").iterdir()) == before
     assert not (tmp_path / "nowhere").exists()

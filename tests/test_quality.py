@@ -12,7 +12,6 @@ import pytest
 from scipy import stats
 
 from comflp.expdir import DUMP_INFO
-from comflp.prune import quality
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import layer_file
 from comflp.prune.evaluator import SubsetResult
@@ -31,7 +30,7 @@ from comflp.prune.quality import (
     top1_percentile,
     variant_quality,
 )
-from comflp.prune.search import coarse_search, score_proposal, score_proposals
+from comflp.prune.search import BlockScorer, coarse_search, score_proposal, score_proposals
 
 from .conftest import PYTHON, REPO, run_cmd
 
@@ -154,7 +153,7 @@ def _copy_and_orthogonal_layers(n: int = 30, d: int = 6) -> list[np.ndarray]:
     return [h0, h1, h2, h3, h4]
 
 
-@pytest.mark.parametrize("measure", ["angular", "residual", "cosine"])
+@pytest.mark.parametrize("measure", ["angular", "change", "cosine"])
 def test_copy_ranks_first_and_orthogonal_last(measure: str):
     m = correlation_matrix(_copy_and_orthogonal_layers(), measure)
     ranked = coarse_search(m, 1, "exhaustive", top_k=4)
@@ -181,7 +180,8 @@ def test_study_variants_grid():
     assert "angular/frames/N64/damage" in names and "angular/mean/N8/damage" not in names
     mean_rows = [v for v in variants if v.aggregation == "mean"]
     assert len(mean_rows) == 2 * (3 + 1) + 2 * (3 + 1) - 1
-    assert Variant("dc", "mean", 8, None).options == {"batch_size": None}
+    assert Variant("dc", "mean", 8, None).to_dict()["options"] == {"batch_size": None}
+    assert Variant("dc", "mean", 8, 4).to_dict()["options"] == {"batch_size": 4}
     assert (
         Variant("cka", "mean", 8).matrix_key == Variant("cka", "mean", 8, None, "damage").matrix_key
     )
@@ -248,25 +248,27 @@ def test_proposal_set_all_or_sample_with_every_top_k():
     all_props, uniform = proposal_set(6, 2, [], cap=15)
     assert all_props == list(combinations(range(1, 7), 2)) and uniform.all()
     rng = np.random.default_rng(0)
-    matrices = [(rng.uniform(size=(11, 11)), "mean"), (rng.uniform(size=(11, 11)), "damage")]
-    props, uniform = proposal_set(10, 5, matrices, cap=50, sample_size=40, top_k=5, seed=2)
+    scorers = [
+        BlockScorer(rng.uniform(size=(11, 11)), "mean"),
+        BlockScorer(rng.uniform(size=(11, 11)), "damage"),
+    ]
+    props, uniform = proposal_set(10, 5, scorers, cap=50, sample_size=40, top_k=5, seed=2)
     assert props == sorted(set(props)) and int(uniform.sum()) == 40
-    for m, agg in matrices:
-        for p in coarse_search(m, 5, "exhaustive", top_k=5, aggregation=agg):
+    for scorer in scorers:
+        for p in coarse_search(scorer, 5, "exhaustive", top_k=5):
             assert p.layers in props
-    again, _ = proposal_set(10, 5, matrices, cap=50, sample_size=40, top_k=5, seed=2)
+    again, _ = proposal_set(10, 5, scorers, cap=50, sample_size=40, top_k=5, seed=2)
     assert again == props
 
 
 def test_proposal_cers_are_cached_and_resumable(tmp_path, monkeypatch):
     calls = []
 
-    def fake_evaluate(model, batches, subsets):
+    def fake_evaluate(batches, subsets):
         calls.append(list(subsets))
         return [SubsetResult(kept, float(sum(kept)), 0.0, 0.0, 0.1, 2) for kept in subsets]
 
-    monkeypatch.setattr(quality, "evaluate_subsets", fake_evaluate)
-    model = SimpleNamespace(num_layers=4)
+    model = SimpleNamespace(num_layers=4, evaluate=fake_evaluate)
     proposals = list(combinations(range(1, 5), 2))
     cache = CerCache(tmp_path / "cers.json", {"dev": 1})
     cer = proposal_cers(model, [], proposals[:3], cache, chunk=2)
@@ -324,7 +326,7 @@ def test_search_quality_end_to_end_matches_scipy(pipeline, tmp_path):
         uniform = np.array([p["uniform"] for p in result["proposals"]])
         assert result["oracle_cer"] == cer.min()
         names = {v["name"] for v in result["variants"]}
-        assert {"dc_b4/mean/N6", "angular/frames/N12", "residual/mean/N12/damage"} <= names
+        assert {"dc_b4/mean/N6", "angular/frames/N12", "change/mean/N12/damage"} <= names
         for v in result["variants"]:
             scores = np.array(v["scores"])
             rho = stats.spearmanr(scores[uniform], cer[uniform]).statistic
@@ -339,6 +341,7 @@ def test_search_quality_end_to_end_matches_scipy(pipeline, tmp_path):
     assert "## P = 2" in report and "Smallest N whose best-of-top-10 CER equals N=12's" in report
     # A rerun takes every CER and fine search from the caches: the cache files are untouched.
     caches = {p: p.stat().st_mtime_ns for p in out.glob("cers_prune*.json")}
+    assert sorted(p.name for p in caches) == ["cers_prune1.json", "cers_prune2.json"]
     run_cmd([*args, "--output_dir", out, *STUDY], cwd=pipeline["workdir"])
     assert {p: p.stat().st_mtime_ns for p in caches} == caches
     assert (
@@ -350,9 +353,9 @@ def test_search_quality_end_to_end_matches_scipy(pipeline, tmp_path):
 def test_search_quality_bad_measure_is_one_clear_error(pipeline, tmp_path):
     args = [PYTHON, REPO / "bin/search_quality.py", "--exp_dir", pipeline["exp_dir"]]
     proc = run_cmd(
-        [*args, "--output_dir", tmp_path, "--measures", "dc", "dcor"],
+        [*args, "--output_dir", tmp_path, "--scores", "dc", "dcor"],
         cwd=pipeline["workdir"],
         check=False,
     )
     assert proc.returncode == 1
-    assert "--measures dcor: unknown; choose from dc, svcca" in proc.stderr
+    assert "--scores: unknown dcor; choose from angular, change, cka" in proc.stderr

@@ -28,7 +28,7 @@ from .corpora import AISHELL_TRANSCRIPT, build_aishell, build_librispeech
 
 TINY = ["--nj", "1"]  # no process pool
 SEARCH = [
-    "--measures", "dc", "--num_prune", "1", "--calib_num_utts", "16", "--dc_batch_size", "8",
+    "--scores", "dc", "--num_prune", "1", "--calib_num_utts", "16", "--dc_batch_size", "8",
     "--fine_num_utts", "6", "--top_k", "2", "--random_seeds", "2", "--search_methods", "comflp",
     "--decode_nj", "1",
 ]  # fmt: skip
@@ -67,7 +67,7 @@ def run_recipe(work: Path, *options: str, check: bool = True):
 
 def prepare_data(corpus: str, corpus_dir: Path, subsets: str, out: Path, *extra: str):
     return run_cmd(
-        [PYTHON, REPO / "bin/prepare_data.py", "--corpus", corpus, "--corpus_dir", corpus_dir,
+        [PYTHON, REPO / "bin/prepare_data.py", "--layout", corpus, "--corpus_dir", corpus_dir,
          "--subsets", subsets, "--output_dir", out, *extra],
         check=False,
     )  # fmt: skip
@@ -117,7 +117,7 @@ def test_librispeech_recipe(librispeech):
         assert len(CutSet.from_file(work / f"data/manifests/cuts_{subset}.jsonl.gz")) == n
     assert (work / "data/lang_bpe48/tokenizer.model").is_file()
     assert_training_loss_falls(work / "exp/baseline")
-    fine = json.loads((work / "exp/baseline/search/comflp_dc_prune1/search.json").read_text())
+    fine = json.loads((work / "exp/baseline/search/comflp_prune1/search.json").read_text())
     assert fine["metric"] == "wer"  # the recipe's task metric
     results = (work / "exp/baseline/RESULTS.md").read_text()
     assert "| dev-clean WER |" in results and "| test-clean WER |" in results
@@ -138,7 +138,7 @@ def test_aishell_recipe(aishell):
     units = {line.rsplit(" ", 1)[0] for line in (work / "data/lang_char/tokens.txt").open()}
     assert set("".join(c.supervisions[0].text for c in train)) <= units  # one unit per character
     assert_training_loss_falls(work / "exp/baseline")
-    fine = json.loads((work / "exp/baseline/search/comflp_dc_prune1/search.json").read_text())
+    fine = json.loads((work / "exp/baseline/search/comflp_prune1/search.json").read_text())
     assert fine["metric"] == "cer"
     results = (work / "exp/baseline/RESULTS.md").read_text()
     assert "| dev CER |" in results and "| test CER |" in results

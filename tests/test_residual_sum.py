@@ -1,37 +1,16 @@
-"""The residual-sum score (comflp/prune/residual_sum.py) and bench/residual_sum_score.py's
-readout variants, on hand-made layer features with a known answer."""
+"""The residual-sum score (comflp/prune/scores/residual_sum.py) on hand-made layer features with
+a known answer."""
 
 from __future__ import annotations
 
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from comflp.prune import residual_sum
-from comflp.prune.residual_sum import ResidualSumScorer
+from comflp.prune.scores import residual_sum
+from comflp.prune.scores.residual_sum import ResidualSumScore
 from comflp.prune.search import coarse_search, score_proposals
-
-from .conftest import load_script
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "residual_sum_score.py"
-
-
-@pytest.fixture(scope="module")
-def rs():
-    return load_script(SCRIPT, "residual_sum_score")
-
-
-class LinearReadout:
-    """A stand-in model whose readout is log-softmax(x W)."""
-
-    def __init__(self, dim: int, vocab: int):
-        self.w = torch.randn(dim, vocab, generator=torch.Generator().manual_seed(1))
-
-    def readout(self, h):
-        return torch.log_softmax(h.x @ self.w, -1), h.lengths
 
 
 def residual_stream(scales: list[float], rows: int = 64, dim: int = 8) -> list[np.ndarray]:
@@ -41,25 +20,6 @@ def residual_stream(scales: list[float], rows: int = 64, dim: int = 8) -> list[n
     for s in scales:
         feats.append(feats[-1] + s * rng.normal(size=(rows, dim)))
     return [f.astype(np.float32) for f in feats]
-
-
-def test_readout_scores_follow_the_size_of_the_removed_updates(rs):
-    feats = residual_stream([0.0, 0.1, 1.0, 3.0])
-    model = LinearReadout(8, 5)
-    scores = {p: rs.readout_scores(model, feats, p) for p in [(1,), (2,), (3,), (4,)]}
-    # removing an update of zero changes nothing: no KL, every greedy label kept
-    assert scores[(1,)]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert scores[(1,)]["agree"] == 1.0
-    assert scores[(4,)]["kl"] < scores[(3,)]["kl"] < 0
-
-
-def test_study_one_ranks_against_the_cers(rs):
-    feats = residual_stream([0.2, 0.4, 0.8, 1.6])
-    cers = {"1": {"cer": 10.0}, "2": {"cer": 11.0}, "3": {"cer": 13.0}, "4": {"cer": 20.0}}
-    out = rs.study_one(LinearReadout(8, 5), feats, cers)
-    assert out["cos"]["spearman"] == pytest.approx(-1.0)
-    assert out["cos"]["top1_cer"] == 10.0 and out["cos"]["oracle_cer"] == 10.0
-    assert out["cos"]["proposals"] == 4
 
 
 # --- the core scorer -----------------------------------------------------------------------
@@ -77,7 +37,7 @@ def direct_cosine(feats: list[np.ndarray], layers) -> float:
 
 def test_scorer_equals_a_direct_computation_in_chunks(monkeypatch):
     feats = residual_stream([0.5, 0.7, 0.9, 0.3, 1.2], rows=40)
-    scorer = ResidualSumScorer.from_layer_feats(feats)
+    scorer = ResidualSumScore.build(feats)
     assert (scorer.num_layers, scorer.num_rows) == (5, 40)
     combos = np.array([[1, 3], [2, 5], [1, 2], [4, 5], [3, 4]])
     want = [direct_cosine(feats, c) for c in combos]
@@ -88,7 +48,7 @@ def test_scorer_equals_a_direct_computation_in_chunks(monkeypatch):
 
 def test_scorer_ranks_by_update_size_and_sees_cancelling_updates():
     feats = residual_stream([0.0, 0.1, 1.0, 3.0])
-    scorer = ResidualSumScorer.from_layer_feats(feats)
+    scorer = ResidualSumScore.build(feats)
     singles = scorer.scores(np.array([[1], [2], [3], [4]]))
     assert singles[0] == pytest.approx(1.0, abs=1e-12)
     assert list(singles) == sorted(singles, reverse=True)
@@ -96,13 +56,13 @@ def test_scorer_ranks_by_update_size_and_sees_cancelling_updates():
     rng = np.random.default_rng(3)
     h0, d = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
     feats = [h0, h0 + d, h0.copy(), h0 + 0.5 * d, h0 + 0.5 * d + rng.normal(size=(30, 6))]
-    scores = ResidualSumScorer.from_layer_feats(feats).scores(np.array([[1, 2], [1, 3], [2, 3]]))
+    scores = ResidualSumScore.build(feats).scores(np.array([[1, 2], [1, 3], [2, 3]]))
     assert scores[0] == pytest.approx(1.0, abs=1e-12) and scores[0] > scores[1:].max()
 
 
 def test_coarse_search_on_the_scorer_is_the_brute_force_best():
     feats = residual_stream([0.3, 1.5, 0.2, 0.9, 0.4, 2.0], rows=20)
-    scorer = ResidualSumScorer.from_layer_feats(feats)
+    scorer = ResidualSumScore.build(feats)
     found = coarse_search(scorer, 3, mode="exhaustive", top_k=20)
     brute = sorted(
         ((direct_cosine(feats, c), c) for c in combinations(range(1, 7), 3)),
@@ -117,21 +77,21 @@ def test_coarse_search_on_the_scorer_is_the_brute_force_best():
 
 def test_pair_matrix_save_load_and_bad_inputs(tmp_path):
     feats = residual_stream([0.3, 1.5, 0.2])
-    scorer = ResidualSumScorer.from_layer_feats(feats)
+    scorer = ResidualSumScore.build(feats)
     pairs = scorer.pair_matrix()
     assert pairs.shape == (3, 3) and np.allclose(pairs, pairs.T)
     assert pairs[0, 2] == pytest.approx(direct_cosine(feats, (1, 3)))
     assert pairs[1, 1] == pytest.approx(direct_cosine(feats, (2,)))
-    scorer.save(tmp_path / "stats.npz")
-    loaded = ResidualSumScorer.load(tmp_path / "stats.npz")
+    scorer.write(tmp_path / "stats.npz")
+    loaded = ResidualSumScore.read(tmp_path / "stats.npz")
     np.testing.assert_array_equal(loaded.scores(np.array([[1, 2]])), scorer.scores([[1, 2]]))
     np.save(tmp_path / "m.npy", np.eye(4))
     with pytest.raises(ValueError, match="one array, expected an .npz"):
-        ResidualSumScorer.load(tmp_path / "m.npy")
+        ResidualSumScore.read(tmp_path / "m.npy")
     np.savez(tmp_path / "other.npz", top_sq=np.ones(3))
     with pytest.raises(ValueError, match="found top_sq"):
-        ResidualSumScorer.load(tmp_path / "other.npz")
+        ResidualSumScore.read(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="same-shape"):
-        ResidualSumScorer.from_layer_feats([np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 3))])
+        ResidualSumScore.build([np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 3))])
     with pytest.raises(ValueError, match="2 or more layer outputs"):
-        ResidualSumScorer.from_layer_feats([np.ones((4, 2))] * 2)
+        ResidualSumScore.build([np.ones((4, 2))] * 2)

@@ -1,5 +1,6 @@
 """Coarse search of CoMFLP (comflp.prune.search) and its entry point bin/search.py."""
 
+import argparse
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from comflp.errors import InputError
 from comflp.prune.search import (
     Proposal,
     blocks_of,
@@ -20,11 +22,12 @@ from comflp.prune.search import (
     score_proposal,
     validate_matrix,
 )
-
-from .conftest import load_script
+from comflp.prune.searches import SearchSettings
+from comflp.settings import add_settings, from_args
+from comflp.stages.search import search
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/comflp_aishell1"
+REFERENCE = ROOT / "tests/data/comflp_aishell1"  # published with the paper: its README
 SCRIPT = ROOT / "bin/search.py"
 
 # the greedy path of the published CoMFLP log (12 -> 6 layers, DC with batches of 32)
@@ -40,8 +43,6 @@ PUBLISHED_GREEDY_PATH = [
 
 @pytest.fixture(scope="module")
 def reference() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.skip(f"published CoMFLP reference folder {REFERENCE} is missing")
     return REFERENCE
 
 
@@ -355,9 +356,11 @@ def test_coarse_search_rejects_a_bad_matrix():
 # --- bin/search.py ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cli():
-    return load_script(SCRIPT, "bin_search")
+def coarse_cli(argv: list[str]) -> None:
+    """bin/search.py's core on a command line, as its entry point parses it."""
+    parser = argparse.ArgumentParser()
+    add_settings(parser, SearchSettings)
+    search(from_args(SearchSettings, parser.parse_args(argv)))
 
 
 @pytest.fixture
@@ -367,12 +370,11 @@ def matrix_file(tmp_path) -> Path:
     return path
 
 
-def test_cli_writes_proposals(cli, matrix_file, tmp_path, capsys):
+def test_cli_writes_proposals(matrix_file, tmp_path, capsys):
     output = tmp_path / "out/proposals.json"
-    args = cli.build_parser().parse_args(
+    coarse_cli(
         ["--matrix", str(matrix_file), "--num_prune", "2", "--top_k", "3", "--output", str(output)]
     )
-    cli.main(args)
     expected = [p.to_dict() for p in coarse_search(small_matrix(), 2, top_k=3)]
     assert json.loads(output.read_text()) == expected
     assert expected[1] == {"layers": [2, 4], "blocks": [[2, 2], [4, 4]], "score": 23.0}
@@ -384,13 +386,12 @@ def test_cli_writes_proposals(cli, matrix_file, tmp_path, capsys):
     assert sorted(q.name for q in output.parent.iterdir()) == ["proposals.json"]
 
 
-def test_cli_damage_aggregation(cli, matrix_file, tmp_path):
+def test_cli_damage_aggregation(matrix_file, tmp_path):
     output = tmp_path / "damage.json"
-    args = cli.build_parser().parse_args(
+    coarse_cli(
         ["--matrix", str(matrix_file), "--num_prune", "2", "--top_k", "4", "--output", str(output)]
         + ["--aggregation", "damage"]
     )
-    cli.main(args)
     damage = [p.to_dict() for p in coarse_search(small_matrix(), 2, top_k=4, aggregation="damage")]
     assert json.loads(output.read_text()) == damage
     mean = [p.to_dict() for p in coarse_search(small_matrix(), 2, top_k=4)]
@@ -414,9 +415,9 @@ def write_bad_inputs(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize(
     ("matrix", "options", "message"),
     [
-        ("nonsquare", [], r"nonsquare\.npy: correlation matrix must be a 2-D square array"),
-        ("nan", [], r"nan\.npy: correlation matrix has 1 non-finite entries"),
-        ("text", [], r"--matrix .*matrix\.txt: not an array file written by numpy\.save"),
+        ("nonsquare", [], r"--matrix correlation matrix must be a 2-D square array"),
+        ("nan", [], r"--matrix correlation matrix has 1 non-finite entries"),
+        ("text", [], r"--matrix a score file ends in \.npy or \.npz, got 'matrix\.txt'"),
         ("npz", [], r"--matrix .*matrix\.npz: expected the arrays top_sq, proj, gram, found m"),
         ("missing", [], r"--matrix .*missing\.npy: no such file"),
         ("good", ["--num_prune", "4"], "--num_prune 4: must be between 1 and 3 for the 4-layer"),
@@ -424,18 +425,18 @@ def write_bad_inputs(tmp_path: Path) -> dict[str, Path]:
         (
             "good",
             ["--mode", "exhaustive", "--max_exhaustive", "5"],
-            r"--mode exhaustive: .*C\(4, 2\) = 6 proposals exceeds max_exhaustive=5",
+            r"--search_mode exhaustive: .*C\(4, 2\) = 6 proposals exceeds max_exhaustive=5",
         ),
     ],
 )
-def test_cli_rejects_bad_input(cli, matrix_file, tmp_path, matrix, options, message):
+def test_cli_rejects_bad_input(matrix_file, tmp_path, matrix, options, message):
     paths = write_bad_inputs(tmp_path) | {"good": matrix_file, "missing": tmp_path / "missing.npy"}
     output = tmp_path / "proposals.json"
     output.write_text("old\n")
     before = sorted(tmp_path.iterdir())
     argv = ["--matrix", str(paths[matrix]), "--num_prune", "2", "--output", str(output), *options]
-    with pytest.raises(cli.UsageError, match=message):
-        cli.main(cli.build_parser().parse_args(argv))
+    with pytest.raises(InputError, match=message):
+        coarse_cli(argv)
     assert output.read_text() == "old\n"
     assert sorted(tmp_path.iterdir()) == before
 
@@ -447,13 +448,13 @@ def test_cli_rejects_bad_input(cli, matrix_file, tmp_path, matrix, options, mess
         (["--top_k", "-3"], "argument --top_k: must be >= 1, got -3"),
         (["--top_k", "x"], "argument --top_k: expected an integer, got 'x'"),
         (["--max_exhaustive", "0"], "argument --max_exhaustive: must be >= 1"),
-        (["--mode", "random"], "argument --mode: invalid choice: 'random'"),
+        (["--mode", "random"], "argument --search_mode/--mode: invalid choice: 'random'"),
     ],
 )
-def test_cli_rejects_bad_options(cli, matrix_file, tmp_path, capsys, options, message):
+def test_cli_rejects_bad_options(matrix_file, tmp_path, capsys, options, message):
     argv = ["--matrix", str(matrix_file), "--num_prune", "2", "--output", "x.json", *options]
     with pytest.raises(SystemExit) as exit_info:
-        cli.build_parser().parse_args(argv)
+        coarse_cli(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -464,14 +465,10 @@ def run_script(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_reproduces_reference(cli, reference, tmp_path):
+def test_cli_reproduces_reference(reference, tmp_path):
     output = tmp_path / "proposals.json"
     matrix = reference / "dc_mean_bs32_iter10.npy"
-    cli.main(
-        cli.build_parser().parse_args(
-            ["--matrix", str(matrix), "--num_prune", "6", "--output", str(output)]
-        )
-    )
+    coarse_cli(["--matrix", str(matrix), "--num_prune", "6", "--output", str(output)])
     expected = json.loads((reference / "expected_dc_bs32_prune6_top10.json").read_text())
     written = json.loads(output.read_text())
     assert [p["blocks"] for p in written] == [e["blocks"] for e in expected["proposals"]]

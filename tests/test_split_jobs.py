@@ -52,7 +52,7 @@ def test_stage_4_in_parts_equals_one_job(tiny_data, pipeline, tmp_path):
                     pipeline["exp_dir"],
                     "--cuts",
                     tiny_data["train"],
-                    "--num_utts",
+                    "--calib_num_utts",
                     "20",
                     "--part",
                     str(part),

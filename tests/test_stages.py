@@ -58,7 +58,7 @@ def test_stages_0_to_3(pipeline, tiny_data):
     # Later stages rebuild the model from the experiment directory alone.
     model = NativeModel.load(exp)
     result = evaluate_model(model, load_eval_batches(model, tiny_data["test"], 30))
-    assert result.num_utts == 8 and result.ctc_loss > 0 and 0 <= result.cer <= 100
+    assert result.num_utts == 8 and result.loss > 0 and 0 <= result.cer <= 100
 
 
 def test_stage_0_does_not_redo_a_complete_corpus(pipeline):
@@ -198,7 +198,7 @@ def test_train_refuses_bad_config(tmp_path, tiny_data, override, message):
         [
             PYTHON,
             REPO / "bin/train.py",
-            "--config",
+            "--train_config",
             REPO / "conf/train_tiny.yaml",
             "--exp_dir",
             tmp_path / "exp",

@@ -184,7 +184,7 @@ def _prune(pipeline, tiny_data, exp_dir, *extra, check=True, options=SP_OPTIONS)
         [
             PYTHON,
             REPO / "bin/structured_prune.py",
-            "--config",
+            "--sp_config",
             REPO / "conf/structured.yaml",
             "--init_model",
             pipeline["exp_dir"],
@@ -235,8 +235,12 @@ def pruned_tiny(pipeline, tmp_path_factory):
     mp.undo()
 
 
+def pruned_dir(root) -> object:
+    return root / "structured/sparsity0.5"
+
+
 def test_sparsity_reaches_the_target(pruned_tiny, pipeline):
-    sp_dir = pruned_tiny["root"] / "straight"
+    sp_dir = pruned_dir(pruned_tiny["root"] / "straight")
     structure = json.loads((sp_dir / "structure.json").read_text())
     assert structure["target_sparsity"] == 0.5
     assert abs(structure["sparsity"] - 0.5) <= 0.02, structure
@@ -253,14 +257,14 @@ def test_sparsity_reaches_the_target(pruned_tiny, pipeline):
 
 
 def test_resume_gives_the_same_pruned_model(pruned_tiny):
-    straight = load_checkpoint(pruned_tiny["root"] / "straight/model.pt")
-    resumed = load_checkpoint(pruned_tiny["root"] / "resumed/model.pt")
+    straight = load_checkpoint(pruned_dir(pruned_tiny["root"] / "straight") / "model.pt")
+    resumed = load_checkpoint(pruned_dir(pruned_tiny["root"] / "resumed") / "model.pt")
     assert straight["model"].keys() == resumed["model"].keys()
     for k in straight["model"]:
         assert torch.allclose(straight["model"][k], resumed["model"][k], atol=1e-6), k
     for name in ("structure.json", "config.yaml"):
-        a = (pruned_tiny["root"] / "straight" / name).read_text()
-        assert a == (pruned_tiny["root"] / "resumed" / name).read_text()
+        a = (pruned_dir(pruned_tiny["root"] / "straight") / name).read_text()
+        assert a == (pruned_dir(pruned_tiny["root"] / "resumed") / name).read_text()
 
 
 def test_pruned_model_fine_tunes_like_any_model(pruned_tiny, tmp_path):
@@ -268,10 +272,10 @@ def test_pruned_model_fine_tunes_like_any_model(pruned_tiny, tmp_path):
         [
             PYTHON,
             REPO / "bin/train.py",
-            "--config",
+            "--train_config",
             REPO / "conf/train_tiny.yaml",
             "--init_model",
-            pruned_tiny["root"] / "straight",
+            pruned_dir(pruned_tiny["root"] / "straight"),
             "--exp_dir",
             tmp_path / "ft",
             "--train_cuts",
@@ -283,12 +287,13 @@ def test_pruned_model_fine_tunes_like_any_model(pruned_tiny, tmp_path):
         ]
     )
     model = load_model(tmp_path / "ft")
-    assert model.cfg.layer_shapes == load_model(pruned_tiny["root"] / "straight").cfg.layer_shapes
+    straight = load_model(pruned_dir(pruned_tiny["root"] / "straight"))
+    assert model.cfg.layer_shapes == straight.cfg.layer_shapes
 
 
 def test_bad_structured_inputs(pipeline, tiny_data, tmp_path):
     line = _error_line(
-        _prune(pipeline, tiny_data, tmp_path / "a", "--target_sparsity", "1.2", check=False)
+        _prune(pipeline, tiny_data, tmp_path / "a", "--sp_target_sparsity", "1.2", check=False)
     )
     assert "target_sparsity" in line and "(0, 1)" in line
     proc = _prune(
@@ -308,9 +313,8 @@ def test_bad_structured_inputs(pipeline, tiny_data, tmp_path):
     assert (
         _prune(pipeline, tiny_data, sp_dir, "--stop_after_steps", "1", check=False).returncode == 3
     )
-    before = {p.name: p.read_bytes() for p in sp_dir.iterdir() if p.is_file()}
-    proc = _prune(pipeline, tiny_data, sp_dir, "--target_sparsity", "0.3", check=False)
-    assert "target_sparsity" in _error_line(proc) and "another structured config" in _error_line(
-        proc
-    )
-    assert before == {p.name: p.read_bytes() for p in sp_dir.iterdir() if p.is_file()}
+    out = sp_dir / "structured/sparsity0.5"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    proc = _prune(pipeline, tiny_data, sp_dir, "--set", "structured.lambda_lr=2.0", check=False)
+    assert "lambda_lr" in _error_line(proc) and "another structured config" in _error_line(proc)
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

@@ -22,7 +22,8 @@ import torch
 
 from comflp.asr.ctc import ctc_greedy_search, ctc_loss, ctc_prefix_beam_search
 from comflp.registry import Registry
-from comflp.utils import eval_mode
+from comflp.settings import REQUIRED, option
+from comflp.utils import eval_mode, resolve_device
 
 # Model types by the name ``--model_type`` takes; each adapter module of this package registers
 # its class (docs/DESIGN.md, "Adding a model type").
@@ -45,6 +46,8 @@ class PrunableModel(ABC):
     model_type: ClassVar[str]
     # What decode() can do with this model (stage 7's --decoding_method).
     decoding_methods: ClassVar[tuple[str, ...]] = CTC_DECODING
+    # The layer stacks stages 4-8 can prune (--stack).
+    stacks: ClassVar[tuple[str, ...]] = ("encoder",)
 
     def __init__(self, source: Path):
         self.source = Path(source)  # the directory the model was loaded from
@@ -167,3 +170,22 @@ class PrunableModel(ABC):
 def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:
     """Load the model in ``model_dir`` as a :class:`PrunableModel` of ``model_type``."""
     return MODEL_TYPES[model_type].load(Path(model_dir))
+
+
+@dataclass(kw_only=True)
+class ModelSettings:
+    """The model a stage works on, and where its outputs go."""
+
+    exp_dir: Path = option(REQUIRED, "experiment directory: every stage's outputs")
+    model_type: str = option("native", "library of the model", choices=lambda: MODEL_TYPES.names())
+    model_dir: Path | None = option(None, "the model to prune (default: --exp_dir, a native model)")
+    stack: str = option("encoder", "the layer stack to prune", choices=("encoder", "decoder"))
+    device: str = option("auto", "auto | cpu | cuda[:N]")
+
+    @property
+    def source(self) -> Path:
+        return self.model_dir or self.exp_dir
+
+    def load_model(self) -> PrunableModel:
+        """The model, on ``device``."""
+        return load_prunable(self.model_type, self.source).to(resolve_device(self.device))

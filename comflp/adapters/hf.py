@@ -5,7 +5,7 @@ either encoder variant (``do_stable_layer_norm`` false: post-norm layers and a L
 encoder input; true: pre-norm layers and a LayerNorm after the last layer). The directory holds
 the model and its processor (feature extractor + CTC vocabulary).
 
-Layer numbering (``CONVENTIONS.md``) for these models:
+Layer numbering (docs/DESIGN.md) for these models:
 
 - index 0 (``embed``): conv feature encoder -> feature projection -> padded frames zeroed ->
   + positional conv embedding -> (post-norm variant only) the encoder's LayerNorm -> dropout:

@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
+from comflp.errors import InputError
 from comflp.utils import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration file or option that cannot be used."""
 
 

@@ -1,6 +1,6 @@
 """Transformer or Conformer CTC model with intermediate CTC, stochastic depth and an optional attention decoder.
 
-Layer numbering follows CONVENTIONS.md: index 0 is the output of the subsampling front end
+Layer numbering (docs/DESIGN.md): index 0 is the output of the subsampling front end
 (the input of layer 1), index k the output of encoder layer k, for k = 1..L. Every caller runs
 the encoder the same way: ``encoder.embed`` (the front end, index 0), then
 ``encoder.forward_layers`` over any sequence of layers, then ``ASRModel.readout`` (final norm
@@ -27,7 +27,7 @@ from comflp.asr.layers import (
     TransformerLayer,
     padding_mask,
 )
-from comflp.prune.subsets import check_num_prune, kept_layers
+from comflp.subsets import check_num_prune, kept_layers
 
 
 def encoder_layer(cfg: ModelConfig, k: int) -> nn.Module:

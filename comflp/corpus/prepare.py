@@ -31,6 +31,7 @@ from pathlib import Path
 import soundfile as sf
 from lhotse import CutSet
 
+from comflp.errors import InputError
 from comflp.utils import atomic_path
 
 MAX_LISTED_PROBLEMS = 20
@@ -52,7 +53,7 @@ KALDI_LAYOUT = "<corpus_dir>/<subset>/ holding wav.scp, text and utt2spk (segmen
 SEGMENT_END_TOLERANCE = 0.05  # seconds a segment may run past the end of its recording
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus directory that cannot be prepared."""
 
 

@@ -11,7 +11,7 @@ Every measure compares two representations of the same N samples (rows): ``x`` (
 | ``cka`` | linear CKA, in [0, 1] | none |
 | ``cosine`` | mean cosine similarity of paired rows (D1 == D2), in [-1, 1] | none |
 | ``angular`` | mean of 1 - angle(x_r, y_r) / pi over paired rows (D1 == D2), in [0, 1] | none |
-| ``residual`` | mean of 1 - ||y_r - x_r|| / (||x_r|| + ||y_r||) over paired rows, in [0, 1] | none |
+| ``change`` | mean of 1 - ||y_r - x_r|| / (||x_r|| + ||y_r||) over paired rows, in [0, 1] | none |
 
 ``dc`` reports dCor^2, not its square root: the CoMFLP code (github.com/louislau1129/CoMFLP,
 ``DC.py``: ``distance_correlation_from_distmat``, used by ``dc_analysis.py`` to write the
@@ -31,13 +31,13 @@ data. With D = 1, the L2-normalised rows of ``dc`` are just the signs of the val
 of the deeper layers"), arccos(cos(x_r, y_r)) / pi, turned into a similarity and averaged
 over the paired rows (frames with a frame-pooled dump, utterances with mean pooling). The angle
 is computed as 2 atan2(||u - v||, ||u + v||) of the unit rows u, v, which is exact for equal
-rows (arccos of a rounded cosine is not). ``residual`` is one minus the relative change of
+rows (arccos of a rounded cosine is not). ``change`` is one minus the relative change of
 the residual stream, ||y_r - x_r|| / (||x_r|| + ||y_r||) (in [0, 1] by the triangle
 inequality); unlike the other measures it sees the rows' norms. Both compare the same
 coordinates, so D1 == D2, as for ``cosine``.
 
 A degenerate input whose normalising term is zero (all rows equal for ``dc``/``cka``/
-``svcca``/``pwcca``, a zero row for ``cosine``/``angular``, two zero rows for ``residual``)
+``svcca``/``pwcca``, a zero row for ``cosine``/``angular``, two zero rows for ``change``)
 contributes similarity 0, not NaN.
 """
 
@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
-MEASURES = ("dc", "svcca", "pwcca", "cka", "cosine", "angular", "residual")
+MEASURES = ("dc", "svcca", "pwcca", "cka", "cosine", "angular", "change")
 # Measures that compare paired rows coordinate by coordinate (need D1 == D2).
-PAIRED_MEASURES = ("cosine", "angular", "residual")
+PAIRED_MEASURES = ("cosine", "angular", "change")
 
 # Default value of every option each measure accepts.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -62,7 +62,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "cka": {},
     "cosine": {},
     "angular": {},
-    "residual": {},
+    "change": {},
 }
 
 # Working memory for the N x N kernel rows that correlation_matrix stacks over all layers.
@@ -292,7 +292,7 @@ def _angular_rows(x: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, 1.0 - angle / torch.pi, torch.zeros_like(angle))
 
 
-def _residual_rows(x: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+def _change_rows(x: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """1 - ||y_r - x_r|| / (||x_r|| + ||y_r||) for each row of ``x`` (N, D) and every
     ``ys[l]`` (K, N, D): (K, N), 0 where both rows are zero."""
     den = x.norm(dim=1) + ys.norm(dim=2)
@@ -304,8 +304,8 @@ def _angular_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(_angular_rows(x, y[None]).mean())
 
 
-def _residual_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(_residual_rows(x, y[None]).mean())
+def _change_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(_change_rows(x, y[None]).mean())
 
 
 _PAIR: dict[str, Callable[..., float]] = {
@@ -315,7 +315,7 @@ _PAIR: dict[str, Callable[..., float]] = {
     "cka": _cka_similarity,
     "cosine": _cosine_similarity,
     "angular": _angular_similarity,
-    "residual": _residual_similarity,
+    "change": _change_similarity,
 }
 
 
@@ -450,7 +450,7 @@ _MATRIX: dict[str, Callable[..., torch.Tensor]] = {
     "cka": _cka_matrix,
     "cosine": _cosine_matrix,
     "angular": lambda feats: _paired_rows_matrix(_angular_rows, feats),
-    "residual": lambda feats: _paired_rows_matrix(_residual_rows, feats),
+    "change": lambda feats: _paired_rows_matrix(_change_rows, feats),
 }
 
 

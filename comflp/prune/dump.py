@@ -1,7 +1,8 @@
-"""Stage 4: capture the encoder input and every layer's output over a calibration subset.
+"""Stage 4: capture a layer stack's input and every layer's output over a calibration subset.
 
-One forward pass per batch through the model's front end (index 0) and each encoder layer in
-turn (index k = 1..L), the same calls every evaluation makes. Each batch is pooled and written at once to one Kaldi archive
+One forward pass per batch through the stack (:meth:`LayerStack.states`: for the encoder, the
+front end (index 0) and each layer in turn (index k = 1..L), the same calls every evaluation
+makes). Each batch is pooled and written at once to one Kaldi archive
 per layer index (``layerKK.ark`` + ``layerKK.scp``, one key per utterance), so memory stays
 that of one batch however many utterances are dumped. Pooling:
 
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from comflp.adapters.base import PrunableModel
+from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO
+from comflp.prune.stacks import LayerStack
 from comflp.utils import atomic_write_json, atomic_write_text, eval_mode
 
 POOLINGS = ("mean", "frames")
@@ -62,9 +64,47 @@ def _pool(
             yield utt_id, [h[i, keep].numpy() for h in hidden]
 
 
+class DumpError(InputError):
+    """A layer dump that is missing, damaged or does not fit what reads it."""
+
+
+def _write_pooled(
+    stack: LayerStack,
+    batches: Iterable[dict],
+    staging: Path,
+    pooling: str,
+    frames_per_utt: int,
+    seed: int,
+) -> tuple[list[str], int, int]:
+    """One archive per layer index in ``staging``; the utterance ids, rows and dimension."""
+    writers = [
+        kaldiio.WriteHelper(f"ark,scp:{layer_file(staging, k)}.ark,{layer_file(staging, k)}.scp")
+        for k in range(stack.num_layers + 1)
+    ]
+    ids: list[str] = []
+    rows, dim = 0, 0
+    try:
+        with eval_mode(stack.model.module):
+            for batch in tqdm(batches, desc="dump layers", unit="batch", mininterval=10):
+                states, lengths = stack.states(batch)
+                hidden = [h.float().cpu() for h in states]
+                dim = hidden[0].size(-1)
+                for utt_id, pooled in _pool(
+                    hidden, lengths, batch["ids"], pooling, frames_per_utt, seed
+                ):
+                    for writer, array in zip(writers, pooled, strict=True):
+                        writer(utt_id, array)
+                    ids.append(utt_id)
+                    rows += 1 if pooling == "mean" else len(pooled[0])
+    finally:
+        for writer in writers:
+            writer.close()
+    return ids, rows, dim
+
+
 @torch.no_grad()
 def dump_layers(
-    model: PrunableModel,
+    stack: LayerStack,
     batches: Iterable[dict],
     out_dir: Path,
     pooling: str = "mean",
@@ -85,38 +125,14 @@ def dump_layers(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    num_indices = model.num_layers + 1
-    writers = [
-        kaldiio.WriteHelper(f"ark,scp:{layer_file(staging, k)}.ark,{layer_file(staging, k)}.scp")
-        for k in range(num_indices)
-    ]
-    ids: list[str] = []
-    rows, dim = 0, 0
-    try:
-        with eval_mode(model.module):
-            for batch in tqdm(batches, desc="dump layers", unit="batch", mininterval=10):
-                h = model.embed(batch)
-                hidden = [h.x.float().cpu()]
-                for k in range(1, num_indices):
-                    h = model.forward_layers(h, [k])
-                    hidden.append(h.x.float().cpu())
-                dim = hidden[0].size(-1)
-                for utt_id, pooled in _pool(
-                    hidden, h.lengths, batch["ids"], pooling, frames_per_utt, seed
-                ):
-                    for writer, array in zip(writers, pooled):
-                        writer(utt_id, array)
-                    ids.append(utt_id)
-                    rows += 1 if pooling == "mean" else len(pooled[0])
-    finally:
-        for writer in writers:
-            writer.close()
+    ids, rows, dim = _write_pooled(stack, batches, staging, pooling, frames_per_utt, seed)
     # The scp files name their archives by path: point them at the final directory.
-    for k in range(num_indices):
+    for k in range(stack.num_layers + 1):
         scp = layer_file(staging, k).with_suffix(".scp")
         scp.write_text(scp.read_text().replace(str(staging), str(out_dir)))
     info = {
-        "num_layers": model.num_layers,
+        "stack": stack.name,
+        "num_layers": stack.num_layers,
         "d_model": dim,
         "pooling": pooling,
         "frames_per_utt": frames_per_utt,
@@ -131,23 +147,41 @@ def dump_layers(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
-    logging.info(f"{out_dir}: {num_indices} layer indices x {rows} rows ({pooling} pooling)")
+    logging.info(
+        f"{out_dir}: {stack.num_layers + 1} layer indices x {rows} rows ({pooling} pooling)"
+    )
     return info
+
+
+def read_dump_info(dump_dir: Path) -> dict:
+    """A dump's ``info.json``; DumpError when there is none."""
+    path = Path(dump_dir) / DUMP_INFO
+    if not path.is_file():
+        raise DumpError(f"{path}: not found (run stage 4, the layer dump)")
+    return json.loads(path.read_text())
+
+
+def read_layer(dump_dir: Path, index: int, utts: list[str]) -> list[np.ndarray]:
+    """One layer index's pooled arrays of ``utts``; DumpError names the file when it is
+    missing, truncated or lacks an utterance."""
+    scp = layer_file(dump_dir, index).with_suffix(".scp")
+    try:
+        table = kaldiio.load_scp(str(scp))
+        return [np.atleast_2d(table[utt]) for utt in utts]
+    except (OSError, EOFError, ValueError, KeyError, AssertionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DumpError(
+            f"{scp}: cannot read layer {index} of the dump ({reason}); rerun stage 4"
+        ) from None
 
 
 def load_layer_feats(dump_dir: Path) -> list[np.ndarray]:
     """The L+1 (N, D) arrays of a dump, in layer-index order, rows in utterance order."""
-    dump_dir = Path(dump_dir)
-    info_path = dump_dir / DUMP_INFO
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path}: not found (run stage 4, the layer dump)")
-    info = json.loads(info_path.read_text())
-    feats = []
-    for k in range(info["num_layers"] + 1):
-        table = kaldiio.load_scp(str(layer_file(dump_dir, k).with_suffix(".scp")))
-        arrays = [np.atleast_2d(table[utt]) for utt in info["utts"]]
-        feats.append(np.concatenate(arrays, axis=0))
-    return feats
+    info = read_dump_info(dump_dir)
+    return [
+        np.concatenate(read_layer(dump_dir, k, info["utts"]), axis=0)
+        for k in range(info["num_layers"] + 1)
+    ]
 
 
 def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
@@ -158,16 +192,11 @@ def merge_dumps(part_dirs: list[Path], out_dir: Path) -> dict:
     so the batches of a batched correlation) does not depend on how the work was split, and sums
     the rows and compute seconds.
     """
-    infos = []
-    for d in part_dirs:
-        path = Path(d) / DUMP_INFO
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (run the layer dump for every part)")
-        infos.append(json.loads(path.read_text()))
-    settings = ("num_layers", "d_model", "pooling", "frames_per_utt", "seed")
-    for d, info in zip(part_dirs, infos):
+    infos = [read_dump_info(d) for d in part_dirs]
+    settings = ("stack", "num_layers", "d_model", "pooling", "frames_per_utt", "seed")
+    for d, info in zip(part_dirs, infos, strict=True):
         if any(info[k] != infos[0][k] for k in settings):
-            raise ValueError(f"{d}: dumped with other settings than {part_dirs[0]}")
+            raise DumpError(f"{d}: dumped with other settings than {part_dirs[0]}")
     for k in range(infos[0]["num_layers"] + 1):
         text = "".join(layer_file(d, k).with_suffix(".scp").read_text() for d in part_dirs)
         atomic_write_text(layer_file(out_dir, k).with_suffix(".scp"), text)

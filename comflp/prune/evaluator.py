@@ -25,11 +25,10 @@ import torch
 from tqdm import tqdm
 
 from comflp.adapters.base import Hidden, PrunableModel
-from comflp.asr.ctc import ctc_greedy_search, ctc_loss
 from comflp.asr.scoring import error_stats
 from comflp.utils import eval_mode
 
-METRICS = ("cer", "wer", "ctc_loss")
+METRICS = ("cer", "wer", "loss")
 
 
 @dataclass
@@ -39,13 +38,13 @@ class SubsetResult:
     kept: tuple[int, ...]
     cer: float
     wer: float
-    ctc_loss: float  # mean per utterance
+    loss: float  # the model's loss (CTC for a CTC model), mean per utterance
     seconds: float  # compute attributed to this subset (shared work split evenly)
     num_utts: int
 
     def to_dict(self) -> dict:
         """As training logs dev results: ``loss`` (CTC), ``cer``, ``wer``, ``num_utts``."""
-        return {"loss": self.ctc_loss, "cer": self.cer, "wer": self.wer, "num_utts": self.num_utts}
+        return {"loss": self.loss, "cer": self.cer, "wer": self.wer, "num_utts": self.num_utts}
 
     def metric(self, name: str) -> float:
         if name not in METRICS:
@@ -112,7 +111,7 @@ class _Accumulator:
                 kept=tuple(kept),
                 cer=error_stats(self.refs[i], self.hyps[i], "char").err,
                 wer=error_stats(self.refs[i], self.hyps[i], "word").err,
-                ctc_loss=self.loss[i] / max(self.utts[i], 1),
+                loss=self.loss[i] / max(self.utts[i], 1),
                 seconds=self.seconds[i],
                 num_utts=self.utts[i],
             )
@@ -135,13 +134,13 @@ def _check_subsets(subsets: Sequence[tuple[int, ...]], num_layers: int) -> None:
 def _score(
     model: PrunableModel, batch: dict, h: Hidden, subsets: list[int], acc: _Accumulator
 ) -> None:
-    """Read out ``h`` (the last kept layer's output of ``subsets``): CTC loss and greedy text."""
+    """Read out ``h`` (the last kept layer's output of ``subsets``): the model's loss and its
+    greedy text (CTC, or the attention decoder of a model without CTC)."""
     start = time.perf_counter()
-    log_probs, lengths = model.readout(h)
-    loss = ctc_loss(log_probs, lengths, batch["targets"], batch["target_lens"], model.blank_id)
-    hyps = [model.decode_ids(ids) for ids in ctc_greedy_search(log_probs, lengths, model.blank_id)]
+    ids, loss = model.transcribe(h, batch)
+    hyps = [model.decode_ids(i) for i in ids]
     acc.share(subsets, time.perf_counter() - start)
-    acc.add(subsets, batch, hyps, loss.item())
+    acc.add(subsets, batch, hyps, loss)
 
 
 def _walk_trie(model: PrunableModel, batch: dict, root: _Node, acc: _Accumulator) -> None:

@@ -40,24 +40,15 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import kaldiio
 import numpy as np
 from tqdm import tqdm
 
-from comflp.adapters.base import PrunableModel
-from comflp.expdir import DUMP_INFO
-from comflp.prune.correlation import correlation_matrix
-from comflp.prune.dump import layer_file
-from comflp.prune.evaluator import evaluate_subsets
+from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
-from comflp.prune.residual_sum import ResidualSumScorer
-from comflp.prune.search import (
-    DEFAULT_MAX_EXHAUSTIVE,
-    RESIDUAL_SUM,
-    coarse_search,
-    score_proposals,
-)
-from comflp.prune.subsets import kept_layers
+from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+from comflp.prune.search import DEFAULT_MAX_EXHAUSTIVE, coarse_search, score_proposals
+from comflp.prune.stacks import LayerStack
+from comflp.subsets import kept_layers
 from comflp.utils import atomic_write_json
 
 TOP_KS = (1, 3, 5, 10)
@@ -151,10 +142,10 @@ def best_of_top_k_regret(scores: Any, cer: Any, k: int) -> dict[str, float | Non
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to score proposals: a measure on features of one pooling and calibration size,
-    and a block-score aggregation (see :mod:`comflp.prune.search`)."""
+    """One way to score proposals: a registered score on features of one pooling and
+    calibration size, and a block-score aggregation (see :mod:`comflp.prune.search`)."""
 
-    measure: str
+    score: str
     pooling: str
     num_utts: int
     batch_size: int | None = None  # dc only; None: one batch of all rows
@@ -162,9 +153,9 @@ class Variant:
 
     @property
     def label(self) -> str:
-        """The measure with its dc batch size, e.g. ``dc_b32`` or ``dc_ball``."""
-        if self.measure != "dc":
-            return self.measure
+        """The score with its dc batch size, e.g. ``dc_b32`` or ``dc_ball``."""
+        if self.score != "dc":
+            return self.score
         return f"dc_b{self.batch_size or 'all'}"
 
     @property
@@ -173,19 +164,19 @@ class Variant:
         return f"{self.label}/{self.pooling}/N{self.num_utts}{agg}"
 
     @property
-    def options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size} if self.measure == "dc" else {}
+    def options(self) -> ScoreOptions:
+        return ScoreOptions(dc_batch_size=self.batch_size or 0)
 
     @property
     def matrix_key(self) -> tuple:
-        """Variants with the same key share one correlation matrix."""
-        return (self.measure, self.batch_size, self.pooling, self.num_utts)
+        """Variants with the same key share one built score."""
+        return (self.score, self.batch_size, self.pooling, self.num_utts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "measure": self.measure,
-            "options": self.options,
+            "score": self.score,
+            "options": SCORES[self.score].options(self.options),
             "pooling": self.pooling,
             "num_utts": self.num_utts,
             "aggregation": self.aggregation,
@@ -193,7 +184,7 @@ class Variant:
 
 
 def study_variants(
-    measures: Sequence[str],
+    scores: Sequence[str],
     poolings: Sequence[str],
     sizes: Sequence[int],
     rows: Callable[[str, int], int],
@@ -201,22 +192,24 @@ def study_variants(
     dc_batch_sizes: Sequence[int | None] = DC_BATCH_SIZES,
     aggregations: Sequence[str] = ("mean", "damage"),
 ) -> list[Variant]:
-    """Every measure x pooling x calibration size (dc once per batch size), with the mean
-    aggregation; the other aggregations at the reference size only (not for residual_sum,
-    which scores whole proposals and has no blocks to aggregate). ``rows(pooling, n)`` is
-    the number of feature rows of that variant: a dc batch size not below it equals one batch
-    of all rows and is left out."""
+    """Every score x pooling x calibration size (dc once per batch size), with the mean
+    aggregation; the other aggregations at the reference size only, for the scores that
+    aggregate blocks. A score that needs frames is left out of mean pooling.
+    ``rows(pooling, n)`` is the number of feature rows of that variant: a dc batch size not
+    below it equals one batch of all rows and is left out."""
     out = []
     for pooling in poolings:
         for n in sizes:
-            for measure in measures:
-                batches = dc_batch_sizes if measure == "dc" else (None,)
-                for b in batches:
+            for score in scores:
+                if pooling != "frames" and SCORES[score].needs_frames:
+                    continue
+                for b in dc_batch_sizes if score == "dc" else (None,):
                     if b is not None and b >= rows(pooling, n):
                         continue
                     for agg in aggregations:
-                        if agg == "mean" or (n == reference_num_utts and measure != RESIDUAL_SUM):
-                            out.append(Variant(measure, pooling, n, b, agg))
+                        blocks = SCORES[score].aggregates
+                        if agg == "mean" or (n == reference_num_utts and blocks):
+                            out.append(Variant(score, pooling, n, b, agg))
     return out
 
 
@@ -228,22 +221,18 @@ class StudyFeatures:
 
     def __init__(self, dump_dir: Path, frame_rows: int, seed: int = 0):
         dump_dir = Path(dump_dir)
-        info_path = dump_dir / DUMP_INFO
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{info_path}: not found (the study's layer dump)")
-        self.info = json.loads(info_path.read_text())
+        self.info = read_dump_info(dump_dir)
         if self.info["pooling"] != "frames":
-            raise ValueError(f"{dump_dir}: the study needs a frames-pooled dump")
+            raise DumpError(f"{dump_dir}: the study needs a frames-pooled dump")
         if frame_rows < 2:
             raise ValueError(f"frame_rows must be >= 2, got {frame_rows}")
         self.frame_rows, self.seed = frame_rows, seed
         utts = self.info["utts"]
         order = np.random.default_rng(seed).permutation(len(utts))
         self.utts = [utts[i] for i in order]
-        self.frames: list[list[np.ndarray]] = []
-        for k in range(self.info["num_layers"] + 1):
-            table = kaldiio.load_scp(str(layer_file(dump_dir, k).with_suffix(".scp")))
-            self.frames.append([np.atleast_2d(table[u]) for u in self.utts])
+        self.frames = [
+            read_layer(dump_dir, k, self.utts) for k in range(self.info["num_layers"] + 1)
+        ]
         self.lengths = np.array([len(a) for a in self.frames[0]])
 
     @property
@@ -273,25 +262,21 @@ class StudyFeatures:
         return feats if keep is None else [f[keep] for f in feats]
 
 
-def variant_matrices(
+def variant_scores(
     features: StudyFeatures, variants: Sequence[Variant]
-) -> dict[tuple, tuple[np.ndarray | ResidualSumScorer, float]]:
-    """The correlation matrix (for residual_sum, the scorer) of each distinct matrix key and
-    the seconds it took."""
-    out: dict[tuple, tuple[np.ndarray | ResidualSumScorer, float]] = {}
+) -> dict[tuple, tuple[ProposalScore, float]]:
+    """The built score of each distinct matrix key and the seconds it took."""
+    out: dict[tuple, tuple[ProposalScore, float]] = {}
     cache: dict[tuple[str, int], list[np.ndarray]] = {}
-    for v in tqdm(variants, desc="correlation matrices", unit="variant", mininterval=10):
+    for v in tqdm(variants, desc="scores", unit="variant", mininterval=10):
         if v.matrix_key in out:
             continue
         if (v.pooling, v.num_utts) not in cache:
             cache[(v.pooling, v.num_utts)] = features.layer_feats(v.pooling, v.num_utts)
         feats = cache[(v.pooling, v.num_utts)]
         start = time.perf_counter()
-        if v.measure == RESIDUAL_SUM:
-            source = ResidualSumScorer.from_layer_feats(feats)
-        else:
-            source = correlation_matrix(feats, v.measure, **v.options)
-        out[v.matrix_key] = (source, time.perf_counter() - start)
+        score = SCORES[v.score].build(feats, v.options)
+        out[v.matrix_key] = (score, time.perf_counter() - start)
     return out
 
 
@@ -311,15 +296,15 @@ def _random_proposals(
 def proposal_set(
     num_layers: int,
     num_prune: int,
-    matrices: Sequence[tuple[np.ndarray, str]],
+    scorers: Sequence[Any],
     cap: int = 1000,
     sample_size: int = 300,
     top_k: int = max(TOP_KS),
     seed: int = 0,
 ) -> tuple[list[tuple[int, ...]], np.ndarray]:
     """The proposals of the study in lexicographic order, and which of them belong to the
-    uniform part (module docstring). ``matrices``: (matrix, aggregation) of every variant,
-    whose coarse top ``top_k`` (exhaustive when C(L, P) allows, else beam) are included."""
+    uniform part (module docstring). ``scorers``: every variant's proposal scorer, whose
+    coarse top ``top_k`` (exhaustive when C(L, P) allows, else beam) are included."""
     count = math.comb(num_layers, num_prune)
     if count <= max(cap, sample_size):
         every = list(combinations(range(1, num_layers + 1), num_prune))
@@ -327,9 +312,8 @@ def proposal_set(
     uniform = _random_proposals(num_layers, num_prune, sample_size, np.random.default_rng(seed))
     top: set[tuple[int, ...]] = set()
     mode = "exhaustive" if count <= DEFAULT_MAX_EXHAUSTIVE else "beam"
-    for matrix, aggregation in matrices:
-        found = coarse_search(matrix, num_prune, mode, top_k, top_k, aggregation=aggregation)
-        top.update(p.layers for p in found)
+    for scorer in scorers:
+        top.update(p.layers for p in coarse_search(scorer, num_prune, mode, top_k, top_k))
     proposals = sorted(uniform | top)
     return proposals, np.array([p in uniform for p in proposals])
 
@@ -362,47 +346,46 @@ class CerCache:
 
 
 def proposal_cers(
-    model: PrunableModel,
+    stack: LayerStack,
     batches: list[dict],
     proposals: Sequence[tuple[int, ...]],
     cache: CerCache,
     chunk: int = 100,
 ) -> np.ndarray:
-    """Dev CER of each proposal's pruned model (greedy CTC, prefix-cached evaluation), taking
-    what ``cache`` has and adding the rest to it, ``chunk`` proposals at a time."""
+    """Dev CER of each proposal's pruned model (prefix-cached evaluation), taking what
+    ``cache`` has and adding the rest to it, ``chunk`` proposals at a time."""
     cers = cache.data["cers"]
     todo = [p for p in proposals if cache.key(p) not in cers]
     for start in tqdm(range(0, len(todo), chunk), desc="proposal CERs", unit="chunk"):
         part = todo[start : start + chunk]
-        subsets = [kept_layers(model.num_layers, p) for p in part]
-        for p, r in zip(part, evaluate_subsets(model, batches, subsets), strict=True):
+        subsets = [kept_layers(stack.num_layers, p) for p in part]
+        for p, r in zip(part, stack.evaluate(batches, subsets), strict=True):
             cers[cache.key(p)] = {"cer": r.cer, "wer": r.wer, "seconds": r.seconds}
         cache.save()
     return np.array([cers[cache.key(p)]["cer"] for p in proposals])
 
 
 def timed_fine_search(
-    model: PrunableModel,
+    stack: LayerStack,
     batches: list[dict],
-    matrix: np.ndarray,
+    scorer: Any,
     num_prune: int,
-    aggregation: str,
     cache: CerCache,
     beam_size: int = 10,
     top_k: int = 10,
 ) -> dict[str, Any]:
-    """CoMFLP as stage 6 runs it on ``matrix``: the beam search's top ``top_k`` and their fine
+    """CoMFLP as stage 6 runs it on one score: the beam search's top ``top_k`` and their fine
     search; seconds of each step, the chosen layers and their CER. The fine search's choice is
     read from the CER cache (the best of the top K, as the fine search picks it); its time,
     which does not depend on the scoring variant (K evaluations with the prefix cache), is
     measured once per P by running it on the first variant's top K."""
     start = time.perf_counter()
-    proposals = coarse_search(matrix, num_prune, "beam", beam_size, top_k, aggregation=aggregation)
+    proposals = coarse_search(scorer, num_prune, "beam", beam_size, top_k)
     coarse_seconds = time.perf_counter() - start
     layers = [tuple(p.layers) for p in proposals]
-    cers = proposal_cers(model, batches, layers, cache)
+    cers = proposal_cers(stack, batches, layers, cache)
     if "seconds" not in cache.data["fine"]:
-        cache.data["fine"]["seconds"] = fine_search(model, batches, proposals).seconds
+        cache.data["fine"]["seconds"] = fine_search(stack, batches, layers)[1]
         cache.save()
     best = int(np.argmin(cers))
     return {
@@ -432,10 +415,10 @@ def variant_quality(
 
 
 def study_num_prune(
-    model: PrunableModel,
+    stack: LayerStack,
     batches: list[dict],
     variants: Sequence[Variant],
-    matrices: dict[tuple, tuple[np.ndarray, float]],
+    built: dict[tuple, tuple[ProposalScore, float]],
     num_prune: int,
     cache: CerCache,
     dump_seconds_per_utt: float,
@@ -446,21 +429,17 @@ def study_num_prune(
     """The study for one P: proposals and their CERs, and every variant's scores, quality
     and CoMFLP search time (the dump's share for its N utterances, its matrix, the beam
     search and the fine search of the top 10)."""
+    scorers = {v: built[v.matrix_key][0].scorer(v.aggregation) for v in variants}
     proposals, uniform = proposal_set(
-        model.num_layers,
-        num_prune,
-        [(matrices[v.matrix_key][0], v.aggregation) for v in variants],
-        cap,
-        sample_size,
-        seed=seed,
+        stack.num_layers, num_prune, list(scorers.values()), cap, sample_size, seed=seed
     )
-    cer = proposal_cers(model, batches, proposals, cache)
+    cer = proposal_cers(stack, batches, proposals, cache)
     layers = np.array(proposals)
     rows = []
     for v in tqdm(variants, desc=f"variants, P={num_prune}", unit="variant", mininterval=10):
-        matrix, matrix_seconds = matrices[v.matrix_key]
-        scores = score_proposals(matrix, layers, v.aggregation)
-        timing = timed_fine_search(model, batches, matrix, num_prune, v.aggregation, cache)
+        matrix_seconds = built[v.matrix_key][1]
+        scores = score_proposals(scorers[v], layers)
+        timing = timed_fine_search(stack, batches, scorers[v], num_prune, cache)
         dump_seconds = dump_seconds_per_utt * v.num_utts
         total = dump_seconds + matrix_seconds + timing["beam_seconds"] + timing["fine_seconds"]
         rows.append(

@@ -8,7 +8,7 @@ in which the candidates were generated.
 
 The searches take a matrix (scored by :class:`BlockScorer`) or any :class:`ProposalScorer`,
 which scores whole proposals at once, e.g. the residual-sum score of
-:mod:`comflp.prune.residual_sum`; the aggregation applies to matrices only.
+:mod:`comflp.prune.scores.residual_sum`; the aggregation applies to matrices only.
 
 Aggregations of the block scores (``aggregation`` of :func:`coarse_search`):
 
@@ -41,12 +41,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from comflp.prune.correlation import MEASURES
-from comflp.prune.residual_sum import MEASURE as RESIDUAL_SUM
-from comflp.prune.subsets import check_num_prune
+from comflp.subsets import check_num_prune
 
-# What stages 5 and 6 can rank proposals by: a correlation measure's matrix, or residual_sum.
-COARSE_MEASURES = (*MEASURES, RESIDUAL_SUM)
 MODES = ("beam", "greedy", "exhaustive")
 AGGREGATIONS = ("mean", "damage")
 DEFAULT_MAX_EXHAUSTIVE = 2_000_000

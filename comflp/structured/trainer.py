@@ -43,7 +43,8 @@ from comflp.structured.params import (
     sparsity,
 )
 from comflp.structured.physical import physically_prune
-from comflp.train.trainer import Dist, Trainer, lr_lambda
+from comflp.train.distributed import Dist
+from comflp.train.trainer import Trainer, lr_lambda
 from comflp.utils import atomic_write_json
 
 
@@ -182,7 +183,7 @@ class StructuredTrainer(Trainer):
             f"{structure['num_layers']} layers; dev CER {metrics['cer']:.2f}%, "
             f"dev WER {metrics['wer']:.2f}%"
         )
-        from comflp.report.plots import plot_training_curves
+        from comflp.plots import plot_training_curves
 
         plot_training_curves(self.history, self.exp_dir / TRAINING_CURVES, final_cer=metrics["cer"])
         return metrics

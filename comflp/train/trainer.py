@@ -15,7 +15,6 @@ import os
 import signal
 import time
 from contextlib import closing, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ from comflp.expdir import (
     TRAINING_CURVES,
 )
 from comflp.prune.evaluator import evaluate_model
+from comflp.train.distributed import Dist
 from comflp.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -58,27 +58,6 @@ from comflp.utils import (
     seed_everything,
     set_rng_state,
 )
-
-
-@dataclass
-class Dist:
-    """Where this process sits in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(
-            rank=int(os.environ.get("RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        )
 
 
 def lr_lambda(train: TrainConfig, total_steps: int):
@@ -461,7 +440,7 @@ class Trainer:
             f"{metrics['cer']:.2f}%, dev WER {metrics['wer']:.2f}%, dev CTC loss {metrics['loss']:.3f}"
         )
         atomic_write_json(self.exp_dir / FINAL_DEV, {"averaged": averaged, **metrics})
-        from comflp.report.plots import plot_training_curves
+        from comflp.plots import plot_training_curves
 
         plot_training_curves(self.history, self.exp_dir / TRAINING_CURVES, final_cer=metrics["cer"])
         return metrics

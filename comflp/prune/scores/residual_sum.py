@@ -8,7 +8,7 @@ between that approximation and h_L: 1 when nothing changes, lower the more the r
 turn the top state. Unlike the correlation measures, the score belongs to the whole proposal,
 not to its blocks, so it sees how the removed updates add up or cancel across blocks.
 
-Per row r the score needs only inner products, which :class:`ResidualSumScorer` computes once
+Per row r the score needs only inner products, which :class:`ResidualSumScore` computes once
 from the dump: ``top_sq = |h_L|^2``, ``proj[l] = <d_l, h_L>`` and ``gram[l, k] = <d_l, d_k>``.
 Then, with ``a = sum_S proj`` and ``q = sum_{l, k in S} gram[l, k]``,
 
@@ -27,16 +27,23 @@ from typing import Any
 
 import numpy as np
 
-MEASURE = "residual_sum"
+from comflp.plots import plot_matrix
+from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+
 # Proposal-row products gathered at once (bounds the (proposals, rows) working arrays).
 _CHUNK_ELEMENTS = 2**22
 _KEYS = ("top_sq", "proj", "gram")
 
 
+@SCORES.register("residual_sum")
 @dataclass(frozen=True)
-class ResidualSumScorer:
+class ResidualSumScore(ProposalScore):
     """Inner products of the layer updates over the calibration rows (module docstring):
     ``top_sq`` (R,), ``proj`` (L, R) and ``gram`` (L, L, R), float64, layer l at index l - 1."""
+
+    name = "residual_sum"
+    file_name = "stats.npz"
+    needs_frames = True  # on utterance means it ranks proposals poorly (docs/SEARCH_QUALITY.md)
 
     top_sq: np.ndarray
     proj: np.ndarray
@@ -60,7 +67,9 @@ class ResidualSumScorer:
                 raise ValueError(f"residual-sum statistics: {key} has non-finite entries")
 
     @classmethod
-    def from_layer_feats(cls, layer_feats: Sequence[Any]) -> ResidualSumScorer:
+    def build(
+        cls, layer_feats: Sequence[Any], options: ScoreOptions | None = None
+    ) -> ResidualSumScore:
         """The statistics of L+1 same-shape (R, D) arrays: the encoder input, then each layer's
         output (the stage-4 dump's order)."""
         if len(layer_feats) < 3:
@@ -117,25 +126,28 @@ class ResidualSumScorer:
         pairs[off] = self.scores(np.stack([i[off], j[off]], axis=1))
         return pairs
 
-    def save(self, path: Path) -> None:
-        """Write the statistics as one ``.npz`` archive (``np.savez`` on an open file)."""
+    def scorer(self, aggregation: str = "mean") -> ResidualSumScore:
+        return self  # scores whole proposals: no blocks to aggregate
+
+    def heatmap(self, path: Path, title: str) -> None:
+        plot_matrix(self.pair_matrix(), path, title, pairs=True)
+
+    def write(self, path: Path) -> None:
+        """The statistics as one ``.npz`` archive (``np.savez`` on an open file)."""
         with open(path, "wb") as f:
             np.savez(f, **{key: getattr(self, key) for key in _KEYS})
 
     @classmethod
-    def load(cls, path: Path) -> ResidualSumScorer:
-        """Read :meth:`save`'s archive; ValueError says what is missing or wrong."""
-        loaded = np.load(path, allow_pickle=False)
+    def read(cls, path: Path) -> ResidualSumScore:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            raise ValueError(f"{path}: not an archive written by numpy.savez") from None
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"one array, expected an .npz archive of {', '.join(_KEYS)}")
-        return cls.from_archive(loaded)
-
-    @classmethod
-    def from_archive(cls, archive: np.lib.npyio.NpzFile) -> ResidualSumScorer:
-        """The statistics in an open ``np.load`` archive of :meth:`save` (closed after)."""
-        with archive:
-            if set(archive.files) != set(_KEYS):
+            raise ValueError(f"{path}: one array, expected an .npz archive of {', '.join(_KEYS)}")
+        with loaded:
+            if set(loaded.files) != set(_KEYS):
                 raise ValueError(
-                    f"expected the arrays {', '.join(_KEYS)}, found {', '.join(archive.files)}"
+                    f"{path}: expected the arrays {', '.join(_KEYS)}, found {', '.join(loaded.files)}"
                 )
-            return cls(**{key: archive[key].astype(np.float64) for key in _KEYS})
+            return cls(**{key: loaded[key].astype(np.float64) for key in _KEYS})

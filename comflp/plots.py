@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from comflp.utils import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -40,7 +40,7 @@ def plot_training_curves(history: list[dict], path: Path, final_cer: float | Non
     ax_cer.legend()
     ax_cer.grid(alpha=0.3)
     fig.suptitle("Baseline training")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_matrix(matrix, path: Path, title: str, pairs: bool = False) -> None:
@@ -78,7 +78,7 @@ def plot_matrix(matrix, path: Path, title: str, pairs: bool = False) -> None:
                 )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _error_bars(ax, pruned, test_set: str, unit: str, base_error: float | None) -> None:
@@ -126,4 +126,4 @@ def plot_error_vs_prune(
         axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         fig.suptitle("Error against the number of pruned layers")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

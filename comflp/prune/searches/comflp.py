@@ -1,0 +1,205 @@
+"""CoMFLP (Liu, Peng, Lee 2023): coarse search on each score, then one fine search.
+
+For every P and every score of ``--scores`` (each built once by stage 5 from the one stage-4
+dump), the coarse search ranks proposals and keeps the top K (each ranking is kept in ``search.json``). The
+top Ks of all scores (and of all P) are merged, each distinct proposal evaluated once in one
+prefix-cached pass, and the lowest dev metric wins (ties: the proposal that comes first when the
+scores' rankings are interleaved rank by rank). The search's cost is the dump, every score,
+every coarse search and the fine pass, each counted once; the fine pass is shared out among the
+P values in proportion to the compute of their candidates.
+
+Stage 7 gets the pipeline's choice (``comflp``) and, per score, its coarse top-1
+(``comflp_<score>_coarse``) and the best of its own top K (``comflp_<score>_fine``, read from the
+same evaluations: the same dev metric a separate fine search of that score would give), each
+with the cost of what it used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from comflp.errors import InputError
+from comflp.expdir import DUMP_INFO, SCORE_SETTINGS
+from comflp.prune.method_list import Method
+from comflp.prune.metric_search import SearchResult, best_row, fine_search
+from comflp.prune.scores.base import SCORES, ProposalScore, read_score_file
+from comflp.prune.search import Proposal, coarse_search
+from comflp.prune.searches.base import SEARCHES, ModelRef, Search, SearchContext
+
+
+def load_scores(ctx: SearchContext) -> dict[str, tuple[ProposalScore, float]]:
+    """Each score and the seconds stage 5 took to build it (``--matrix``: that file alone),
+    checked against the stack's depth."""
+    s = ctx.settings
+    if s.matrix is not None:
+        loaded = {s.matrix.stem: (_read(read_score_file, s.matrix), 0.0)}
+    else:
+        loaded = {}
+        for name in s.scores:
+            directory = ctx.exp.score(name)
+            path = directory / SCORES[name].file_name
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path}: not found (run stage 5 with {name} among --scores)"
+                )
+            seconds = json.loads((directory / SCORE_SETTINGS).read_text())["seconds"]
+            loaded[name] = (_read(SCORES[name].read, path), seconds)
+    depth = ctx.stack.num_layers
+    for name, (score, _) in loaded.items():
+        if score.num_layers != depth:
+            raise InputError(
+                f"{name}: scores of a {score.num_layers}-layer stack, but the model's "
+                f"{ctx.stack.name} has {depth} layers (a matrix: expected {depth + 1} x {depth + 1})"
+            )
+    return loaded
+
+
+def _read(reader, path: Path) -> ProposalScore:
+    try:
+        return reader(path)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def merge(rankings: dict[str, list[Proposal]]) -> list[tuple[int, ...]]:
+    """The distinct proposals of several rankings, interleaved rank by rank."""
+    depth = max(len(r) for r in rankings.values())
+    ordered = [r[i].layers for i in range(depth) for r in rankings.values() if i < len(r)]
+    return list(dict.fromkeys(ordered))
+
+
+def _annotate(row: dict, layers: tuple[int, ...], rankings: dict[str, list[Proposal]]) -> dict:
+    ranks = {
+        name: {"rank": i + 1, "score": p.score}
+        for name, ranking in rankings.items()
+        for i, p in enumerate(ranking)
+        if p.layers == layers
+    }
+    return {**row, "proposed_by": ranks}
+
+
+@SEARCHES.register("comflp")
+class CoMFLP(Search):
+    name = "comflp"
+
+    def coarse(
+        self, ctx: SearchContext, scores: dict[str, tuple[ProposalScore, float]], p: int
+    ) -> tuple[dict[str, list[Proposal]], dict[str, float]]:
+        """Every score's top K for P, and the seconds of each coarse search."""
+        s = ctx.settings
+        rankings, seconds = {}, {}
+        for name, (score, _) in scores.items():
+            start = time.perf_counter()
+            rankings[name] = coarse_search(
+                score.scorer(s.coarse_aggregation),
+                p,
+                s.search_mode,
+                s.beam_size,
+                s.top_k,
+                s.max_exhaustive,
+            )
+            seconds[name] = time.perf_counter() - start
+        return rankings, seconds
+
+    def run(self, ctx: SearchContext, prunes: list[int]) -> dict[int, SearchResult]:
+        s = ctx.settings
+        scores = load_scores(ctx)
+        dump_seconds = json.loads((ctx.exp.dump / DUMP_INFO).read_text()).get("seconds", 0.0)
+        coarse = {p: self.coarse(ctx, scores, p) for p in prunes}
+        merged = {p: merge(coarse[p][0]) for p in prunes}
+        rows, wall = fine_search(
+            ctx.stack,
+            ctx.batches,
+            [c for p in prunes for c in merged[p]],
+            s.fine_metric,
+            s.prefix_cache,
+        )
+        by_layers = {tuple(r["layers"]): r for r in rows}
+        compute = sum(r["seconds"] for r in rows) or 1.0
+        results = {}
+        for p in prunes:
+            rankings, coarse_seconds = coarse[p]
+            p_rows = [_annotate(by_layers[c], c, rankings) for c in merged[p]]
+            fine_seconds = wall * sum(r["seconds"] for r in p_rows) / compute
+            parts = {
+                "dump_seconds": dump_seconds,
+                "score_seconds": {n: t for n, (_, t) in scores.items()},
+                "coarse_seconds": coarse_seconds,
+                "fine_seconds": fine_seconds,
+            }
+            total = dump_seconds + sum(t for _, t in scores.values())
+            total += sum(coarse_seconds.values()) + fine_seconds
+            results[p] = SearchResult(
+                self.name,
+                p,
+                s.fine_metric,
+                p_rows,
+                best_row(p_rows),
+                total,
+                {**parts, **_settings(ctx, scores), "rankings": _rankings(rankings)},
+            )
+        return results
+
+    def methods(self, search: dict, model: ModelRef) -> list[Method]:
+        p, metric = search["num_prune"], search["metric"]
+        rows = [
+            model.method(
+                self.name,
+                p,
+                search["best_layers"],
+                search_seconds=search["seconds"],
+                evaluations=search["evaluations"],
+                note=f"best of {search['evaluations']} proposals of "
+                f"{', '.join(search['scores'])} by dev {metric}",
+            )
+        ]
+        for name in search["scores"]:
+            rows += _score_methods(search, name, model)
+        return rows
+
+
+def _settings(ctx: SearchContext, scores: dict) -> dict:
+    s = ctx.settings
+    return {
+        "scores": list(scores),
+        "mode": s.search_mode,
+        "aggregation": s.coarse_aggregation,
+        "beam_size": s.beam_size,
+        "top_k": s.top_k,
+    }
+
+
+def _rankings(rankings: dict[str, list[Proposal]]) -> dict[str, list[dict]]:
+    return {name: [p.to_dict() for p in ranking] for name, ranking in rankings.items()}
+
+
+def _score_methods(search: dict, name: str, model: ModelRef) -> list[Method]:
+    """One score's coarse top-1 and the best of its own top K, from the merged evaluation."""
+    p = search["num_prune"]
+    ranking = search["rankings"][name]
+    own = [r for r in search["candidates"] if name in r["proposed_by"]]
+    best = min(own, key=lambda r: (r["metric"], r["proposed_by"][name]["rank"]))
+    share = sum(r["seconds"] for r in own) / max(
+        sum(r["seconds"] for r in search["candidates"]), 1e-12
+    )
+    base = search["dump_seconds"] + search["score_seconds"][name] + search["coarse_seconds"][name]
+    return [
+        model.method(
+            f"comflp_{name}_coarse",
+            p,
+            ranking[0]["layers"],
+            search_seconds=base,
+            evaluations=0,
+            note="top coarse proposal",
+        ),
+        model.method(
+            f"comflp_{name}_fine",
+            p,
+            best["layers"],
+            search_seconds=base + share * search["fine_seconds"],
+            evaluations=len(own),
+            note=f"best of its {len(own)} by dev {search['metric']}",
+        ),
+    ]

@@ -1,0 +1,106 @@
+"""The search-quality study's report: its Markdown (one table per P, the smallest calibration
+sizes that match the reference) and its scatter plots (score against dev CER per variant)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from comflp.plots import plt, save_figure
+from comflp.prune.quality import TOP_KS, format_table, ranking, smallest_matching_size
+
+
+def plot_scatter(result: dict, path: Path) -> None:
+    """Score against dev CER, one panel per variant; the coarse top 10 in red."""
+    cer = np.array([p["cer"] for p in result["proposals"]])
+    variants = result["variants"]
+    ncols = min(8, len(variants))
+    nrows = math.ceil(len(variants) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.6 * ncols, 2.5 * nrows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(variants) :]:
+        ax.axis("off")
+    for ax, v in zip(axes.flat, variants):
+        scores = np.array(v["scores"])
+        top = ranking(scores)[: max(TOP_KS)]
+        ax.scatter(scores, cer, s=4, alpha=0.4, color="C0")
+        ax.scatter(scores[top], cer[top], s=8, color="C3")
+        ax.set_title(f"{v['name']}\nrho {v['spearman']:.2f}", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.locator_params(axis="x", nbins=3)
+        ax.grid(alpha=0.3)
+    fig.supxlabel("coarse score (higher: prune first)")
+    fig.supylabel("dev CER of the pruned model (%)")
+    fig.suptitle(f"Coarse score vs dev CER, P = {result['num_prune']} (red: coarse top 10)")
+    save_figure(fig, path)
+
+
+def size_lines(result: dict, reference: int) -> list[str]:
+    """The smallest N whose best-of-top-10 CER equals N=reference's, per measure family."""
+    families: dict[tuple[str, str], list[dict]] = {}
+    for v in result["variants"]:
+        if v["aggregation"] == "mean":
+            label = v["name"].split("/")[0]
+            families.setdefault((label, v["pooling"]), []).append(v)
+    glp = result.get("glp")
+    lines = [f"Smallest N whose best-of-top-10 CER equals N={reference}'s:", ""]
+    for (label, pooling), rows in families.items():
+        n = smallest_matching_size(rows, reference)
+        if n is None:
+            continue
+        by_n = {r["num_utts"]: r for r in rows}
+        small, ref = by_n[n]["total_seconds"], by_n[reference]["total_seconds"]
+        line = (
+            f"- {label}/{pooling}: N={n} (CER {by_n[n]['regret']['10']['cer']:.2f}); "
+            f"CoMFLP search {small:.1f} s against {ref:.1f} s at N={reference}"
+        )
+        if glp:
+            line += f"; GLP {glp['seconds']:.1f} s ({glp['seconds'] / small:.1f}x CoMFLP's)"
+        lines.append(line)
+    return lines
+
+
+def report(summary: dict) -> str:
+    calib = summary["calibration"]
+    lines = [
+        "# Search quality: coarse score against dev CER",
+        "",
+        f"Model: {summary['model_dir']} ({summary['num_layers']} layers). Dev: "
+        f"{summary['dev_num_utts']} utterances of {summary['dev_cuts']}. Calibration: "
+        f"{calib['num_utts']} utterances of {calib['cuts']} (asked for {calib['requested']}), "
+        f"sizes N = {', '.join(map(str, calib['sizes']))}.",
+    ]
+    if calib["capped"]:
+        lines.append(
+            f"Sizes above the {calib['num_utts']} available calibration utterances were capped "
+            f"to {calib['num_utts']} (asked for {', '.join(map(str, calib['asked_sizes']))})."
+        )
+    lines += [
+        "",
+        "All variants come from one frame-pooled dump (at most "
+        f"{summary['frames_per_utt']} frames per utterance): N takes the first N utterances "
+        "of a seeded permutation; mean pooling averages the dumped frames; frame pooling "
+        f"keeps at most {summary['frame_rows']} rows. Spearman/Kendall: between score and "
+        "CER over the uniform proposals (negative is good). Top-1 pct: % of proposals with a "
+        "strictly higher CER than the coarse top-1. Regret@K: best CER of the top K minus "
+        "the oracle's (absolute CER points; rel@10 relative). CoMFLP CER: the fine search of "
+        "the beam search's top 10. Search s: dump share + matrix + beam + fine search.",
+    ]
+    for result in summary["results"]:
+        p = result["num_prune"]
+        kind = "all" if result["exhaustive"] else f"{result['num_uniform']} uniform + top-K"
+        lines += [
+            "",
+            f"## P = {p}",
+            "",
+            f"{result['num_proposals']} proposals ({kind}); oracle CER "
+            f"{result['oracle_cer']:.2f} (pruning {result['oracle_layers']}).",
+        ]
+        if result.get("glp"):
+            glp = result["glp"]
+            lines.append(f"GLP (stage 6): CER {glp['cer']:.2f} in {glp['seconds']:.1f} s.")
+        lines += ["", format_table(result), "", *size_lines(result, summary["reference"])]
+    return "\n".join(lines) + "\n"

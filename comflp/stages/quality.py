@@ -1,0 +1,200 @@
+"""The search-quality study: how well each scoring variant ranks pruning proposals by the dev
+CER of their pruned models (method: :mod:`comflp.prune.quality`; report:
+:mod:`comflp.report.quality`).
+
+One forward pass dumps ``--calib_num_utts`` calibration utterances (frames pooling, at most
+``--frames_per_utt`` frames each) into OUTPUT/dump; every variant (score, dc batch size,
+pooling, calibration size N, block aggregation) is derived from it. The dev CER of every
+proposal is cached in OUTPUT/cers_prune<P>.json, so a rerun evaluates nothing. Writes
+OUTPUT/quality.json, OUTPUT/SEARCH_QUALITY.md and one scatter plot per P.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from comflp.adapters.base import ModelSettings, PrunableModel
+from comflp.asr.data import eval_loader, load_cuts, load_eval_batches, random_subset
+from comflp.errors import InputError
+from comflp.expdir import DUMP_INFO, ExpDir
+from comflp.prune.dump import POOLINGS, dump_layers
+from comflp.prune.quality import (
+    CALIB_SIZES,
+    REFERENCE_NUM_UTTS,
+    CerCache,
+    StudyFeatures,
+    study_num_prune,
+    study_variants,
+    variant_scores,
+)
+from comflp.prune.scores.base import SCORES
+from comflp.prune.stacks import LayerStack, stack_of
+from comflp.report.quality import plot_scatter, report
+from comflp.settings import REQUIRED, option
+from comflp.subsets import parse_num_prune
+from comflp.utils import atomic_write_json, atomic_write_text
+
+QUALITY_JSON = "quality.json"
+REPORT_MD = "SEARCH_QUALITY.md"
+DUMP_DIR = "dump"
+
+
+@dataclass(kw_only=True)
+class QualitySettings(ModelSettings):
+    """The study: the model, the P values, the scoring variants, the calibration and dev sets."""
+
+    num_prune: list[str] = option(["2", "4", "6", "8"], "P values studied")
+    output_dir: Path = option(REQUIRED, "the study's directory")
+    scores: list[str] = option(
+        ["dc", "svcca", "pwcca", "cka", "cosine", "angular", "change", "residual_sum"],
+        "scores studied",
+        choices=lambda: SCORES.names(),
+    )
+    poolings: list[str] = option(list(POOLINGS), "poolings studied", choices=POOLINGS)
+    calib_cuts: Path = option(
+        Path("data/fbank/cuts_train-clean-100.jsonl.gz"), "cuts the calibration set is drawn from"
+    )
+    calib_num_utts: int = option(max(CALIB_SIZES), "calibration utterances dumped")
+    calib_sizes: list[int] = option(
+        list(CALIB_SIZES), "calibration sizes N compared (capped at the dumped utterances)"
+    )
+    calib_seed: int = option(0, "seed of the calibration subset (another one: another subset)")
+    reference_num_utts: int = option(REFERENCE_NUM_UTTS, "the N the other sizes are compared with")
+    dev_cuts: Path = option(Path("data/fbank/cuts_dev-clean.jsonl.gz"), "cuts of the dev set")
+    dev_num_utts: int = option(320, "dev utterances the CERs are measured on")
+    frames_per_utt: int = option(50, "frames dumped per utterance (0: all)")
+    frame_rows: int = option(8192, "frame pooling: rows kept at most")
+    max_proposals: int = option(
+        1000, "evaluate all C(L, P) proposals up to this many, else a sample"
+    )
+    sample_size: int = option(300, "uniform proposals of a sample")
+    seed: int = option(0, "seed of the dev subset, the proposal sample and the frame rows")
+    max_duration: float = option(100.0, "seconds of audio per batch")
+
+
+def calibration_dump(s: QualitySettings, model: PrunableModel, stack: LayerStack) -> Path:
+    """The study's frame-pooled dump of the calibration subset (reused when it matches)."""
+    dump_dir = s.output_dir / DUMP_DIR
+    study = {
+        "cuts": str(s.calib_cuts),
+        "requested_utts": s.calib_num_utts,
+        "frames_per_utt": s.frames_per_utt,
+        "seed": s.calib_seed,
+        "model_dir": str(model.source),
+        "stack": stack.name,
+    }
+    info_path = dump_dir / DUMP_INFO
+    if info_path.is_file() and json.loads(info_path.read_text()).get("study") == study:
+        logging.info(f"{dump_dir}: reusing the study's dump")
+        return dump_dir
+    cuts = random_subset(load_cuts(s.calib_cuts), s.calib_num_utts, s.calib_seed)
+    dump_layers(
+        stack,
+        eval_loader(cuts, model.dataset(), s.max_duration),
+        dump_dir,
+        pooling="frames",
+        frames_per_utt=s.frames_per_utt,
+        seed=s.calib_seed,
+        extra_info={"study": study},
+    )
+    return dump_dir
+
+
+def glp_reference(exp_dir: Path, stack: str, num_prune: int) -> dict | None:
+    """Stage 6's GLP search of the experiment, when there is one: its seconds and CER."""
+    path = ExpDir(exp_dir).stack(stack).search_result("glp", num_prune)
+    if not path.is_file():
+        return None
+    glp = json.loads(path.read_text())
+    if "skipped" in glp:
+        return None
+    return {"seconds": glp["seconds"], "cer": glp["best_metric"], "layers": glp["best_layers"]}
+
+
+def _sizes(s: QualitySettings, available: int) -> tuple[list[int], int]:
+    sizes = sorted({min(n, available) for n in s.calib_sizes})
+    reference = min(s.reference_num_utts, available)
+    if reference not in sizes:
+        raise InputError(
+            f"--reference_num_utts {s.reference_num_utts}: not among --calib_sizes {sizes}"
+        )
+    if max(s.calib_sizes) > available:
+        logging.warning(f"only {available} calibration utterances: sizes capped to {sizes}")
+    return sizes, reference
+
+
+def study(s: QualitySettings) -> None:
+    model = s.load_model()
+    stack = stack_of(model, s.stack)
+    nums = parse_num_prune(s.num_prune, stack.num_layers, f"the {stack.num_layers}-layer {s.stack}")
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    features = StudyFeatures(calibration_dump(s, model, stack), s.frame_rows, s.calib_seed)
+    sizes, reference = _sizes(s, features.num_utts)
+    variants = study_variants(s.scores, s.poolings, sizes, features.rows, reference)
+    logging.info(f"{len(variants)} scoring variants")
+    try:
+        built = variant_scores(features, variants)
+    except ValueError as e:
+        raise InputError(f"scores of {s.output_dir / DUMP_DIR}: {e}") from None
+    batches = load_eval_batches(model, s.dev_cuts, s.max_duration, s.dev_num_utts, s.seed)
+    settings = {
+        "model_dir": str(model.source),
+        "stack": stack.name,
+        "dev_cuts": str(s.dev_cuts),
+        "dev_num_utts": s.dev_num_utts,
+        "seed": s.seed,
+        "max_duration": s.max_duration,
+    }
+    results = []
+    for p in nums:
+        try:
+            cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        result = study_num_prune(
+            stack,
+            batches,
+            variants,
+            built,
+            p,
+            cache,
+            features.info["seconds"] / features.num_utts,
+            s.max_proposals,
+            s.sample_size,
+            s.seed,
+        )
+        result["glp"] = glp_reference(s.exp_dir, s.stack, p)
+        plot_scatter(result, s.output_dir / f"scatter_prune{p}.png")
+        results.append(result)
+        best = min(result["variants"], key=lambda v: v["spearman"])
+        logging.info(
+            f"P={p}: {result['num_proposals']} proposals, oracle CER {result['oracle_cer']:.2f}; "
+            f"best Spearman {best['spearman']:.3f} ({best['name']})"
+        )
+    write_summary(s, settings, stack.num_layers, features, sizes, reference, results)
+
+
+def write_summary(s, settings, num_layers, features, sizes, reference, results) -> None:
+    summary = {
+        **settings,
+        "num_layers": num_layers,
+        "frames_per_utt": s.frames_per_utt,
+        "frame_rows": s.frame_rows,
+        "reference": reference,
+        "calibration": {
+            "cuts": str(s.calib_cuts),
+            "seed": s.calib_seed,
+            "requested": s.calib_num_utts,
+            "num_utts": features.num_utts,
+            "asked_sizes": list(s.calib_sizes),
+            "sizes": sizes,
+            "capped": max(s.calib_sizes) > features.num_utts,
+        },
+        "results": results,
+    }
+    atomic_write_json(s.output_dir / QUALITY_JSON, summary)
+    atomic_write_text(s.output_dir / REPORT_MD, report(summary))
+    logging.info(f"wrote {s.output_dir / QUALITY_JSON} and {s.output_dir / REPORT_MD}")

@@ -1,0 +1,73 @@
+"""Stage 5: build every score of ``--scores`` once from the dump, into scores/<name>/: the
+score's file, a heatmap and settings.json (with the seconds it took, which the searches count)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from comflp.errors import InputError
+from comflp.expdir import HEATMAP, SCORE_SETTINGS, ExpDir
+from comflp.prune.dump import load_layer_feats, read_dump_info
+from comflp.prune.scores.base import SCORES, ScoreChoice, ScoreOptions
+from comflp.settings import REQUIRED, option
+from comflp.utils import atomic_path, atomic_write_json
+
+
+@dataclass(kw_only=True)
+class ScoreSettings(ScoreChoice, ScoreOptions):
+    """Stage 5: which scores, with which options, from which dump."""
+
+    exp_dir: Path = option(REQUIRED, "the experiment whose dump the scores are built from")
+    stack: str = option("encoder", "the stack dumped", choices=("encoder", "decoder"))
+
+
+def build_scores(s: ScoreSettings) -> None:
+    exp = ExpDir(s.exp_dir).stack(s.stack)
+    info = read_dump_info(exp.dump)
+    for name in s.scores:
+        if SCORES[name].needs_frames and info["pooling"] != "frames":
+            raise InputError(
+                f"--scores {name}: {exp.dump} is {info['pooling']}-pooled; the score needs frames "
+                "(stage 4 with --pooling frames): on utterance means it ranks proposals poorly "
+                "(docs/SEARCH_QUALITY.md)"
+            )
+    feats = load_layer_feats(exp.dump)
+    for name in s.scores:
+        build_score(exp, name, feats, info, s)
+
+
+def build_score(exp: ExpDir, name: str, feats: list, info: dict, options: ScoreOptions) -> None:
+    """One score into scores/<name>/, timed."""
+    cls = SCORES[name]
+    start = time.perf_counter()
+    try:
+        score = cls.build(feats, options)
+    except ValueError as e:
+        raise InputError(f"--scores {name} on {exp.dump}: {e}") from None
+    seconds = time.perf_counter() - start
+    out_dir = exp.score(name)
+    with atomic_path(out_dir / cls.file_name) as tmp:
+        score.write(tmp)
+    used = cls.options(options)
+    score.heatmap(
+        out_dir / HEATMAP,
+        f"{name}{f' {used}' if used else ''}\n({info['pooling']} pooling, {info['num_utts']} utterances)",
+    )
+    atomic_write_json(
+        out_dir / SCORE_SETTINGS,
+        {
+            "score": name,
+            "options": used,
+            "dump_dir": str(exp.dump),
+            **{
+                k: info[k]
+                for k in ("stack", "pooling", "num_utts", "num_rows", "num_layers")
+                if k in info
+            },
+            "seconds": seconds,
+        },
+    )
+    logging.info(f"{out_dir}: {name} over {info['num_rows']} rows in {seconds:.2f} s")

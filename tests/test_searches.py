@@ -1,0 +1,154 @@
+"""Stage 6's searches on a stack whose pruned models have known CERs: each picks the lowest
+metric (ties: the first evaluated), CoMFLP merges the scores' top Ks and counts every cost once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from comflp.expdir import DUMP_INFO, SCORE_SETTINGS, ExpDir
+from comflp.prune.evaluator import SubsetResult
+from comflp.prune.metric_search import exhaustive_metric_search, greedy_layer_pruning
+from comflp.prune.scores.matrix import MatrixScore
+from comflp.prune.search import Proposal, coarse_search
+from comflp.prune.searches import SEARCHES, ModelRef, SearchContext, SearchSettings
+from comflp.prune.searches.comflp import merge
+
+
+class KnownStack:
+    """A 6-layer stack whose pruned model's CER is a given function of the pruned layers; it
+    records every subset it is asked to evaluate."""
+
+    name = "encoder"
+    num_layers = 6
+
+    def __init__(self, cer):
+        self.cer = cer
+        self.evaluated: list[tuple[int, ...]] = []
+        self.model = None
+
+    def evaluate(self, batches, subsets, prefix_cache=True, progress=None):
+        self.evaluated += list(subsets)
+        out = []
+        for kept in subsets:
+            pruned = tuple(k for k in range(1, 7) if k not in kept)
+            out.append(SubsetResult(tuple(kept), self.cer(pruned), 0.0, 1.0, 0.01, 4))
+        return out
+
+
+def additive_cer(pruned: tuple[int, ...]) -> float:
+    """Each pruned layer costs its own amount: the oracle for P is the P cheapest layers."""
+    cost = {1: 9.0, 2: 1.0, 3: 4.0, 4: 2.0, 5: 7.0, 6: 3.0}
+    return 10.0 + sum(cost[k] for k in pruned)
+
+
+def interacting_cer(pruned: tuple[int, ...]) -> float:
+    """Pruning 1 and 6 together is the best pair, but layer 3 is the best one to prune first,
+    so greedy steps never meet the pair: the oracle finds it."""
+    if set(pruned) == {1, 6}:
+        return 5.0
+    return 20.0 + sum(abs(k - 3) for k in pruned) / 10
+
+
+def test_glp_removes_the_cheapest_layer_at_each_step():
+    stack = KnownStack(additive_cer)
+    results = greedy_layer_pruning(stack, [], [1, 2, 3])
+    assert results[1].best_layers == (2,)
+    assert results[2].best_layers == (2, 4)
+    assert results[3].best_layers == (2, 4, 6)
+    assert results[3].best_metric == pytest.approx(16.0)
+    assert [len(r.candidates) for r in results.values()] == [6, 6 + 5, 6 + 5 + 4]
+    assert [step["removed"] for step in results[3].extra["path"]] == [2, 4, 6]
+    assert len(stack.evaluated) == 15  # the path to P = 3 serves P = 1 and 2
+
+
+def test_oracle_finds_what_greedy_misses_and_keeps_the_first_on_a_tie():
+    stack = KnownStack(interacting_cer)
+    greedy = greedy_layer_pruning(stack, [], [2])[2]
+    assert 3 in greedy.best_layers and (1, 6) not in [tuple(r["layers"]) for r in greedy.candidates]
+    oracle = exhaustive_metric_search(stack, [], 2)
+    assert oracle.best_layers == (1, 6) and oracle.best_metric == 5.0
+    assert len(oracle.candidates) == 15
+    tie = exhaustive_metric_search(KnownStack(lambda pruned: 7.0), [], 2)
+    assert tie.best_layers == (1, 2)  # all equal: the first of C(6, 2) in lexicographic order
+    with pytest.raises(ValueError, match=r"C\(6, 3\) = 20 evaluations, more than max"):
+        exhaustive_metric_search(stack, [], 3, max_evaluations=19)
+
+
+def test_merge_interleaves_the_rankings_and_drops_repeats():
+    a = [Proposal((1, 2), 0.9), Proposal((3, 4), 0.8), Proposal((5, 6), 0.7)]
+    b = [Proposal((3, 4), 0.5), Proposal((1, 6), 0.4)]
+    assert merge({"a": a, "b": b}) == [(1, 2), (3, 4), (1, 6), (5, 6)]
+
+
+def _experiment(tmp_path: Path, matrices: dict[str, np.ndarray]) -> ExpDir:
+    """An experiment with a dump record and stage-5 scores written as stage 5 writes them."""
+    exp = ExpDir(tmp_path / "exp")
+    exp.dump.mkdir(parents=True)
+    (exp.dump / DUMP_INFO).write_text(json.dumps({"seconds": 4.0}))
+    for i, (name, m) in enumerate(matrices.items()):
+        exp.score(name).mkdir(parents=True)
+        MatrixScore(m).write(exp.score(name) / "matrix.npy")
+        (exp.score(name) / SCORE_SETTINGS).write_text(json.dumps({"seconds": 1.0 + i}))
+    return exp
+
+
+def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
+    rng = np.random.default_rng(3)
+    matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
+    exp = _experiment(tmp_path, matrices)
+    stack = KnownStack(additive_cer)
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4)
+    search = SEARCHES["comflp"]()
+    (result,) = search.run(SearchContext(settings, stack, [], exp), [2]).values()
+    tops = {n: [p.layers for p in _coarse(m, 2, 4)] for n, m in matrices.items()}
+    interleaved = [layers for i in range(4) for layers in (tops["dc"][i], tops["cka"][i])]
+    distinct = list(dict.fromkeys(interleaved))
+    assert [tuple(r["layers"]) for r in result.candidates] == distinct
+    kept = [tuple(k for k in range(1, 7) if k not in d) for d in distinct]
+    assert stack.evaluated == kept  # each distinct proposal once, in one pass
+    cers = [additive_cer(d) for d in distinct]
+    assert result.best_layers == distinct[int(np.argmin(cers))]
+    extra = result.extra
+    parts = extra["dump_seconds"] + sum(extra["score_seconds"].values())
+    parts += sum(extra["coarse_seconds"].values()) + extra["fine_seconds"]
+    assert extra["dump_seconds"] == 4.0 and extra["score_seconds"] == {"dc": 1.0, "cka": 2.0}
+    assert result.seconds == pytest.approx(parts, rel=1e-12)
+    # stage 7's rows: the pipeline, and per score its top-1 and the best of its own top K
+    saved = {**result.to_dict(), "stack": "encoder"}
+    rows = {m.name: m for m in search.methods(saved, ModelRef("native", "exp"))}
+    assert rows["comflp"].pruned == list(result.best_layers)
+    assert rows["comflp"].evaluations == len(distinct)
+    for name in ("dc", "cka"):
+        assert rows[f"comflp_{name}_coarse"].pruned == list(tops[name][0])
+        own = min(tops[name], key=additive_cer)
+        assert rows[f"comflp_{name}_fine"].pruned == list(own)
+        assert rows[f"comflp_{name}_fine"].evaluations == 4
+        base = 4.0 + extra["score_seconds"][name] + extra["coarse_seconds"][name]
+        assert rows[f"comflp_{name}_coarse"].search_seconds == pytest.approx(base)
+        assert base < rows[f"comflp_{name}_fine"].search_seconds < rows["comflp"].search_seconds
+
+
+def _coarse(matrix, p, k):
+    return coarse_search(matrix, p, top_k=k)
+
+
+def test_comflp_refuses_scores_of_another_depth(tmp_path):
+    exp = _experiment(tmp_path, {"dc": np.eye(5)})
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc"])
+    with pytest.raises(
+        ValueError, match="dc: scores of a 4-layer stack, but the model's encoder has 6"
+    ):
+        SEARCHES["comflp"]().run(SearchContext(settings, KnownStack(additive_cer), [], exp), [2])
+
+
+def test_every_search_is_registered_with_a_module_of_its_own():
+    assert SEARCHES.names() == ("comflp", "glp", "oracle")
+    assert {SEARCHES[n].__module__ for n in SEARCHES} == {
+        "comflp.prune.searches.comflp",
+        "comflp.prune.searches.glp",
+        "comflp.prune.searches.oracle",
+    }
