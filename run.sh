@@ -121,6 +121,20 @@ else
   train_python=(python)
 fi
 
+# ---- model type espnet (begin): stages 4-8 run with .venv-espnet's python ----
+# ESPnet2 needs torch/torchaudio 2.11 in an environment of its own (utils/setup.sh --espnet),
+# set up here on first use; every other model type runs with .venv's python.
+stage_python=python
+if [ "$model_type" = espnet ] && [ "$stage" -le 8 ] && [ "$stop_stage" -ge 4 ]; then
+  setup_log=$(mktemp)
+  "$comflp_root/utils/setup.sh" --quiet --espnet >"$setup_log" 2>&1 \
+    || die "--model_type espnet: could not set up ESPnet's environment .venv-espnet (output in $setup_log); run: $comflp_root/utils/setup.sh --espnet"
+  rm -f "$setup_log"
+  stage_python=${COMFLP_ESPNET_VENV:-$comflp_root/.venv-espnet}/bin/python
+  train_python=("$stage_python")  # stage 8 fine-tunes through the adapter, in one process
+fi
+# ---- model type espnet (end) ----
+
 if run_stage 0; then
   log "Stage 0: data preparation ($corpus corpus in $corpus_dir)"
   if [ "$corpus" = builtin ]; then
@@ -170,18 +184,18 @@ model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "${model
 if run_stage 4; then
   log "Stage 4: dump layer outputs of $calib_num_utts utterances of $calib_set into $exp_dir/dump ($nj parts)"
   $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers.JOB.log" \
-    python "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
+    "$stage_python" "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
       --num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
       --part JOB --num_parts "$nj"
   $train_cmd "$exp_dir/log/merge_dump.log" \
-    python "$bin/merge_dump.py" --exp_dir "$exp_dir" --num_parts "$nj"
+    "$stage_python" "$bin/merge_dump.py" --exp_dir "$exp_dir" --num_parts "$nj"
 fi
 
 if run_stage 5; then
   for measure in $measures; do
     log "Stage 5: $measure scores (correlation matrix or residual-sum statistics) into $exp_dir/correlation/$measure"
     $train_cmd "$exp_dir/log/correlation_${measure}.log" \
-      python "$bin/correlation.py" --exp_dir "$exp_dir" --measure "$measure" \
+      "$stage_python" "$bin/correlation.py" --exp_dir "$exp_dir" --measure "$measure" \
         --batch_size "$dc_batch_size" --threshold "$svcca_threshold"
   done
 fi
@@ -190,7 +204,7 @@ search() {  # search METHOD P [options]: one stage-6 search into search/<method>
   local name=$1 p=$2
   shift 2
   $train_cmd "$exp_dir/log/search_${name}_prune$p.log" \
-    python "$bin/search.py" "${model_args[@]}" --num_prune "$p" "$@" \
+    "$stage_python" "$bin/search.py" "${model_args[@]}" --num_prune "$p" "$@" \
       --dev_cuts "data/fbank/cuts_${dev_set}.jsonl.gz" --num_utts "$fine_num_utts" \
       --metric "$fine_metric" --prefix_cache "$prefix_cache"
 }
@@ -222,19 +236,19 @@ decode_and_score() {  # decode_and_score STAGE METHOD_LIST: decode every eval se
   for set in $eval_sets; do
     log "Stage $1: decoding $set with $decoding_method ($decode_nj parts)"
     $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$2.JOB.log" \
-      python "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
+      "$stage_python" "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
         --cuts "data/fbank/cuts_${set}.jsonl.gz" --part JOB --num_parts "$decode_nj" \
         --decoding_method "$decoding_method" --beam_size "$decode_beam_size" --device "$device"
   done
   $train_cmd "$compare_dir/log/results.log" \
-    python "$bin/results.py" --exp_dir "$exp_dir" --sets "$eval_sets" --metrics "$score_metrics" \
+    "$stage_python" "$bin/results.py" --exp_dir "$exp_dir" --sets "$eval_sets" --metrics "$score_metrics" \
       --command "$run_command"
 }
 
 if run_stage 7; then
   log "Stage 7: layers chosen by each method for P in {$num_prune}, decoding, scoring"
   $train_cmd "$compare_dir/log/list_methods.log" \
-    python "$bin/list_methods.py" --exp_dir "$exp_dir" --model_type "$model_type" \
+    "$stage_python" "$bin/list_methods.py" --exp_dir "$exp_dir" --model_type "$model_type" \
       --model_dir "${model_dir:-$exp_dir}" --num_prune "$num_prune" --search_methods "$search_methods" \
       --measures "$measures" --random_seeds "$random_seeds"
   decode_and_score 7 compare
@@ -243,7 +257,7 @@ fi
 
 if run_stage 8; then
   if [ "$finetune_measure" = best ]; then
-    finetune_measure=$(python "$bin/best_measure.py" --exp_dir "$exp_dir" --measures "$measures" \
+    finetune_measure=$("$stage_python" "$bin/best_measure.py" --exp_dir "$exp_dir" --measures "$measures" \
       --num_prune "$num_prune" --log_file "$exp_dir/log/best_measure.log") || die "stage 8: no fine search to choose from"
   fi
   ft_dirs=()
@@ -259,7 +273,7 @@ if run_stage 8; then
     ft_dirs+=("$ft")
   done
   $train_cmd "$compare_dir/log/finetuned_methods.log" \
-    python "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
+    "$stage_python" "$bin/finetuned_methods.py" --exp_dir "$exp_dir" --measure "$finetune_measure" \
       --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}" --finetuned_dirs "${ft_dirs[@]}"
   decode_and_score 8 finetune
   log "Stage 8 done: fine-tuned rows added to $exp_dir/RESULTS.md"
