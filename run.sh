@@ -61,7 +61,7 @@ search_methods="comflp glp oracle"  # stage 6: CoMFLP (per measure), GLP (greedy
 oracle_max_evaluations=1000  # oracle: only when C(L, P) is at most this
 # ---- comparison and decoding (stage 7) ----
 random_seeds=5          # random layer selections per P
-decoding_method=ctc_greedy_search  # ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring
+decoding_method=ctc_greedy_search  # ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring (native) | espnet_beam_search (espnet)
 decode_beam_size=10
 decode_nj=2             # decoding jobs per set (a job array)
 score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Stage 3: train the baseline (Transformer CTC, intermediate CTC, stochastic depth) into an experiment directory.
 
-Also stage 8 with --init_model: fine-tune a pruned model; with --model_type hf a Hugging Face
-model, through its adapter (comflp/train/trainer.py: AdapterTrainer), written back in its own
-format. Run under torchrun for several processes (comflp models only).
+Also stage 8 with --init_model: fine-tune a pruned model; with --model_type hf or espnet a
+Hugging Face or ESPnet2 model, through its adapter (comflp/train/trainer.py: AdapterTrainer),
+written back in its own format. Run under torchrun for several processes (comflp models only).
 """
 
 import argparse

@@ -308,6 +308,11 @@ class EspnetModel(PrunableModel):
     def module(self) -> torch.nn.Module:
         return self.asr
 
+    def to(self, device: str | torch.device) -> EspnetModel:
+        self._speech2text.clear()  # built on the old device
+        super().to(device)
+        return self
+
     @property
     def num_layers(self) -> int:
         return len(self.asr.encoder.encoders)
