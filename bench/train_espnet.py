@@ -14,9 +14,11 @@ Steps, as ESPnet's egs2 ``asr.sh`` does them (each skipped when its output exist
    characters by frequency, ``<sos/eos>``);
 3. ``espnet2.bin.asr_train --collect_stats true``: feature statistics (global MVN) and shapes;
 4. ``espnet2.bin.asr_train`` with ``--config`` (conf/espnet/train_transformer12.yaml), stopped
-   at --minutes of wall time if it has not finished (the last finished epoch is kept);
+   at --minutes of wall time if it has not finished (the config's epochs are 200 steps, so the
+   stop loses little; the last finished epoch is kept);
 5. the model packed for comflp into ``<out_dir>/model``: ``config.yaml``, ``model.pth``
-   (ESPnet's average of the best epochs, or the last epoch) and the files the config names,
+   (ESPnet's average of the best epochs if training finished, else the last epoch) and the
+   files the config names,
    through comflp's ESPnet adapter (``EspnetModel.load(...).save(...)``).
 
 Writes ``<out_dir>/train_info.json``: the commands, their wall times and the epochs finished.
