@@ -64,6 +64,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,7 +90,6 @@ FILE_KEYS = {
 }
 # .pth names of ESPnet's averaged models, tried when a directory holds several .pth files.
 AVERAGED = ("valid.acc.ave.pth", "valid.loss.ave.pth", "valid.cer_ctc.ave.pth")
-SPECIAL_TOKEN = ("<", ">")
 
 
 def _first_line(error: BaseException) -> str:
@@ -97,7 +97,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _asr_task():
+def _asr_task() -> type:
     """ESPnet's ASRTask, or ConfigError saying how to get an environment that has it."""
     try:
         from espnet2.tasks.asr import ASRTask
@@ -217,10 +217,8 @@ def _load_weights(asr: torch.nn.Module, pth: Path) -> None:
 
 def _vocab_case(tokens: Sequence[str]) -> str:
     """``upper``, ``lower`` or ``keep``: how references are cased to match the vocabulary."""
-    letters = "".join(
-        t for t in tokens if not (t.startswith(SPECIAL_TOKEN[0]) and t.endswith(SPECIAL_TOKEN[1]))
-    )
-    letters = "".join(c for c in letters if c.isalpha())
+    spelled = (t for t in tokens if not (t.startswith("<") and t.endswith(">")))  # not <blank>
+    letters = "".join(c for t in spelled for c in t if c.isalpha())
     if letters and letters == letters.upper() and letters != letters.lower():
         return "upper"
     if letters and letters == letters.lower() and letters != letters.upper():
@@ -232,7 +230,7 @@ class EspnetDataset(torch.utils.data.Dataset):
     """Maps a CutSet to ``speech`` (B, S) padded waveforms, ``speech_lengths`` (samples) and
     the keys of :func:`transcripts`, tokenised by ESPnet's preprocessor. Longest first."""
 
-    def __init__(self, preprocess, sample_rate: int, case: str):
+    def __init__(self, preprocess: Any, sample_rate: int, case: str):
         self.preprocess = preprocess
         self.sample_rate = sample_rate
         self.case = case
@@ -334,7 +332,7 @@ class EspnetModel(PrunableModel):
     def decoding_methods(self) -> tuple[str, ...]:
         return CTC_DECODING + ("espnet_beam_search",)
 
-    def _text_tools(self):
+    def _text_tools(self) -> tuple[Any, Any, Any]:
         """ESPnet's preprocessor (text -> ids), tokenizer and token-id converter (as
         ``Speech2Text`` builds them: ids -> text)."""
         if self._text is None:
@@ -482,7 +480,7 @@ class EspnetModel(PrunableModel):
         )
         return loss.reshape(()), {k: float(v) for k, v in stats.items() if v is not None}
 
-    def speech2text(self, beam_size: int, ctc_weight: float):
+    def speech2text(self, beam_size: int, ctc_weight: float) -> Any:
         """ESPnet's ``Speech2Text`` on this model as written back by :meth:`save` (a
         temporary copy, made once per model and removed with it)."""
         key = (beam_size, ctc_weight)
