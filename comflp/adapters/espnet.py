@@ -6,7 +6,8 @@ naming the keys. Supported: ``ESPnetASRModel`` with a ``transformer``, ``conform
 ``e_branchformer`` encoder and a CTC head, with or without an attention decoder (kept, so
 ESPnet's joint CTC/attention beam search works on a pruned model), with or without
 intermediate CTC and self-conditioning. Not supported (refused at load): transducer decoders,
-post-encoders, ``ctc_trim``, models without CTC (``ctc_weight: 0``).
+post-encoders, ``ctc_trim``, models without CTC (``ctc_weight: 0``), models fed precomputed
+features instead of the waveform (``input_size`` set, no frontend).
 
 Layer numbering (``CONVENTIONS.md``) for these models:
 
@@ -138,6 +139,11 @@ def _check_supported(config: dict, path: Path) -> None:
         raise ConfigError(
             f"{path}: model_conf.ctc_weight is 0, so the model has no CTC head "
             "(comflp prunes CTC models)"
+        )
+    if config.get("input_size") is not None or not config.get("frontend"):
+        raise ConfigError(
+            f"{path}: models fed precomputed features (input_size, no frontend) are not "
+            "supported; comflp gives the waveform to the model's own frontend"
         )
     if config.get("decoder") == "transducer":
         raise ConfigError(f"{path}: transducer models are not supported")
