@@ -65,7 +65,7 @@ oracle_max_evaluations=1000  # oracle: only when C(L, P) is at most this
 # ---- comparison and decoding (stage 7) ----
 random_seeds=5          # random layer selections per P
 rules=all               # fixed rules in the table (all: every one that fits the stack and model)
-decoding_method=ctc_greedy_search  # a method the model has: ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring | ...
+decoding_method=ctc_greedy_search  # a method the model has: ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring (native) | espnet_beam_search (espnet)
 decode_beam_size=10     # beam of the beam searches
 decode_nj=2             # decoding jobs per set (a job array)
 score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)
@@ -128,6 +128,20 @@ else
   train_python=(python)
 fi
 
+# ---- model type espnet (begin): stages 4-8 run with .venv-espnet's python ----
+# ESPnet2 needs torch/torchaudio 2.11 in an environment of its own (utils/setup.sh --espnet),
+# set up here on first use; every other model type runs with .venv's python.
+stage_python=python
+if [ "$model_type" = espnet ] && [ "$stage" -le 8 ] && [ "$stop_stage" -ge 4 ]; then
+  setup_log=$(mktemp)
+  "$comflp_root/utils/setup.sh" --quiet --espnet >"$setup_log" 2>&1 \
+    || die "--model_type espnet: could not set up ESPnet's environment .venv-espnet (output in $setup_log); run: $comflp_root/utils/setup.sh --espnet"
+  rm -f "$setup_log"
+  stage_python=${COMFLP_ESPNET_VENV:-$comflp_root/.venv-espnet}/bin/python
+  train_python=("$stage_python")  # stage 8 fine-tunes through the adapter, in one process
+fi
+# ---- model type espnet (end) ----
+
 if run_stage 0; then
   log "Stage 0: data preparation ($corpus corpus in $corpus_dir)"
   if [ "$corpus" = builtin ]; then
@@ -178,17 +192,17 @@ model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "${model
 if run_stage 4; then
   log "Stage 4: dump the $stack layers of $calib_num_utts utterances of $calib_set into $exp_dir ($nj parts)"
   $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers.JOB.log" \
-    python "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
+    "$stage_python" "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
       --calib_num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
       --part JOB --num_parts "$nj"
   $train_cmd "$exp_dir/log/merge_dump.log" \
-    python "$bin/merge_dump.py" --exp_dir "$exp_dir" --stack "$stack" --num_parts "$nj"
+    "$stage_python" "$bin/merge_dump.py" --exp_dir "$exp_dir" --stack "$stack" --num_parts "$nj"
 fi
 
 if run_stage 5; then
   log "Stage 5: scores $scores of the $stack dump of $exp_dir"
   $train_cmd "$exp_dir/log/scores.log" \
-    python "$bin/scores.py" --exp_dir "$exp_dir" --stack "$stack" --scores "$scores" \
+    "$stage_python" "$bin/scores.py" --exp_dir "$exp_dir" --stack "$stack" --scores "$scores" \
       --dc_batch_size "$dc_batch_size" --svcca_threshold "$svcca_threshold"
 fi
 
@@ -201,7 +215,7 @@ if run_stage 6; then
   for method in $search_methods; do
     log "Stage 6: $method search of the $stack, P in {$num_prune} ($fine_metric on $fine_num_utts dev utterances)"
     $train_cmd "$exp_dir/log/search_$method.log" \
-      python "$bin/search.py" "${model_args[@]}" "${search_args[@]}" --search_methods "$method"
+      "$stage_python" "$bin/search.py" "${model_args[@]}" "${search_args[@]}" --search_methods "$method"
   done
 fi
 
@@ -213,19 +227,19 @@ decode_and_score() {  # decode_and_score STAGE METHOD_LIST: decode every eval se
   for set in $eval_sets; do
     log "Stage $1: decoding $set with $decoding_method ($decode_nj parts)"
     $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$2.JOB.log" \
-      python "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
+      "$stage_python" "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
         --cuts "data/fbank/cuts_${set}.jsonl.gz" --part JOB --num_parts "$decode_nj" \
         --decoding_method "$decoding_method" --decode_beam_size "$decode_beam_size" --device "$device"
   done
   $train_cmd "$compare_dir/log/results.log" \
-    python "$bin/results.py" --exp_dir "$exp_dir" --eval_sets "$eval_sets" \
+    "$stage_python" "$bin/results.py" --exp_dir "$exp_dir" --eval_sets "$eval_sets" \
       --score_metrics "$score_metrics" --command "$run_command"
 }
 
 if run_stage 7; then
   log "Stage 7: layers chosen by each method for P in {$num_prune}, decoding, scoring"
   $train_cmd "$compare_dir/log/list_methods.log" \
-    python "$bin/list_methods.py" "${model_args[@]}" "${search_args[@]}" \
+    "$stage_python" "$bin/list_methods.py" "${model_args[@]}" "${search_args[@]}" \
       --search_methods "$search_methods" --random_seeds "$random_seeds" --rules "$rules"
   decode_and_score 7 compare
   log "Stage 7 done: $exp_dir/RESULTS.md"

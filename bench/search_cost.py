@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """Benchmark: the cost of choosing which layers to prune, against depth (CoMFLP, GLP, oracle).
 
-For each depth L (default 12, 24, 48), pruning P = L/2 layers, on CPU:
+For each depth L (default 12, 24, 48), pruning P = L/2 layers, on CPU, as stages 4-6 run them
+with run.sh's defaults:
 
-- CoMFLP: dump of a calibration subset (stage 4, mean pooling; the time includes reading the
-  dump back, as stage 5 does), the dc correlation matrix over batches of --dc_batch_size
-  utterances, the coarse beam search, and the fine search of its top K with the dev CER;
+- CoMFLP with the default scores (--scores, run.sh's: residual_sum dc svcca cka) and with
+  residual_sum alone: the stage-4 dump of a calibration subset (frame pooling), reading it back
+  and building each score once (stage 5), every score's coarse beam search, and one fine search
+  of the merged top Ks with the dev CER (stage 6's CoMFLP search, each part counted once);
 - GLP: the greedy metric search (comflp.prune.metric_search.greedy_layer_pruning);
 - the oracle: the exhaustive metric search, where C(L, P) <= --oracle_max.
 
-Every metric search runs through the same evaluator (comflp.prune.evaluator, prefix cache on) on the
-same dev batches, loaded once before any timing. Each model is warmed up on those batches (the
-unpruned dev CER) first. The correlation and coarse search, being cheap, are timed --repeats
-times (median); the other phases once. Models: an experiment directory per depth (--exp12,
+Every metric search runs through the same evaluator (prefix cache on) on the same dev batches,
+loaded once before any timing. Each model is warmed up on those batches (the unpruned dev CER)
+first. Every phase runs once. Models: an experiment directory per depth (--exp12,
 --exp24, --exp48, or --exp L=DIR); a depth without one gets the shallowest given model's
 architecture with num_layers = L and its intermediate-CTC layers scaled, trained here for
 --train_epochs epochs (0: random weights). Prints Markdown tables, also written to --output.
@@ -29,19 +30,16 @@ import copy
 import gc
 import logging
 import math
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from common import emit
 from lhotse import CutSet
 
-from comflp.adapters.base import PrunableModel
 from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
@@ -49,16 +47,19 @@ from comflp.asr.data import ctc_feasible, eval_loader, load_cuts, load_eval_batc
 from comflp.asr.model import ASRModel
 from comflp.cli import UsageError, add_common_args, run
 from comflp.expdir import CMVN, MODEL, TOKENIZER, ExpDir
-from comflp.prune.correlation import correlation_matrix
-from comflp.prune.dump import dump_layers, load_layer_feats
-from comflp.prune.evaluator import evaluate_model
+from comflp.prune.dump import dump_layers, load_layer_feats, read_dump_info
+from comflp.prune.evaluator import evaluate_model, layer_evaluations
 from comflp.prune.metric_search import (
     SearchResult,
     exhaustive_metric_search,
-    fine_search,
     greedy_layer_pruning,
 )
-from comflp.prune.search import blocks_of, coarse_search
+from comflp.prune.scores.base import ScoreChoice, ScoreOptions
+from comflp.prune.search import blocks_of
+from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
+from comflp.prune.stacks import EncoderStack
+from comflp.stages.scores import build_score
+from comflp.subsets import kept_layers
 from comflp.train.trainer import train
 
 METRIC = "cer"
@@ -174,12 +175,6 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def median_timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    """The result of ``fn`` and the median of ``repeats`` timed calls."""
-    runs = [timed(fn) for _ in range(repeats)]
-    return runs[0][0], statistics.median(s for _, s in runs)
-
-
 # ----------------------------------------------------------------------------- the searches
 
 
@@ -188,79 +183,99 @@ def layers_text(layers: tuple[int, ...]) -> str:
     return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in blocks_of(layers))
 
 
-def dump_and_reload(model: PrunableModel, calib: Iterable[dict]) -> list[np.ndarray]:
-    """Stage 4 (mean pooling) into a scratch directory, then read back as stage 5 does."""
-    with tempfile.TemporaryDirectory(prefix="search_cost_dump_") as tmp:
-        dump_dir = ExpDir(Path(tmp)).dump
-        dump_layers(model, calib, dump_dir)
-        return load_layer_feats(dump_dir)
+def layer_passes(result: SearchResult, num_layers: int) -> int:
+    """Encoder-layer passes per batch the search's evaluations took (GLP: each step's trie)."""
+    steps: dict[int, list[tuple[int, ...]]] = {}
+    for row in result.candidates:
+        steps.setdefault(row.get("step", 0), []).append(kept_layers(num_layers, row["layers"]))
+    return sum(layer_evaluations(subsets) for subsets in steps.values())
 
 
-def search_row(method: str, phases: list[float | None], result: SearchResult) -> dict:
+def search_row(method: str, phases: list[float | None], result: SearchResult, depth: int) -> dict:
     """A table row of a metric-scored search: its cost and its choice."""
     return {
         "method": method,
         "phases": phases,
         "evaluations": len(result.candidates),
-        "passes": result.layer_evaluations,
+        "passes": layer_passes(result, depth),
         "pruned": result.best_layers,
         "cer": result.candidates[result.best]["cer"],
     }
 
 
-def comflp_row(
-    model: PrunableModel,
-    calib: Iterable[dict],
-    batches: list[dict],
-    num_prune: int,
-    args: argparse.Namespace,
-) -> dict:
-    """Time CoMFLP's four phases, as stages 4-6 run them."""
-    feats, dump_s = timed(lambda: dump_and_reload(model, calib))
-    matrix, corr_s = median_timed(
-        lambda: correlation_matrix(feats, "dc", batch_size=args.dc_batch_size), args.repeats
-    )
-    proposals, coarse_s = median_timed(
-        lambda: coarse_search(matrix, num_prune, "beam", args.beam_size, args.top_k), args.repeats
-    )
-    result, fine_s = timed(
-        lambda: fine_search(model, batches, proposals, METRIC, prefix_cache=True)
-    )
-    method = f"CoMFLP (dc, beam {args.beam_size}, top {args.top_k})"
-    return search_row(method, [dump_s, corr_s, coarse_s, fine_s], result)
+def comflp_rows(
+    stack: EncoderStack, calib: Iterable[dict], batches: list[dict], num_prune: int, args
+) -> list[dict]:
+    """Stages 4-6 of CoMFLP in a scratch experiment: the dump and the scores once, then a
+    search with the default scores and one with residual_sum alone."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="search_cost_") as tmp:
+        exp = ExpDir(Path(tmp))
+        _, dump_s = timed(
+            lambda: dump_layers(stack, calib, exp.dump, "frames", args.frames_per_utt, args.seed)
+        )
+        feats, load_s = timed(lambda: load_layer_feats(exp.dump))
+        info = read_dump_info(exp.dump)
+        options = ScoreOptions(dc_batch_size=args.dc_batch_size)
+        seconds = {}
+        for name in dict.fromkeys([*args.scores, "residual_sum"]):
+            seconds[name] = timed(lambda n=name: build_score(exp, n, feats, info, options))[1]
+        for label, scores in (
+            (" ".join(args.scores), args.scores),
+            ("residual_sum", ["residual_sum"]),
+        ):
+            settings = SearchSettings(
+                exp_dir=exp.root, scores=scores, beam_size=args.beam_size, top_k=args.top_k
+            )
+            context = SearchContext(settings, stack, batches, exp)
+            result = SEARCHES["comflp"]().run(context, [num_prune])[num_prune]
+            extra = result.extra
+            phases = [
+                dump_s,
+                load_s + sum(seconds[n] for n in scores),
+                sum(extra["coarse_seconds"].values()),
+                extra["fine_seconds"],
+            ]
+            rows.append(search_row(f"CoMFLP ({label})", phases, result, stack.num_layers))
+    return rows
 
 
-def glp_row(model: PrunableModel, batches: list[dict], num_prune: int) -> dict:
+def glp_row(stack: EncoderStack, batches: list[dict], num_prune: int) -> dict:
     """Time GLP; its layer passes add up each step's trie."""
-    result, seconds = timed(lambda: greedy_layer_pruning(model, batches, num_prune, METRIC))
-    return search_row("GLP (greedy metric search)", [None, None, None, seconds], result)
+    results, seconds = timed(lambda: greedy_layer_pruning(stack, batches, [num_prune], METRIC))
+    row = search_row(
+        "GLP (greedy metric search)", [None] * 3 + [seconds], results[num_prune], stack.num_layers
+    )
+    return row
 
 
-def oracle_row(model: PrunableModel, batches: list[dict], num_prune: int, limit: int) -> dict:
+def oracle_row(stack: EncoderStack, batches: list[dict], num_prune: int, limit: int) -> dict:
     """Time the exhaustive search over all C(L, P) pruned models."""
     result, seconds = timed(
-        lambda: exhaustive_metric_search(model, batches, num_prune, METRIC, max_evaluations=limit)
+        lambda: exhaustive_metric_search(stack, batches, num_prune, METRIC, max_evaluations=limit)
     )
-    return search_row("oracle (exhaustive metric search)", [None, None, None, seconds], result)
+    method = "oracle (exhaustive metric search)"
+    return search_row(method, [None] * 3 + [seconds], result, stack.num_layers)
 
 
 def benchmark_depth(
-    model: PrunableModel,
+    model: NativeModel,
     calib: Iterable[dict],
     batches: list[dict],
     args: argparse.Namespace,
 ) -> tuple[float, list[dict]]:
     """The unpruned dev CER (which also warms the model up) and one row per method."""
+    stack = EncoderStack(model)
     num_layers = model.num_layers
     num_prune = num_layers // 2
     full = evaluate_model(model, batches)
     rows = [
-        comflp_row(model, calib, batches, num_prune, args),
-        glp_row(model, batches, num_prune),
+        *comflp_rows(stack, calib, batches, num_prune, args),
+        glp_row(stack, batches, num_prune),
     ]
     count = math.comb(num_layers, num_prune)
     if count <= args.oracle_max:
-        rows.append(oracle_row(model, batches, num_prune, args.oracle_max))
+        rows.append(oracle_row(stack, batches, num_prune, args.oracle_max))
     else:
         logging.info(f"L={num_layers}: oracle skipped, C({num_layers}, {num_prune}) = {count}")
     for row in rows:
@@ -277,7 +292,7 @@ def seconds_text(value: float | None) -> str:
 
 def results_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| L | P | method | dump s | correlation s | coarse s | fine / search s | total s "
+        "| L | P | method | dump s | scores s | coarse s | fine / search s | total s "
         "| models evaluated | layer passes / batch | pruned layers | dev CER % |",
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
@@ -291,23 +306,27 @@ def results_table(rows: list[dict]) -> list[str]:
 
 
 def ratio_table(rows: list[dict], status: dict[int, str]) -> list[str]:
-    """Per depth: CoMFLP's total against GLP's and the oracle's, and its growth with L."""
+    """Per depth and CoMFLP variant: its total against GLP's and the oracle's, and its growth
+    with L."""
     lines = [
-        "| L | P | model | CoMFLP s | GLP s | GLP / CoMFLP | oracle s | oracle / CoMFLP "
-        "| CoMFLP vs first L |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| L | P | model | CoMFLP variant | CoMFLP s | GLP s | GLP / CoMFLP | oracle s "
+        "| oracle / CoMFLP | CoMFLP vs first L |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     by_depth: dict[int, dict[str, float]] = {}
     for r in rows:
-        by_depth.setdefault(r["L"], {})[r["method"].split()[0]] = r["total"]
-    first = by_depth[min(by_depth)]["CoMFLP"]
+        by_depth.setdefault(r["L"], {})[r["method"]] = r["total"]
+    first = by_depth[min(by_depth)]
     for depth, t in sorted(by_depth.items()):
-        comflp, glp, oracle = t["CoMFLP"], t["GLP"], t.get("oracle")
-        oracle_cells = "| | |" if oracle is None else f"| {oracle:.3f} | {oracle / comflp:.1f}x |"
-        lines.append(
-            f"| {depth} | {depth // 2} | {status[depth]} | {comflp:.3f} | {glp:.3f} | {glp / comflp:.1f}x "
-            f"{oracle_cells} {comflp / first:.2f}x |"
-        )
+        glp = t["GLP (greedy metric search)"]
+        oracle = t.get("oracle (exhaustive metric search)")
+        for variant in [m for m in t if m.startswith("CoMFLP")]:
+            comflp = t[variant]
+            oracle_cells = "| |" if oracle is None else f"| {oracle:.3f} | {oracle / comflp:.1f}x |"
+            lines.append(
+                f"| {depth} | {depth // 2} | {status[depth]} | {variant[8:-1]} | {comflp:.3f} "
+                f"| {glp:.3f} | {glp / comflp:.1f}x {oracle_cells} {comflp / first[variant]:.2f}x |"
+            )
     return lines
 
 
@@ -360,12 +379,12 @@ def main(args: argparse.Namespace) -> None:
         )
     notes = [
         f"CPU, {torch.get_num_threads()} torch threads. Calibration: {len(calib)} utterances of "
-        f"{args.calib_set or args.train_set} (mean pooling); dc over batches of "
-        f"{args.dc_batch_size}; beam {args.beam_size}, top {args.top_k}. Metric searches: "
+        f"{args.calib_set or args.train_set} (frame pooling, {args.frames_per_utt} frames each); "
+        f"scores {' '.join(args.scores)} (dc over batches of {args.dc_batch_size} rows); beam "
+        f"{args.beam_size}, top {args.top_k} per score, merged. Metric searches: "
         f"{METRIC.upper()} (greedy CTC) on {len(dev)} utterances of {args.dev_set} in "
         f"{len(batches)} batches, prefix cache on, loaded once in {load_s:.2f} s (not counted).",
-        f"Correlation and coarse times: median of {args.repeats}; other phases: one run. "
-        f"Oracle only where C(L, P) <= {args.oracle_max}.",
+        f"Every phase: one run. Oracle only where C(L, P) <= {args.oracle_max}.",
     ]
     emit(report(rows, models, notes), args.output)
 
@@ -398,7 +417,9 @@ if __name__ == "__main__":
     parser.add_argument("--dev_set", default="dev-clean")
     parser.add_argument("--calib_set", help="calibration set (default: the training set)")
     parser.add_argument("--calib_num_utts", type=int, default=320)
-    parser.add_argument("--dc_batch_size", type=int, default=32)
+    parser.add_argument("--frames_per_utt", type=int, default=25)
+    parser.add_argument("--scores", nargs="+", default=ScoreChoice().scores)
+    parser.add_argument("--dc_batch_size", type=int, default=ScoreOptions().dc_batch_size)
     parser.add_argument("--beam_size", type=int, default=10)
     parser.add_argument("--top_k", type=int, default=10)
     parser.add_argument("--dev_num_utts", type=int, default=200)
@@ -406,7 +427,6 @@ if __name__ == "__main__":
         "--oracle_max", type=int, default=1000, help="exhaustive search where C(L, P) <= this"
     )
     parser.add_argument("--max_duration", type=float, default=100.0, help="seconds per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timings of the cheap phases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="also write the tables here")
     add_common_args(parser)

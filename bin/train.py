@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stage 3: train the baseline (Transformer or Conformer CTC, intermediate CTC, stochastic depth)
-into an experiment directory; with --init_model, fine-tune a model (a model of another library
-through its adapter). Under torchrun, one process per GPU or CPU slot (native models)."""
+into an experiment directory; with --init_model, fine-tune a model (a Hugging Face or ESPnet2
+model through its adapter, written back in its own format). Under torchrun, one process per GPU or CPU slot (native models)."""
 
 from comflp.cli import main
 from comflp.stages.train import TrainSettings, train_stage

@@ -12,7 +12,7 @@
       search/<search>_prune<P>/             stage 6: search.json, pruned/
       decoder/                              stages 4-6 on the decoder stack: dump/, scores/, search/
       compare/                              stage 7: methods*.json, decode/<set>/<model>/, results.json,
-                                                     error_vs_prune.png
+                                                     error_vs_prune.png, tradeoff.png
       finetune/<method>_prune<P>/           stage 8: a training experiment directory (a model
                                                      of another library: its own files + train.yaml)
       structured/sparsity<t>/               stage 9: a training experiment directory whose
@@ -60,6 +60,7 @@ METHOD_LISTS = {
 STRUCTURE = "structure.json"
 RESULTS_JSON = "results.json"
 ERROR_PLOT = "error_vs_prune.png"
+TRADEOFF_PLOT = "tradeoff.png"
 RESULTS_MD = "RESULTS.md"
 # One decoding of one set (compare/decode/<set>/<model>/).
 DECODE_PART = "part{part}.json"

@@ -127,3 +127,44 @@ def plot_error_vs_prune(
         fig.suptitle("Error against the number of pruned layers")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def method_family(name: str) -> str:
+    """The curve a row belongs to: structured pruning's targets form one curve."""
+    return "structured_l0" if name.startswith("structured_l0") else name
+
+
+# The curves of the trade-off plot: searches, the rules worth drawing, structured pruning.
+TRADEOFF_FAMILIES = ("comflp", "glp", "oracle", "drop_top", "every_other", "structured_l0")
+
+
+def plot_tradeoff(rows, sets: list[str], path: Path, unit: str = "cer") -> None:
+    """Error against parameters and against decoding RTF, one curve per method family (rows
+    sorted by size), one row of panels per set; the unpruned model a black star."""
+    fig, axes = plt.subplots(len(sets), 2, figsize=(11, 3.8 * len(sets)), squeeze=False)
+    base = next((r for r in rows if r.num_prune == 0), None)
+    for axs, name in zip(axes, sets):
+        for i, family in enumerate(TRADEOFF_FAMILIES):
+            points = sorted(
+                (r.params, r.rtf, r.errors[name][unit])
+                for r in rows
+                if r.num_prune > 0 and method_family(r.method) == family
+            )
+            if not points:
+                continue
+            params, rtf, err = zip(*points)
+            marker = "os^vDP"[i % 6]
+            axs[0].plot([p / 1e6 for p in params], err, marker=marker, label=family)
+            axs[1].plot(rtf, err, marker=marker, ls="none", label=family)
+        if base is not None:
+            axs[0].plot(base.params / 1e6, base.errors[name][unit], "k*", ms=12, label="unpruned")
+            axs[1].plot(base.rtf, base.errors[name][unit], "k*", ms=12, label="unpruned")
+        axs[0].set_xlabel("parameters (M)")
+        axs[1].set_xlabel("decoding RTF")
+        for ax in axs:
+            ax.set_ylabel(f"{name} {unit.upper()} (%)")
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("Quality against size and speed")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -162,5 +162,5 @@ def test_num_prune_that_does_not_fit_the_model(compared, monkeypatch):
         ],
         check=False,
     )
-    assert proc.returncode == 1 and "between 1 and 3 for the 4-layer model" in proc.stderr
+    assert proc.returncode == 1 and "between 1 and 3 for the 4-layer encoder" in proc.stderr
     assert methods.read_text() == before

@@ -18,20 +18,25 @@ from comflp.structured.params import (
     expected_parameters,
     prunable_parameters,
 )
-from comflp.structured.physical import physically_prune
+from comflp.structured.physical import (
+    kept_parameters,
+    meet_budget,
+    module_plans,
+    physically_prune,
+)
 from tests.conftest import PYTHON, REPO, run_cmd
 
 ENCODERS = ("transformer", "conformer")
 
 
-def _model(encoder_type: str) -> ASRModel:
+def _model(encoder_type: str, num_heads: int = 4, ffn_dim: int = 48) -> ASRModel:
     torch.manual_seed(0)
     cfg = ModelConfig(
         input_dim=20,
         vocab_size=11,
         d_model=32,
-        num_heads=4,
-        ffn_dim=48,
+        num_heads=num_heads,
+        ffn_dim=ffn_dim,
         num_layers=4,
         dropout=0.0,
         subsampling_channels=8,
@@ -243,7 +248,7 @@ def test_sparsity_reaches_the_target(pruned_tiny, pipeline):
     sp_dir = pruned_dir(pruned_tiny["root"] / "straight")
     structure = json.loads((sp_dir / "structure.json").read_text())
     assert structure["target_sparsity"] == 0.5
-    assert abs(structure["sparsity"] - 0.5) <= 0.02, structure
+    assert abs(structure["sparsity"] - 0.5) <= 0.01, structure
     model = load_model(sp_dir)  # a normal experiment directory
     baseline = load_model(pipeline["exp_dir"])
     kept = encoder_layer_parameters(model)
@@ -318,3 +323,24 @@ def test_bad_structured_inputs(pipeline, tiny_data, tmp_path):
     proc = _prune(pipeline, tiny_data, sp_dir, "--set", "structured.lambda_lr=2.0", check=False)
     assert "lambda_lr" in _error_line(proc) and "another structured config" in _error_line(proc)
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_the_pruned_model_meets_the_budget_whatever_the_gates(encoder_type, target):
+    """Gates far from the target (random log_alpha): the deterministic structure is moved to
+    within 1 point of the sparsity asked for, and the pruned model computes what the gates with
+    those values compute. Entries as fine-grained as a real model's (each well under 1% of the
+    prunable parameters)."""
+    model = _model(encoder_type, num_heads=8, ffn_dim=256)
+    gates = _random_gates(model, seed=5)
+    total = prunable_parameters(model.cfg)
+    before = 1 - kept_parameters(gates, gates.values(training=False)) / total
+    values = meet_budget(gates, target)
+    pruned = physically_prune(model, gates, target)
+    reached = 1 - encoder_layer_parameters(pruned) / total
+    assert reached == pytest.approx(1 - kept_parameters(gates, values) / total, abs=1e-9)
+    assert abs(reached - target) <= 0.01, (before, reached)
+    assert abs(before - target) > 0.01 or target == 0.5  # the gates alone missed most targets
+    plans, removed = module_plans(gates, values)
+    assert pruned.cfg.num_layers == model.cfg.num_layers - len(removed)

@@ -108,7 +108,7 @@ def methods_table(
 def results_markdown(
     exp_dir: Path,
     table: str,
-    plot: Path,
+    plots: dict[str, Path],
     config: str,
     command: str,
     decoding_method: str,
@@ -116,6 +116,9 @@ def results_markdown(
 ) -> str:
     """The text of RESULTS.md: provenance, how to read the table, the table, the plot, the config."""
     provenance = "\n".join(provenance_lines(command))
+    figures = "\n".join(
+        f"![{caption}]({path.relative_to(exp_dir)})" for caption, path in plots.items()
+    )
     return f"""# Results: {exp_dir}
 
 Written on {time.strftime("%Y-%m-%d %H:%M")}.
@@ -129,7 +132,7 @@ search (oracle) count their evaluations on the dev subset; fixed rules cost noth
 "evaluations": pruned models evaluated with the task metric.
 
 {table}
-![test error against the number of pruned layers]({plot.relative_to(exp_dir)})
+{figures}
 
 Per-model scores, hypotheses and alignments: `compare/decode/<set>/<model>/`.
 

@@ -14,8 +14,16 @@ from comflp.asr.data import eval_loader, load_cuts, part_of
 from comflp.asr.scoring import write_scores
 from comflp.decoding import decode_set
 from comflp.errors import InputError
-from comflp.expdir import CONFIG, DECODE_PART, ERROR_PLOT, METHOD_LISTS, RESULTS_JSON, ExpDir
-from comflp.plots import plot_error_vs_prune
+from comflp.expdir import (
+    CONFIG,
+    DECODE_PART,
+    ERROR_PLOT,
+    METHOD_LISTS,
+    RESULTS_JSON,
+    TRADEOFF_PLOT,
+    ExpDir,
+)
+from comflp.plots import plot_error_vs_prune, plot_tradeoff
 from comflp.prune.method_list import Method, MethodList
 from comflp.prune.methods import CompareSettings, list_methods
 from comflp.prune.stacks import stack_of
@@ -182,15 +190,19 @@ def results(s: ResultsSettings) -> None:
     rows = build_rows(methods, scores, params, rtf)
     metrics = tuple(s.score_metrics)
     table = methods_table(rows, s.eval_sets, metrics)
-    plot = exp.compare / ERROR_PLOT
-    plot_error_vs_prune(rows, s.eval_sets[-1], plot, metrics)
+    plot_error_vs_prune(rows, s.eval_sets[-1], exp.compare / ERROR_PLOT, metrics)
+    plot_tradeoff(rows, s.eval_sets, exp.compare / TRADEOFF_PLOT, metrics[-1])
+    plots = {
+        "test error against the number of pruned layers": exp.compare / ERROR_PLOT,
+        "error against parameters and decoding RTF": exp.compare / TRADEOFF_PLOT,
+    }
     atomic_write_json(
         exp.compare / RESULTS_JSON,
         {"rows": [r.__dict__ for r in rows], "sets": s.eval_sets, "rtf_set": rtf_set},
     )
     config_path = exp.root / CONFIG
     config = config_path.read_text() if config_path.is_file() else "(model trained elsewhere)\n"
-    doc = results_markdown(exp.root, table, plot, config, s.command, decoding_method, rtf_set)
+    doc = results_markdown(exp.root, table, plots, config, s.command, decoding_method, rtf_set)
     atomic_write_text(exp.results_md, doc)
     print(table)
     logging.info(f"wrote {exp.results_md}")

@@ -42,7 +42,8 @@ def unit_sizes(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def _unit_size(sizes: dict[str, int], module: str) -> int:
+def entry_size(sizes: dict[str, int], module: str) -> int:
+    """Parameters of one head / unit / channel of ``module``."""
     return sizes["ff"] if module.startswith("ff") else sizes[module]
 
 
@@ -60,7 +61,7 @@ def expected_parameters(cfg: ModelConfig, probs: dict[str, torch.Tensor]) -> tor
             p_module = probs.get(gate_name(k, module, "module"), one).sum()
             fine = probs.get(gate_name(k, module))
             kept_units = one * n if fine is None else fine.sum()
-            unit = _unit_size(sizes, module)
+            unit = entry_size(sizes, module)
             layer_total = layer_total + p_module * (sizes["module"] + unit * kept_units)
         total = total + p_layer * layer_total
     return total

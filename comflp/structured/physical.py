@@ -1,8 +1,8 @@
 """From a gated model to a physically smaller one that computes the same function in eval.
 
 The gates' deterministic values (:meth:`GateSet.values` in eval: per group the
-``round(expected L0)`` entries with the largest ``log_alpha`` at their median value) decide what
-stays: an entry with value 0 is cut out of the weights, a kept entry's soft value is folded into
+``round(expected L0)`` entries with the largest ``log_alpha`` at their median value), brought to
+the size asked for by :func:`meet_budget`, decide what stays: an entry with value 0 is cut out of the weights, a kept entry's soft value is folded into
 the next matrix (the input columns of ``attn.out``, ``ff.3`` or ``conv.pointwise2``), and the
 module value is folded into that matrix and its output bias. A module with nothing left loses
 its weights and its norm (size 0 in ``layer_shapes``); layers whose gate is off, and Transformer
@@ -20,7 +20,9 @@ import torch
 from comflp.asr.checkpoint import load_state_into
 from comflp.asr.config import ConfigError
 from comflp.asr.model import ASRModel, prune_layers
+from comflp.structured.gates import LIMIT_L, LIMIT_R
 from comflp.structured.masked import MODULES, SHAPE_KEY, GateSet, gate_name, layer_modules
+from comflp.structured.params import entry_size, prunable_parameters, unit_sizes
 
 
 @dataclass
@@ -111,12 +113,104 @@ def _slice_module(state: dict, k: int, module: str, plan: ModulePlan, head_dim: 
         _slice_feed_forward(state, prefix, plan)
 
 
+def _layer_parameters(gates: GateSet, values: dict[str, torch.Tensor], k: int) -> int:
+    """The exact parameters of encoder layer ``k`` that deterministic ``values`` leave (a module
+    with no head / unit / channel left goes as a whole)."""
+    if gate_name(k) in values and float(values[gate_name(k)]) == 0:
+        return 0
+    sizes = unit_sizes(gates.cfg)
+    total = sizes["layer"]
+    for module, n in layer_modules(gates.cfg, k).items():
+        module_gate = values.get(gate_name(k, module, "module"))
+        fine = values.get(gate_name(k, module))
+        kept = n if fine is None else int((fine > 0).sum())
+        if kept and (module_gate is None or float(module_gate) > 0):
+            total += sizes["module"] + entry_size(sizes, module) * kept
+    return total
+
+
+def kept_parameters(gates: GateSet, values: dict[str, torch.Tensor]) -> int:
+    """The exact encoder-layer parameters of the model that deterministic ``values`` leave."""
+    return sum(_layer_parameters(gates, values, k) for k in range(1, gates.cfg.num_layers + 1))
+
+
+def _median(log_alpha: torch.Tensor) -> torch.Tensor:
+    """A gate's eval value, at least 1e-3 for a gate switched on to meet the budget."""
+    return (torch.sigmoid(log_alpha) * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(1e-3, 1.0)
+
+
+def _entries(gates: GateSet) -> list[tuple[float, int, str, int]]:
+    """Every fine entry as (log P(entry, its module and its layer all on), layer, group,
+    index): how much the training wanted it kept."""
+    probs = {name: p.detach().cpu().double() for name, p in gates.probabilities().items()}
+    one = torch.ones(1, dtype=torch.float64)
+    out = []
+    for k in range(1, gates.cfg.num_layers + 1):
+        for module in layer_modules(gates.cfg, k):
+            group = gate_name(k, module)
+            if group not in probs:
+                continue
+            outer = probs.get(gate_name(k), one) * probs.get(gate_name(k, module, "module"), one)
+            keep = torch.log(probs[group] * outer).tolist()
+            out += [(p, k, group, i) for i, p in enumerate(keep)]
+    return out
+
+
+def _switch(gates: GateSet, values: dict, k: int, group: str, i: int, on: bool) -> dict:
+    """Turn one fine entry off, or on together with its module and layer; what was changed,
+    to undo it."""
+    undo = {group: values[group].clone()}
+    if not on:
+        values[group][i] = 0.0
+        return undo
+    values[group][i] = float(_median(gates.gates[group].log_alpha[i]))
+    module = gate_name(k, group.split("_")[1], "module")
+    if module in values and float(values[module]) == 0:
+        undo[module] = values[module]
+        values[module] = _median(gates.gates[module].log_alpha).reshape(1)
+    if gate_name(k) in values and float(values[gate_name(k)]) == 0:
+        undo[gate_name(k)] = values[gate_name(k)]
+        values[gate_name(k)] = torch.ones(1)
+    return undo
+
+
 @torch.no_grad()
-def physically_prune(model: ASRModel, gates: GateSet) -> ASRModel:
-    """A new model (eval mode) with what the deterministic gates remove cut out of the weights;
-    its outputs equal ``model``'s under the gates in eval."""
+def meet_budget(gates: GateSet, target_sparsity: float) -> dict[str, torch.Tensor]:
+    """Deterministic gate values whose structure keeps as close as possible to
+    ``(1 - target_sparsity)`` of the prunable parameters: the trained values, then fine entries
+    switched off (least wanted first) or on (most wanted first, with their module and layer),
+    each switch kept when it brings the count nearer the budget."""
+    values = {name: v.detach().cpu().clone() for name, v in gates.values(training=False).items()}
+    budget = (1 - target_sparsity) * prunable_parameters(gates.cfg)
+    kept = kept_parameters(gates, values)
+    removing = kept > budget
+    for _, k, group, i in sorted(_entries(gates), reverse=not removing):
+        if (float(values[group][i]) > 0) != removing:
+            continue
+        layer_before = _layer_parameters(gates, values, k)
+        undo = _switch(gates, values, k, group, i, on=not removing)
+        after = kept - layer_before + _layer_parameters(gates, values, k)
+        if abs(after - budget) < abs(kept - budget):
+            kept = after
+        else:
+            values.update(undo)
+    return values
+
+
+@torch.no_grad()
+def physically_prune(
+    model: ASRModel, gates: GateSet, target_sparsity: float | None = None
+) -> ASRModel:
+    """A new model (eval mode) with what the deterministic gates remove cut out of the weights
+    (brought to ``target_sparsity`` when given); its outputs equal ``model``'s under those
+    gate values."""
     cfg = model.cfg
-    plans, removed = module_plans(gates, gates.values(training=False))
+    values = (
+        gates.values(training=False)
+        if target_sparsity is None
+        else meet_budget(gates, target_sparsity)
+    )
+    plans, removed = module_plans(gates, values)
     if len(removed) == cfg.num_layers:
         raise ConfigError("structured pruning: the gates remove every encoder layer")
     head_dim = cfg.d_model // cfg.num_heads

@@ -164,7 +164,7 @@ class StructuredTrainer(Trainer):
         """Physically prune with the deterministic gates, score on dev, write ``model.pt``,
         ``structure.json``, ``final_dev.json`` and the curves."""
         self.masker.remove()
-        pruned = physically_prune(self.model, self.gates)
+        pruned = physically_prune(self.model, self.gates, self.sp.target_sparsity)
         native = NativeModel(pruned, self.tokenizer, self.cmvn, self.exp_dir, self.cfg)
         metrics = evaluate_model(native, self.dev).to_dict()
         structure = self.structure(pruned)

@@ -1,0 +1,97 @@
+"""Adding a score is one class and its registration: a score defined here, registered for the
+test only, goes through stage 5 (built from a dump, written, drawn) and stage 6 (CoMFLP ranks by
+it) with nothing else changed (docs/DESIGN.md, "How to add")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from comflp.expdir import ExpDir
+from comflp.prune.dump import dump_layers
+from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
+from comflp.stages.scores import ScoreSettings, build_scores
+
+from .test_searches import KnownStack, additive_cer
+
+
+class UpdateNorm(ProposalScore):
+    """Minus the summed mean size of the pruned layers' updates: small updates go first."""
+
+    name = "update_norm"
+    file_name = "norms.json"
+
+    def __init__(self, norms: list[float]):
+        self.norms = np.asarray(norms, dtype=np.float64)
+
+    @classmethod
+    def build(cls, layer_feats, options: ScoreOptions) -> UpdateNorm:
+        steps = zip(layer_feats[:-1], layer_feats[1:], strict=True)
+        return cls([float(np.linalg.norm(b - a, axis=1).mean()) for a, b in steps])
+
+    @classmethod
+    def read(cls, path: Path) -> UpdateNorm:
+        return cls(json.loads(Path(path).read_text()))
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.norms.tolist()))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.norms)
+
+    def scorer(self, aggregation: str = "mean") -> UpdateNorm:
+        return self
+
+    def scores(self, combos: np.ndarray) -> np.ndarray:
+        return -self.norms[np.asarray(combos) - 1].sum(axis=1)
+
+    def heatmap(self, path: Path, title: str) -> None:
+        from comflp.plots import plot_matrix
+
+        plot_matrix(np.diag(self.norms), path, title, pairs=True)
+
+
+class StatesOnly:
+    """A stack whose layer states are given: layer k adds an update of size ``sizes[k - 1]``."""
+
+    name = "encoder"
+
+    def __init__(self, sizes: list[float]):
+        self.num_layers = len(sizes)
+        self.sizes = sizes
+        self.model = type("M", (), {"module": torch.nn.Identity()})()
+
+    def states(self, batch):
+        x = torch.ones(1, 5, 3)
+        states = [x]
+        for size in self.sizes:
+            states.append(states[-1] + size * torch.tensor([1.0, 0.0, 0.0]))
+        return states, torch.tensor([5])
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    SCORES.names()  # discover the package's own scores first
+    monkeypatch.setitem(SCORES._entries, UpdateNorm.name, UpdateNorm)
+
+
+def test_a_new_score_goes_through_stages_5_and_6(registered, tmp_path):
+    exp = ExpDir(tmp_path / "exp")
+    sizes = [9.0, 1.0, 4.0, 2.0, 7.0, 3.0]  # the same order as additive_cer's costs
+    dump_layers(StatesOnly(sizes), [{"ids": ["u1"]}], exp.dump, pooling="frames")
+    build_scores(ScoreSettings(exp_dir=exp.root, scores=["update_norm"]))
+    stored = json.loads((exp.score("update_norm") / "norms.json").read_text())
+    assert stored == pytest.approx(sizes)
+    assert (exp.score("update_norm") / "heatmap.png").stat().st_size > 0
+    settings = SearchSettings(exp_dir=exp.root, scores=["update_norm"], top_k=3)
+    context = SearchContext(settings, KnownStack(additive_cer), [], exp)
+    (result,) = SEARCHES["comflp"]().run(context, [2]).values()
+    # summed sizes 3, 4, then a tie at 5 that keeps the beam's generation order: (2, 3) first
+    assert [r["layers"] for r in result.candidates] == [[2, 4], [2, 6], [2, 3]]
+    assert result.best_layers == (2, 4)  # the two smallest updates, and the lowest CER
