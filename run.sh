@@ -58,6 +58,7 @@ search_mode=beam        # coarse search: beam | greedy | exhaustive
 coarse_aggregation=mean  # matrix scores: mean (CoMFLP: mean block correlation) | damage (minus summed 1 - correlation)
 beam_size=10            # coarse beam search: beam width
 top_k=10                # coarse proposals of each score passed to the fine search
+consensus=true          # with several scores, their consensus ranks too and its top K joins the merge
 fine_metric=cer         # cer | wer | loss (the model's own: CTC, or cross-entropy without CTC)
 fine_num_utts=320       # dev utterances the metric is measured on
 prefix_cache=true       # metric searches: compute the layers candidates share once
@@ -207,7 +208,7 @@ if run_stage 5; then
 fi
 
 search_args=(--num_prune "$num_prune" --scores "$scores" --search_mode "$search_mode"
-  --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
+  --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k" --consensus "$consensus"
   --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
   --oracle_max_evaluations "$oracle_max_evaluations" --dev_cuts "$dev_cuts")
 

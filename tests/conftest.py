@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -179,3 +180,27 @@ def env_without(tmp_path):
         return {**os.environ, "PATH": str(bin_dir)}
 
     return make
+
+
+def edit_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance between two unit sequences (dynamic programming, by hand: the
+    independent check of comflp's scoring)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def independent_cer(utts: list[dict]) -> float:
+    """Character error rate (%) of ``{"ref", "hyp"}`` pairs, spaces counted as characters."""
+    chars = [(list(" ".join(u["ref"].split())), list(" ".join(u["hyp"].split()))) for u in utts]
+    return 100.0 * sum(edit_distance(r, h) for r, h in chars) / sum(len(r) for r, _ in chars)
+
+
+def decoded_utts(key_dir: Path) -> list[dict]:
+    """Every utterance of one decoding (compare/decode/<set>/<model>/part*.json)."""
+    parts = sorted(key_dir.glob("part*.json"))
+    assert parts, key_dir
+    return [u for p in parts for u in json.loads(p.read_text())["utts"]]

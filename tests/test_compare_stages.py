@@ -72,6 +72,13 @@ def test_stages_7_and_8_write_the_table(compared):
     assert by[("comflp", 1)]["evaluations"] == 4  # the four scores' top Ks: the same 4 proposals
     assert by[("unpruned", 0)]["params"] > by[("drop_top", 2)]["params"]
     assert by[("drop_top", 2)]["errors"] == by[("interctc_on_demand", 2)]["errors"]
+    # the oracle's choice decodes the dev set (all 8 utterances, the fine search's) best of all
+    for p in (1, 2):
+        oracle = by[("oracle", p)]["errors"]["dev-clean"]["cer"]
+        others = [r for r in rows if r["num_prune"] == p and "+finetune" not in r["method"]]
+        assert all(oracle <= r["errors"]["dev-clean"]["cer"] + 1e-9 for r in others), p
+        search = json.loads((exp / f"search/oracle_prune{p}/search.json").read_text())
+        assert search["best_metric"] == pytest.approx(oracle)
     # Two decoding parts per set, merged: every dev utterance scored once.
     unpruned = exp / "compare/decode/dev-clean/exp_baseline__prune_none"
     scores = json.loads((unpruned / "scores.json").read_text())

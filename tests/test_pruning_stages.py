@@ -16,12 +16,13 @@ from comflp.asr.data import load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
+from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import dump_layers, load_layer_feats
 from comflp.prune.evaluator import evaluate_subsets, layer_evaluations
 from comflp.prune.metric_search import best_row, fine_search
 from comflp.prune.scores.residual_sum import ResidualSumScore
-from comflp.prune.search import coarse_search
+from comflp.prune.search import as_scorer, coarse_search
 from comflp.prune.stacks import EncoderStack
 
 from .conftest import PYTHON, REPO, run_cmd
@@ -176,6 +177,11 @@ def test_stages_4_to_6_end_to_end(searched, monkeypatch):
             assert [x["layers"] for x in ranking] == [x["layers"] for x in want]
             np.testing.assert_allclose([x["score"] for x in ranking], [x["score"] for x in want])
             merged += [tuple(x["layers"]) for x in want]
+        consensus = ConsensusScorer([as_scorer(source) for source in scorers.values()])
+        want = coarse_search(consensus, p)
+        ranking = search["rankings"]["consensus"]
+        assert [x["layers"] for x in ranking] == [list(x.layers) for x in want]
+        merged += [x.layers for x in want]
         distinct = {tuple(r["layers"]) for r in search["candidates"]}
         assert distinct == set(merged) and len(search["candidates"]) == len(distinct)
         metrics = [r["metric"] for r in search["candidates"]]

@@ -23,7 +23,7 @@ from comflp.corpus.prepare import (
     prepare_librispeech_cuts,
 )
 
-from .conftest import PYTHON, REPO, run_cmd, run_sh
+from .conftest import PYTHON, REPO, decoded_utts, independent_cer, run_cmd, run_sh
 from .corpora import AISHELL_TRANSCRIPT, build_aishell, build_librispeech
 
 TINY = ["--nj", "1"]  # no process pool
@@ -145,7 +145,8 @@ def test_aishell_recipe(aishell):
     assert "WER" not in results.split("## Model config")[0]  # no word error rate for Mandarin
     scores = json.loads((work / "exp/baseline/compare/results.json").read_text())
     unpruned = next(r for r in scores["rows"] if r["method"] == "unpruned")
-    assert unpruned["errors"]["test"]["cer"] >= 0
+    utts = decoded_utts(work / "exp/baseline/compare/decode/test/exp_baseline__prune_none")
+    assert unpruned["errors"]["test"]["cer"] == pytest.approx(independent_cer(utts))
 
 
 @pytest.mark.e2e

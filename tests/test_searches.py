@@ -4,16 +4,18 @@ metric (ties: the first evaluated), CoMFLP merges the scores' top Ks and counts 
 from __future__ import annotations
 
 import json
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS, ExpDir
+from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.evaluator import SubsetResult
 from comflp.prune.metric_search import exhaustive_metric_search, greedy_layer_pruning
 from comflp.prune.scores.matrix import MatrixScore
-from comflp.prune.search import Proposal, coarse_search
+from comflp.prune.search import BlockScorer, Proposal, coarse_search
 from comflp.prune.searches import SEARCHES, ModelRef, SearchContext, SearchSettings
 from comflp.prune.searches.comflp import merge
 
@@ -101,7 +103,7 @@ def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
     exp = _experiment(tmp_path, matrices)
     stack = KnownStack(additive_cer)
-    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4)
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4, consensus=False)
     search = SEARCHES["comflp"]()
     (result,) = search.run(SearchContext(settings, stack, [], exp), [2]).values()
     tops = {n: [p.layers for p in _coarse(m, 2, 4)] for n, m in matrices.items()}
@@ -130,6 +132,28 @@ def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
         base = 4.0 + extra["score_seconds"][name] + extra["coarse_seconds"][name]
         assert rows[f"comflp_{name}_coarse"].search_seconds == pytest.approx(base)
         assert base < rows[f"comflp_{name}_fine"].search_seconds < rows["comflp"].search_seconds
+
+
+def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
+    rng = np.random.default_rng(4)
+    matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
+    exp = _experiment(tmp_path, matrices)
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=3)
+    context = SearchContext(settings, KnownStack(additive_cer), [], exp)
+    (result,) = SEARCHES["comflp"]().run(context, [2]).values()
+    consensus = ConsensusScorer([BlockScorer(m) for m in matrices.values()])
+    want = [p.layers for p in coarse_search(consensus, 2, top_k=3)]
+    assert [tuple(x["layers"]) for x in result.extra["rankings"]["consensus"]] == want
+    assert set(want) <= {tuple(r["layers"]) for r in result.candidates}
+    # every pair of 6 layers is the reference set: each score standardised over all 15
+    pairs = np.array(list(combinations(range(1, 7), 2)))
+    z = [
+        (b.scores(pairs) - b.scores(pairs).mean()) / b.scores(pairs).std()
+        for b in consensus.scorers
+    ]
+    np.testing.assert_allclose(consensus.scores(pairs), np.mean(z, axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="2 or more scores of one depth"):
+        ConsensusScorer([BlockScorer(np.eye(5)), BlockScorer(np.eye(6))])
 
 
 def _coarse(matrix, p, k):

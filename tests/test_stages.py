@@ -10,9 +10,10 @@ from comflp.adapters.native import NativeModel
 from comflp.asr.data import load_cuts, load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
+from comflp.decoding import decode_set
 from comflp.prune.evaluator import evaluate_model
 
-from .conftest import PYTHON, REPO, run_cmd, run_sh
+from .conftest import PYTHON, REPO, independent_cer, run_cmd, run_sh
 
 
 def test_stages_0_to_3(pipeline, tiny_data):
@@ -52,13 +53,19 @@ def test_stages_0_to_3(pipeline, tiny_data):
     assert any((exp / "tensorboard").iterdir())
     history = json.loads((exp / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
-    assert all(0 <= r["dev_cer"] <= 100 and r["dev_loss"] > 0 for r in history)
+    assert all(r["dev_loss"] > 0 for r in history)
+    dev = load_eval_batches(NativeModel.load(exp), tiny_data["dev"], 30)
+    for record in history:  # each epoch's dev CER is its checkpoint's, decoded and recounted
+        epoch = NativeModel.load(exp, f"epoch-{record['epoch']}.pt")
+        assert record["dev_cer"] == pytest.approx(independent_cer(decode_set(epoch, dev).utts))
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert "dev CER" in (exp / "log/train.log").read_text()
     # Later stages rebuild the model from the experiment directory alone.
     model = NativeModel.load(exp)
-    result = evaluate_model(model, load_eval_batches(model, tiny_data["test"], 30))
-    assert result.num_utts == 8 and result.loss > 0 and 0 <= result.cer <= 100
+    test = load_eval_batches(model, tiny_data["test"], 30)
+    result = evaluate_model(model, test)
+    assert result.num_utts == 8 and result.loss > 0
+    assert result.cer == pytest.approx(independent_cer(decode_set(model, test).utts))
 
 
 def test_stage_0_does_not_redo_a_complete_corpus(pipeline):

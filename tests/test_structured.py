@@ -7,9 +7,12 @@ import json
 import pytest
 import torch
 
+from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import copy_assets, load_checkpoint, load_model, save_model
 from comflp.asr.config import ExperimentConfig, ModelConfig, load_config
+from comflp.asr.data import load_eval_batches
 from comflp.asr.model import ASRModel
+from comflp.decoding import decode_set
 from comflp.structured.gates import HardConcrete
 from comflp.structured.lagrangian import Lagrangian, target_at
 from comflp.structured.masked import GROUPS, GateSet, Masker, gate_name
@@ -24,7 +27,7 @@ from comflp.structured.physical import (
     module_plans,
     physically_prune,
 )
-from tests.conftest import PYTHON, REPO, run_cmd
+from tests.conftest import PYTHON, REPO, independent_cer, run_cmd
 
 ENCODERS = ("transformer", "conformer")
 
@@ -255,7 +258,9 @@ def test_sparsity_reaches_the_target(pruned_tiny, pipeline):
     assert kept == structure["encoder_layer_parameters"]
     assert kept == pytest.approx(0.5 * encoder_layer_parameters(baseline), rel=0.04)
     dev = json.loads((sp_dir / "final_dev.json").read_text())
-    assert 0 <= dev["cer"] <= 100
+    native = NativeModel.load(sp_dir)
+    decoded = decode_set(native, load_eval_batches(native, pruned_tiny["data"]["dev"], 30))
+    assert dev["cer"] == pytest.approx(independent_cer(decoded.utts))
     history = json.loads((sp_dir / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(1, 7))
     assert history[-1]["train_target_sparsity"] == pytest.approx(0.5)
@@ -273,6 +278,9 @@ def test_resume_gives_the_same_pruned_model(pruned_tiny):
 
 
 def test_pruned_model_fine_tunes_like_any_model(pruned_tiny, tmp_path):
+    """Stage 8 starts from the pruned model's own weights: with a learning rate too small to
+    move them, the fine-tuned model is the pruned one."""
+    source = pruned_dir(pruned_tiny["root"] / "straight")
     run_cmd(
         [
             PYTHON,
@@ -280,20 +288,29 @@ def test_pruned_model_fine_tunes_like_any_model(pruned_tiny, tmp_path):
             "--train_config",
             REPO / "conf/train_tiny.yaml",
             "--init_model",
-            pruned_dir(pruned_tiny["root"] / "straight"),
+            source,
             "--exp_dir",
             tmp_path / "ft",
             "--train_cuts",
             pruned_tiny["data"]["train"],
             "--dev_cuts",
             pruned_tiny["data"]["dev"],
-            "--set",
-            "train.num_epochs=1",
+            *(
+                "--set",
+                "train.num_epochs=1",
+                "--set",
+                "train.lr=1e-12",
+                "--set",
+                "train.min_lr=1e-13",
+            ),
         ]
     )
-    model = load_model(tmp_path / "ft")
-    straight = load_model(pruned_dir(pruned_tiny["root"] / "straight"))
+    model, straight = load_model(tmp_path / "ft"), load_model(source)
     assert model.cfg.layer_shapes == straight.cfg.layer_shapes
+    tuned, pruned = model.state_dict(), straight.state_dict()
+    assert tuned.keys() == pruned.keys()
+    for name, value in tuned.items():
+        torch.testing.assert_close(value, pruned[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_bad_structured_inputs(pipeline, tiny_data, tmp_path):

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
 from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
@@ -375,7 +376,7 @@ def timed_fine_search(
     top_k: int = 10,
 ) -> dict[str, Any]:
     """CoMFLP as stage 6 runs it on one score: the beam search's top ``top_k`` and their fine
-    search; seconds of each step, the chosen layers and their CER. The fine search's choice is
+    search; seconds of each step, the top ``top_k``, the chosen layers and their CER. The fine search's choice is
     read from the CER cache (the best of the top K, as the fine search picks it); its time,
     which does not depend on the scoring variant (K evaluations with the prefix cache), is
     measured once per P by running it on the first variant's top K."""
@@ -391,6 +392,7 @@ def timed_fine_search(
     return {
         "beam_seconds": coarse_seconds,
         "fine_seconds": cache.data["fine"]["seconds"],
+        "beam_layers": [list(p) for p in layers],
         "fine_layers": list(layers[best]),
         "fine_cer": float(cers[best]),
     }
@@ -414,11 +416,42 @@ def variant_quality(
     }
 
 
+@dataclass
+class Entry:
+    """One row of the study: what it is (a variant's ``to_dict``), its scorer and the seconds
+    its score took to build."""
+
+    info: dict[str, Any]
+    scorer: Any
+    seconds: float
+
+
+def study_entries(
+    variants: Sequence[Variant],
+    built: dict[tuple, tuple[ProposalScore, float]],
+    consensus_of: Sequence[Variant] = (),
+) -> list[Entry]:
+    """Every variant's row, and the consensus of ``consensus_of`` (stage 6's consensus of the
+    default scores, :mod:`comflp.prune.consensus`) when it names two or more variants."""
+    entries = [
+        Entry(v.to_dict(), built[v.matrix_key][0].scorer(v.aggregation), built[v.matrix_key][1])
+        for v in variants
+    ]
+    if len(consensus_of) > 1:
+        first = consensus_of[0]
+        info = {**first.to_dict(), "name": f"consensus/{first.pooling}/N{first.num_utts}"}
+        info.update(score="consensus", options={"of": [v.name for v in consensus_of]})
+        scorer = ConsensusScorer(
+            [built[v.matrix_key][0].scorer(v.aggregation) for v in consensus_of]
+        )
+        entries.append(Entry(info, scorer, sum(built[v.matrix_key][1] for v in consensus_of)))
+    return entries
+
+
 def study_num_prune(
     stack: LayerStack,
     batches: list[dict],
-    variants: Sequence[Variant],
-    built: dict[tuple, tuple[ProposalScore, float]],
+    entries: Sequence[Entry],
     num_prune: int,
     cache: CerCache,
     dump_seconds_per_utt: float,
@@ -426,28 +459,26 @@ def study_num_prune(
     sample_size: int = 300,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The study for one P: proposals and their CERs, and every variant's scores, quality
-    and CoMFLP search time (the dump's share for its N utterances, its matrix, the beam
-    search and the fine search of the top 10)."""
-    scorers = {v: built[v.matrix_key][0].scorer(v.aggregation) for v in variants}
+    """The study for one P: proposals and their CERs, and every entry's scores, quality and
+    CoMFLP search time (the dump's share for its N utterances, its score, the beam search and
+    the fine search of the top 10)."""
     proposals, uniform = proposal_set(
-        stack.num_layers, num_prune, list(scorers.values()), cap, sample_size, seed=seed
+        stack.num_layers, num_prune, [e.scorer for e in entries], cap, sample_size, seed=seed
     )
     cer = proposal_cers(stack, batches, proposals, cache)
     layers = np.array(proposals)
     rows = []
-    for v in tqdm(variants, desc=f"variants, P={num_prune}", unit="variant", mininterval=10):
-        matrix_seconds = built[v.matrix_key][1]
-        scores = score_proposals(scorers[v], layers)
-        timing = timed_fine_search(stack, batches, scorers[v], num_prune, cache)
-        dump_seconds = dump_seconds_per_utt * v.num_utts
-        total = dump_seconds + matrix_seconds + timing["beam_seconds"] + timing["fine_seconds"]
+    for e in tqdm(entries, desc=f"variants, P={num_prune}", unit="variant", mininterval=10):
+        scores = score_proposals(e.scorer, layers)
+        timing = timed_fine_search(stack, batches, e.scorer, num_prune, cache)
+        dump_seconds = dump_seconds_per_utt * e.info["num_utts"]
+        total = dump_seconds + e.seconds + timing["beam_seconds"] + timing["fine_seconds"]
         rows.append(
             {
-                **v.to_dict(),
+                **e.info,
                 **variant_quality(scores, cer, uniform),
                 "dump_seconds": dump_seconds,
-                "matrix_seconds": matrix_seconds,
+                "matrix_seconds": e.seconds,
                 **timing,
                 "total_seconds": total,
                 "scores": scores.tolist(),

@@ -104,3 +104,59 @@ def report(summary: dict) -> str:
             lines.append(f"GLP (stage 6): CER {glp['cer']:.2f} in {glp['seconds']:.1f} s.")
         lines += ["", format_table(result), "", *size_lines(result, summary["reference"])]
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def robustness_report(summary: dict) -> str:
+    """The study across models: per score median / worst; per model the pipeline."""
+    p = summary["num_prune"]
+    lines = [
+        f"# Search quality across models (P = {p})",
+        "",
+        "Per score: Spearman between its score and the dev CER over every proposal, and the "
+        "relative regret of the best of its top 10 against the exhaustive oracle; median and "
+        "worst over the models. `consensus`: the mean of the default scores standardised over "
+        "the proposals.",
+        "",
+        "| score | median Spearman | worst Spearman | median rel@10 | worst rel@10 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    across = summary["across"]
+    for name, q in sorted(across.items(), key=lambda kv: kv[1]["worst_spearman"]):
+        lines.append(
+            f"| {name} | {q['median_spearman']:.3f} | {q['worst_spearman']:.3f} | "
+            f"{_pct(q['median_relative@10'])} | {_pct(q['worst_relative@10'])} |"
+        )
+    lines += [
+        "",
+        f"The default pipeline (the beam top 10 of {', '.join(summary['scores'])} merged, one "
+        "fine search) on each model:",
+        "",
+        "| model | oracle CER | pipeline CER | relative to the oracle | proposals evaluated | GLP CER |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, m in summary["models"].items():
+        glp = m["glp"]
+        lines.append(
+            f"| {label} | {m['oracle_cer']:.2f} | {m['pipeline']['cer']:.2f} | "
+            f"{_pct(m['pipeline']['relative'])} | {m['pipeline']['evaluations']} | "
+            f"{'-' if not glp else format(glp['cer'], '.2f')} |"
+        )
+    if summary["calibration"]:
+        lines += [
+            "",
+            "Another random calibration subset of the same size:",
+            "",
+            "| model | score | ranking agreement | Spearman | Spearman, other subset |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for label, shifts in summary["calibration"].items():
+            for score, q in shifts.items():
+                lines.append(
+                    f"| {label} | {score} | {q['rank_agreement']:.3f} | {q['spearman']:.3f} | "
+                    f"{q['spearman_again']:.3f} |"
+                )
+    return "\n".join(lines) + "\n"

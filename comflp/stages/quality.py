@@ -26,13 +26,15 @@ from comflp.prune.quality import (
     REFERENCE_NUM_UTTS,
     CerCache,
     StudyFeatures,
+    study_entries,
     study_num_prune,
     study_variants,
     variant_scores,
 )
-from comflp.prune.scores.base import SCORES
+from comflp.prune.robustness import across_models, calibration_shift, model_summary, variant_name
+from comflp.prune.scores.base import SCORES, ScoreChoice
 from comflp.prune.stacks import LayerStack, stack_of
-from comflp.report.quality import plot_scatter, report
+from comflp.report.quality import plot_scatter, report, robustness_report
 from comflp.settings import REQUIRED, option
 from comflp.subsets import parse_num_prune
 from comflp.utils import atomic_write_json, atomic_write_text
@@ -103,6 +105,14 @@ def calibration_dump(s: QualitySettings, model: PrunableModel, stack: LayerStack
     return dump_dir
 
 
+def default_variants(variants: list, reference: int) -> list:
+    """The variants of stage 5's default scores as stage 6 searches them (frames, N =
+    reference, dc over batches of 32, mean aggregation); empty unless all are studied."""
+    want = [variant_name(name, reference) for name in ScoreChoice().scores]
+    by_name = {v.name: v for v in variants}
+    return [by_name[n] for n in want] if all(n in by_name for n in want) else []
+
+
 def glp_reference(exp_dir: Path, stack: str, num_prune: int) -> dict | None:
     """Stage 6's GLP search of the experiment, when there is one: its seconds and CER."""
     path = ExpDir(exp_dir).stack(stack).search_result("glp", num_prune)
@@ -139,6 +149,7 @@ def study(s: QualitySettings) -> None:
         built = variant_scores(features, variants)
     except ValueError as e:
         raise InputError(f"scores of {s.output_dir / DUMP_DIR}: {e}") from None
+    entries = study_entries(variants, built, default_variants(variants, reference))
     batches = load_eval_batches(model, s.dev_cuts, s.max_duration, s.dev_num_utts, s.seed)
     settings = {
         "model_dir": str(model.source),
@@ -157,8 +168,7 @@ def study(s: QualitySettings) -> None:
         result = study_num_prune(
             stack,
             batches,
-            variants,
-            built,
+            entries,
             p,
             cache,
             features.info["seconds"] / features.num_utts,
@@ -198,3 +208,51 @@ def write_summary(s, settings, num_layers, features, sizes, reference, results) 
     atomic_write_json(s.output_dir / QUALITY_JSON, summary)
     atomic_write_text(s.output_dir / REPORT_MD, report(summary))
     logging.info(f"wrote {s.output_dir / QUALITY_JSON} and {s.output_dir / REPORT_MD}")
+
+
+@dataclass(kw_only=True)
+class SummarySettings(ScoreChoice):
+    """The study across models: several studies' quality.json, one P."""
+
+    studies: list[str] = option(REQUIRED, "LABEL=DIR: a model's study directory")
+    calibration: list[str] = option(
+        [], "LABEL=DIR: a second study of LABEL's model with another calibration subset"
+    )
+    num_prune: int = option(6, "the P compared (all its proposals evaluated in every study)")
+    output: Path = option(REQUIRED, "the Markdown report (its JSON beside it)")
+
+
+def _labelled(items: list[str], option_name: str) -> dict[str, dict]:
+    out = {}
+    for item in items:
+        label, sep, directory = item.partition("=")
+        path = Path(directory) / QUALITY_JSON
+        if not sep or not path.is_file():
+            raise InputError(f"--{option_name} {item}: expected LABEL=DIR with DIR/{QUALITY_JSON}")
+        out[label] = json.loads(path.read_text())
+    return out
+
+
+def summarize(s: SummarySettings) -> None:
+    studies = _labelled(s.studies, "studies")
+    again = _labelled(s.calibration, "calibration")
+    unknown = sorted(set(again) - set(studies))
+    if unknown:
+        raise InputError(f"--calibration {', '.join(unknown)}: no study of that label")
+    try:
+        models = {k: model_summary(v, s.num_prune, s.scores) for k, v in studies.items()}
+        shifts = {
+            k: calibration_shift(studies[k], v, s.num_prune, s.scores) for k, v in again.items()
+        }
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    summary = {
+        "num_prune": s.num_prune,
+        "scores": s.scores,
+        "models": models,
+        "across": across_models(models),
+        "calibration": shifts,
+    }
+    atomic_write_json(s.output.with_suffix(".json"), summary)
+    atomic_write_text(s.output, robustness_report(summary))
+    logging.info(f"wrote {s.output} and its JSON")

@@ -46,6 +46,9 @@ class SearchSettings(ModelSettings, ScoreChoice):
     )
     beam_size: int = option(10, "coarse beam search: beam width", low=1)
     top_k: int = option(10, "coarse proposals of each score passed to the fine search", low=1)
+    consensus: bool = option(
+        True, "with several scores, their consensus ranks too and its top K joins the merge"
+    )
     max_exhaustive: int = option(
         DEFAULT_MAX_EXHAUSTIVE, "refuse an exhaustive coarse search over more proposals", low=1
     )

@@ -8,6 +8,9 @@ scores' rankings are interleaved rank by rank). The search's cost is the dump, e
 every coarse search and the fine pass, each counted once; the fine pass is shared out among the
 P values in proportion to the compute of their candidates.
 
+With several scores, their consensus (:mod:`comflp.prune.consensus`, the mean of the scores
+standardised over proposals of the same size) ranks too and its top K joins the merge.
+
 Stage 7 gets the pipeline's choice (``comflp``) and, per score, its coarse top-1
 (``comflp_<score>_coarse``) and the best of its own top K (``comflp_<score>_fine``, read from the
 same evaluations: the same dev metric a separate fine search of that score would give), each
@@ -22,6 +25,8 @@ from pathlib import Path
 
 from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS
+from comflp.prune.consensus import NAME as CONSENSUS
+from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.method_list import Method
 from comflp.prune.metric_search import SearchResult, best_row, fine_search
 from comflp.prune.scores.base import SCORES, ProposalScore, read_score_file
@@ -87,18 +92,17 @@ class CoMFLP(Search):
     def coarse(
         self, ctx: SearchContext, scores: dict[str, tuple[ProposalScore, float]], p: int
     ) -> tuple[dict[str, list[Proposal]], dict[str, float]]:
-        """Every score's top K for P, and the seconds of each coarse search."""
+        """Every score's top K for P (and their consensus's, with several scores), and the
+        seconds of each coarse search."""
         s = ctx.settings
+        scorers = {name: score.scorer(s.coarse_aggregation) for name, (score, _) in scores.items()}
+        if s.consensus and len(scorers) > 1:
+            scorers[CONSENSUS] = ConsensusScorer(list(scorers.values()))
         rankings, seconds = {}, {}
-        for name, (score, _) in scores.items():
+        for name, scorer in scorers.items():
             start = time.perf_counter()
             rankings[name] = coarse_search(
-                score.scorer(s.coarse_aggregation),
-                p,
-                s.search_mode,
-                s.beam_size,
-                s.top_k,
-                s.max_exhaustive,
+                scorer, p, s.search_mode, s.beam_size, s.top_k, s.max_exhaustive
             )
             seconds[name] = time.perf_counter() - start
         return rankings, seconds
@@ -155,7 +159,7 @@ class CoMFLP(Search):
                 f"{', '.join(search['scores'])} by dev {metric}",
             )
         ]
-        for name in search["scores"]:
+        for name in search["rankings"]:
             rows += _score_methods(search, name, model)
         return rows
 
@@ -184,7 +188,9 @@ def _score_methods(search: dict, name: str, model: ModelRef) -> list[Method]:
     share = sum(r["seconds"] for r in own) / max(
         sum(r["seconds"] for r in search["candidates"]), 1e-12
     )
-    base = search["dump_seconds"] + search["score_seconds"][name] + search["coarse_seconds"][name]
+    built = search["score_seconds"]
+    score_seconds = built[name] if name in built else sum(built.values())  # the consensus
+    base = search["dump_seconds"] + score_seconds + search["coarse_seconds"][name]
     return [
         model.method(
             f"comflp_{name}_coarse",

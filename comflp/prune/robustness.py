@@ -1,0 +1,123 @@
+"""The search-quality study across models: how each score ranks proposals on every model, and
+how the default pipeline (every default score's top K merged, one fine search) does.
+
+Input: the ``quality.json`` of :mod:`comflp.stages.quality` for several models (all proposals
+of one P evaluated on each). Per model and score: Spearman against the dev CER and the relative
+regret of the best of its top 10 against the oracle; then per score the median and the worst
+over the models. The pipeline's choice is the lowest CER among the merged beam top Ks of the
+default scores (what stage 6 evaluates); ``consensus`` is the mean of the default scores'
+standardised values, a rank aggregation computed on the study's proposals. A second study of a
+model with another random calibration subset shows how the ranking moves with it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from comflp.prune.quality import best_of_top_k_regret, spearman
+
+
+def result_for(study: dict, num_prune: int) -> dict:
+    """The study's result of one P (ValueError when it has none)."""
+    for result in study["results"]:
+        if result["num_prune"] == num_prune:
+            return result
+    have = [r["num_prune"] for r in study["results"]]
+    raise ValueError(f"the study of {study['model_dir']} has no P = {num_prune} (has {have})")
+
+
+def variant_name(score: str, reference: int) -> str:
+    """The study's name of a score as stage 5 builds it by default (frames, N = reference)."""
+    label = "dc_b32" if score == "dc" else score
+    return f"{label}/frames/N{reference}"
+
+
+def _variants(result: dict, names: Sequence[str]) -> dict[str, dict]:
+    by_name = {v["name"]: v for v in result["variants"]}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"variants {', '.join(missing)} are not in the study")
+    return {n: by_name[n] for n in names}
+
+
+def consensus(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean of the scores standardised over the proposals (a scale-free rank aggregation)."""
+    z = [(s - s.mean()) / (s.std() or 1.0) for s in map(np.asarray, scores)]
+    return np.mean(z, axis=0)
+
+
+def quality(scores: np.ndarray, cer: np.ndarray) -> dict[str, float]:
+    regret = best_of_top_k_regret(scores, cer, 10)
+    return {"spearman": spearman(scores, cer), "relative@10": regret["relative"]}
+
+
+def model_summary(study: dict, num_prune: int, defaults: Sequence[str]) -> dict[str, Any]:
+    """One model: every variant's Spearman and top-10 regret, the consensus, the pipeline."""
+    result = result_for(study, num_prune)
+    if not result["exhaustive"]:
+        raise ValueError(f"{study['model_dir']}: P = {num_prune} was sampled, not exhaustive")
+    cer = np.array([p["cer"] for p in result["proposals"]])
+    names = [variant_name(s, study["reference"]) for s in defaults]
+    chosen = _variants(result, names)
+    scores = {v["name"]: quality(np.array(v["scores"]), cer) for v in result["variants"]}
+    scores["consensus (of the study's proposals)"] = quality(
+        consensus([np.array(chosen[n]["scores"]) for n in names]), cer
+    )
+    cer_of = {tuple(p["layers"]): p["cer"] for p in result["proposals"]}
+    members = names + [n for n in (f"consensus/frames/N{study['reference']}",) if n in scores]
+    by_name = {v["name"]: v for v in result["variants"]}
+    merged = {tuple(layers) for n in members for layers in by_name[n]["beam_layers"]}
+    best = min(cer_of[m] for m in merged)
+    oracle = result["oracle_cer"]
+    return {
+        "model": study["model_dir"],
+        "oracle_cer": oracle,
+        "scores": scores,
+        "pipeline": {
+            "cer": best,
+            "relative": (best - oracle) / oracle if oracle else 0.0,
+            "evaluations": len(merged),
+        },
+        "glp": result.get("glp"),
+    }
+
+
+def across_models(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per score present on every model: median and worst Spearman and relative regret."""
+    common = set.intersection(*(set(s["scores"]) for s in summaries.values()))
+    out = {}
+    for name in sorted(common):
+        rho = [s["scores"][name]["spearman"] for s in summaries.values()]
+        rel = [s["scores"][name]["relative@10"] for s in summaries.values()]
+        out[name] = {
+            "median_spearman": statistics.median(rho),
+            "worst_spearman": max(rho),
+            "median_relative@10": statistics.median(rel),
+            "worst_relative@10": max(rel),
+        }
+    return out
+
+
+def calibration_shift(study: dict, again: dict, num_prune: int, defaults: Sequence[str]) -> dict:
+    """Per default score: how alike its rankings of the proposals are with two calibration
+    subsets (Spearman between the two score vectors), and its Spearman against the CER with
+    each."""
+    first, second = result_for(study, num_prune), result_for(again, num_prune)
+    if [p["layers"] for p in first["proposals"]] != [p["layers"] for p in second["proposals"]]:
+        raise ValueError("the two studies evaluated different proposals")
+    cer = np.array([p["cer"] for p in first["proposals"]])
+    out = {}
+    for score in defaults:
+        name = variant_name(score, study["reference"])
+        a = np.array(_variants(first, [name])[name]["scores"])
+        b = np.array(_variants(second, [name])[name]["scores"])
+        out[score] = {
+            "rank_agreement": spearman(a, b),
+            "spearman": spearman(a, cer),
+            "spearman_again": spearman(b, cer),
+        }
+    return out

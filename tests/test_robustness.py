@@ -1,0 +1,116 @@
+"""The study across models (comflp/prune/robustness.py) on hand-made studies with known answers."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from comflp.prune.robustness import (
+    across_models,
+    calibration_shift,
+    consensus,
+    model_summary,
+    variant_name,
+)
+from comflp.stages.quality import SummarySettings, summarize
+
+PROPOSALS = [list(c) for c in combinations(range(1, 5), 2)]  # 6 proposals of 4 layers
+DEFAULTS = ["residual_sum", "dc"]
+
+
+def study(cer, scores: dict[str, list[float]], beams: dict[str, list[list[int]]]) -> dict:
+    variants = [
+        {"name": variant_name(s, 32), "scores": scores[s], "beam_layers": beams[s]} for s in scores
+    ]
+    return {
+        "model_dir": "exp/m",
+        "reference": 32,
+        "results": [
+            {
+                "num_prune": 2,
+                "exhaustive": True,
+                "oracle_cer": min(cer),
+                "proposals": [{"layers": p, "cer": c} for p, c in zip(PROPOSALS, cer)],
+                "variants": variants,
+                "glp": {"cer": 11.0, "seconds": 3.0, "layers": [1, 2]},
+            }
+        ],
+    }
+
+
+CER = [10.0, 12.0, 14.0, 11.0, 13.0, 15.0]
+PERFECT = [-c for c in CER]  # ranks exactly as the CER
+WORSE = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # unrelated to it
+
+
+def test_one_model_scores_consensus_and_pipeline():
+    s = study(
+        CER,
+        {"residual_sum": PERFECT, "dc": WORSE},
+        {"residual_sum": [[2, 3], [1, 4]], "dc": [[3, 4], [2, 4]]},  # their beam top 2
+    )
+    m = model_summary(s, 2, DEFAULTS)
+    assert m["scores"]["residual_sum/frames/N32"]["spearman"] == pytest.approx(-1.0)
+    rho = stats.spearmanr(WORSE, CER).statistic
+    assert m["scores"]["dc_b32/frames/N32"]["spearman"] == pytest.approx(rho)
+    want = stats.spearmanr(np.add(stats.zscore(PERFECT), stats.zscore(WORSE)), CER).statistic
+    assert m["scores"]["consensus (of the study's proposals)"]["spearman"] == pytest.approx(want)
+    # the merged beams hold (2, 3), (1, 4), (3, 4), (2, 4): the best is (2, 3) at 11.0
+    assert m["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 4}
+    assert consensus([np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])]) == pytest.approx(
+        [-1.2247, 0.6124, 0.6124], abs=1e-4
+    )
+
+
+def test_median_and_worst_across_models():
+    a = model_summary(study(CER, {"residual_sum": PERFECT, "dc": PERFECT}, _beams()), 2, DEFAULTS)
+    b = model_summary(study(CER, {"residual_sum": WORSE, "dc": PERFECT}, _beams()), 2, DEFAULTS)
+    c = model_summary(study(CER, {"residual_sum": PERFECT, "dc": WORSE}, _beams()), 2, DEFAULTS)
+    across = across_models({"a": a, "b": b, "c": c})
+    rho = stats.spearmanr(WORSE, CER).statistic
+    assert across["residual_sum/frames/N32"]["median_spearman"] == pytest.approx(-1.0)
+    assert across["residual_sum/frames/N32"]["worst_spearman"] == pytest.approx(rho)
+    assert across["dc_b32/frames/N32"]["worst_relative@10"] == pytest.approx(0.0)
+
+
+def _beams():
+    return {"residual_sum": [[1, 2]], "dc": [[1, 2]]}
+
+
+def test_calibration_shift_compares_the_two_rankings():
+    first = study(CER, {"residual_sum": PERFECT, "dc": WORSE}, _beams())
+    second = study(CER, {"residual_sum": WORSE, "dc": WORSE}, _beams())
+    shift = calibration_shift(first, second, 2, DEFAULTS)
+    assert shift["dc"]["rank_agreement"] == pytest.approx(1.0)
+    rho = stats.spearmanr(PERFECT, WORSE).statistic
+    assert shift["residual_sum"]["rank_agreement"] == pytest.approx(rho)
+    assert shift["residual_sum"]["spearman"] == pytest.approx(-1.0)
+
+
+def test_summary_report_and_its_errors(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        s = study(CER, {"residual_sum": PERFECT, "dc": WORSE}, _beams())
+        (tmp_path / label / "quality.json").write_text(json.dumps(s))
+    out = tmp_path / "report.md"
+    summarize(
+        SummarySettings(
+            studies=[f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
+            calibration=[f"a={tmp_path / 'b'}"],
+            num_prune=2,
+            scores=DEFAULTS,
+            output=out,
+        )
+    )
+    text = out.read_text()
+    assert "| residual_sum/frames/N32 | -1.000 | -1.000 | 0.0% | 0.0% |" in text
+    assert "| a | 10.00 | 10.00 | 0.0% | 1 | 11.00 |" in text
+    assert json.loads(out.with_suffix(".json").read_text())["num_prune"] == 2
+    with pytest.raises(ValueError, match="--studies x: expected LABEL=DIR"):
+        summarize(SummarySettings(studies=["x"], output=out))
+    with pytest.raises(ValueError, match="has no P = 6"):
+        summarize(SummarySettings(studies=[f"a={tmp_path / 'a'}"], output=out, scores=DEFAULTS))
