@@ -17,6 +17,7 @@ from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
 from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
 from comflp.stages.scores import ScoreSettings, build_scores
 
+from .conftest import PYTHON, REPO, run_cmd
 from .test_searches import KnownStack, additive_cer
 
 
@@ -95,3 +96,18 @@ def test_a_new_score_goes_through_stages_5_and_6(registered, tmp_path):
     # summed sizes 3, 4, then a tie at 5 that keeps the beam's generation order: (2, 3) first
     assert [r["layers"] for r in result.candidates] == [[2, 4], [2, 6], [2, 3]]
     assert result.best_layers == (2, 4)  # the two smallest updates, and the lowest CER
+
+
+def test_a_damaged_dump_is_one_line_that_says_to_rerun_stage_4(tmp_path):
+    exp = ExpDir(tmp_path / "exp")
+    dump_layers(StatesOnly([1.0, 2.0, 3.0]), [{"ids": ["u1"]}, {"ids": ["u2"]}], exp.dump, "frames")
+    ark = exp.dump / "layer02.ark"
+    ark.write_bytes(ark.read_bytes()[: ark.stat().st_size // 2])  # cut short
+    proc = run_cmd(
+        [PYTHON, REPO / "bin/scores.py", "--exp_dir", exp.root, "--scores", "dc"], check=False
+    )
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "layer02.scp: cannot read layer 2 of the dump" in errors[0]
+    assert errors[0].endswith("rerun stage 4")
+    assert not exp.score("dc").exists()
