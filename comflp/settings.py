@@ -17,7 +17,6 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 REQUIRED: Any = dataclasses.MISSING
@@ -150,4 +149,4 @@ def defaults(cls: type) -> dict[str, Any]:
     return {f.name: _default(f) for f in dataclasses.fields(cls) if _default(f) is not REQUIRED}
 
 
-__all__ = ["REQUIRED", "Path", "add_settings", "defaults", "from_args", "option", "str2bool"]
+__all__ = ["REQUIRED", "add_settings", "defaults", "from_args", "option", "str2bool"]

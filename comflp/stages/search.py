@@ -4,7 +4,6 @@ format). Without an experiment, the coarse search of one score file (``--matrix`
 
 from __future__ import annotations
 
-import json
 import logging
 
 from comflp.asr.data import load_eval_batches
@@ -108,11 +107,3 @@ def coarse_only(s: SearchSettings) -> None:
     logging.info(
         f"wrote {s.output}: {len(proposals)} proposals, best score {proposals[0].score:.6f}"
     )
-
-
-def best_layers(exp: ExpDir, name: str, p: int) -> list[int]:
-    """A search's choice for P (stage 8 fine-tunes it)."""
-    path = exp.search_result(name, p)
-    if not path.is_file():
-        raise InputError(f"{path}: not found (run stage 6 with {name} among --search_methods)")
-    return json.loads(path.read_text())["best_layers"]
