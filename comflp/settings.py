@@ -7,7 +7,8 @@ checks run.sh's defaults against these (docs/DESIGN.md, "Settings").
 
 Field types understood: ``int``, ``float``, ``str``, ``bool`` (``true``/``false``), ``Path``,
 their ``| None`` forms, and ``list[int]``/``list[str]`` (one or more values, each of which may
-hold several separated by spaces, as run.sh passes them: ``--num_prune "2 4 6"``).
+hold several separated by spaces, as run.sh passes them: ``--num_prune "2 4 6"``; a list option
+given twice collects both, as ``--set a=1 --set b=2`` should).
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ def add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
             "type": str if is_list else _parse_type(base, f.metadata.get("low")),
         }
         if default is not REQUIRED:
-            kwargs["default"] = default
+            kwargs["default"] = None if is_list else default
         if is_list:
-            kwargs["nargs"] = "+"
+            kwargs.update(nargs="+", action="extend")
         elif choices is not None:
             kwargs["choices"] = choices() if callable(choices) else choices
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)
@@ -140,7 +141,9 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
     for f in dataclasses.fields(cls):
         _, is_list = _base_type(typing.get_type_hints(cls)[f.name])
         value = getattr(args, f.name)
-        values[f.name] = _split_list(cls, f, value) if is_list else value
+        if is_list:
+            value = _default(f) if value is None else _split_list(cls, f, value)
+        values[f.name] = value
     return cls(**values)
 
 

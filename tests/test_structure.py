@@ -225,3 +225,20 @@ def test_every_option_has_help(cls):
 
     for f in dataclasses.fields(cls):
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
+
+
+def test_list_options_collect_repeats_and_keep_their_defaults():
+    import argparse
+    from dataclasses import dataclass
+
+    @dataclass(kw_only=True)
+    class Example:
+        set: list[str] = settings.option([], "overrides")
+        num_prune: list[int] = settings.option([6], "layers")
+
+    parser = argparse.ArgumentParser()
+    settings.add_settings(parser, Example)
+    parsed = settings.from_args(Example, parser.parse_args(["--set", "a=1", "--set", "b=2 c=3"]))
+    assert parsed.set == ["a=1", "b=2", "c=3"] and parsed.num_prune == [6]
+    parsed = settings.from_args(Example, parser.parse_args(["--num_prune", "2 4", "8"]))
+    assert parsed.num_prune == [2, 4, 8] and parsed.set == []

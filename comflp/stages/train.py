@@ -41,14 +41,24 @@ class Stopped(Exception):
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``--set SECTION.KEY=VALUE`` options as ``{"SECTION.KEY": value}`` (values read as YAML)."""
+    """``--set SECTION.KEY=VALUE`` options as ``{"SECTION.KEY": value}`` (values read as YAML,
+    but a number stays a number: YAML 1.1 reads ``1e-12`` as a string)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise InputError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. model.num_layers=6")
         out[key] = yaml.safe_load(value)
+        if isinstance(out[key], str):
+            out[key] = _number(out[key])
     return out
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 @dataclass(kw_only=True)

@@ -179,11 +179,20 @@ def meet_budget(gates: GateSet, target_sparsity: float) -> dict[str, torch.Tenso
     """Deterministic gate values whose structure keeps as close as possible to
     ``(1 - target_sparsity)`` of the prunable parameters: the trained values, then fine entries
     switched off (least wanted first) or on (most wanted first, with their module and layer),
-    each switch kept when it brings the count nearer the budget."""
+    each switch kept when it brings the count nearer the budget; a second pass the other way
+    undoes an overshoot (a module's last unit takes the module's own parameters with it)."""
     values = {name: v.detach().cpu().clone() for name, v in gates.values(training=False).items()}
     budget = (1 - target_sparsity) * prunable_parameters(gates.cfg)
     kept = kept_parameters(gates, values)
-    removing = kept > budget
+    first = kept > budget
+    for removing in (first, not first):
+        kept = _budget_pass(gates, values, budget, kept, removing)
+    return values
+
+
+def _budget_pass(
+    gates: GateSet, values: dict[str, torch.Tensor], budget: float, kept: int, removing: bool
+) -> int:
     for _, k, group, i in sorted(_entries(gates), reverse=not removing):
         if (float(values[group][i]) > 0) != removing:
             continue
@@ -194,7 +203,7 @@ def meet_budget(gates: GateSet, target_sparsity: float) -> dict[str, torch.Tenso
             kept = after
         else:
             values.update(undo)
-    return values
+    return kept
 
 
 @torch.no_grad()

@@ -105,9 +105,10 @@ class StructuredTrainer(Trainer):
             self.optimizer, [schedule, schedule, _constant, _constant]
         )
 
-    def compute_loss(self, feats: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """CTC of the gated student + distillation + the Lagrangian sparsity term."""
-        loss, stats = super().compute_loss(feats, batch)
+        feats = self.input_features(batch)
+        loss, stats = self.model_loss(feats, batch)
         teacher, lengths = teacher_hidden(
             self.teacher, feats, batch["feat_lens"].to(self.device), self.layers
         )

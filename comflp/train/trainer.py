@@ -300,7 +300,10 @@ class Trainer:
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The training loss of one batch and its parts for logging."""
-        feats = self.input_features(batch)
+        return self.model_loss(self.input_features(batch), batch)
+
+    def model_loss(self, feats: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The model's own loss on these (possibly augmented) features."""
         with self.autocast:
             return self.ddp_model(
                 feats,
