@@ -2,7 +2,8 @@
 # Set up comflp on this machine: .venv with torch and the package, espeak-ng and sox.
 #   utils/setup.sh [--dev] [--quiet]
 #     --dev    also install the test and lint tools (pytest, hypothesis, ruff) and the
-#              optional model libraries the tests cover (transformers)
+#              optional libraries the tests cover (transformers; onnx, onnxruntime,
+#              onnxscript, sherpa-onnx for the export)
 #     --quiet  print nothing when everything is already in place
 # Safe to run again: it does nothing when nothing changed. torch==2.13.0 is installed only
 # when no torch is importable (a GPU machine keeps the build it has; the venv sees the
@@ -59,7 +60,7 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
   "${pip[@]}" "torch==2.13.0"
 fi
 extras=""
-$dev && extras="[dev,hf]"
+$dev && extras="[dev,hf,export]"
 echo "setup: installing comflp$extras and its dependencies into $venv" >&2
 "${pip[@]}" -e "$root$extras"
 echo "$want" > "$venv/.comflp-stamp"
