@@ -2,9 +2,11 @@
 
 ``model.onnx``: ``samples`` (N, S) float32 waveform in [-1, 1] at the processor's rate,
 ``sample_lens`` (N,) int64 -> ``log_probs`` (N, T, V), ``log_probs_len`` (N,) int64. The
-processor's per-utterance normalisation (``do_normalize``: zero mean, unit variance over the
-valid samples) is inside the graph, so a caller feeds raw samples; the processor is saved beside
-the model for its vocabulary.
+processor's normalisation (``do_normalize``: zero mean, unit variance) is inside the graph, over
+each utterance's own samples, as the processor normalises one utterance, so a caller feeds raw
+samples (a processor that returns no attention mask normalises a padded batch over its padding
+too; the graph does not copy that batching artefact). The processor is saved beside the model
+for its vocabulary.
 
 Not for sherpa-onnx: its offline CTC conventions for fbank models (WeNet, NeMo, zipformer,
 ...) hand the model features it computed; these models read the waveform.

@@ -62,7 +62,10 @@ class OrtCtc:
         return out, out_lens
 
     def transcribe(self, samples: np.ndarray) -> str:
-        feats = self.features(samples)
+        return self.decode_features(self.features(samples))
+
+    def decode_features(self, feats: np.ndarray) -> str:
+        """Greedy CTC transcript of one utterance's (T, 80) :meth:`features`."""
         log_probs, lengths = self.log_probs(feats[None], np.array([len(feats)], dtype=np.int64))
         best = log_probs[0, : lengths[0]].argmax(-1)
         keep = np.ones(len(best), dtype=bool)
