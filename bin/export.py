@@ -41,7 +41,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--model_type", default="auto", help="native, hf, or auto (from the directory's files)"
     )
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or above)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 22")
     parser.add_argument(
         "--int8", type=str2bool, default=False, help="also write a dynamic int8 model"
     )

@@ -220,8 +220,8 @@ def _bad_hf_dir(root):
         ("missing", "not a directory"),
         ("unknown_type", "--model_type espnet: unknown; export supports native, hf or auto"),
         ("unsupported_architecture", "unsupported architecture"),
-        ("opset_13", "--opset 13: comflp exports at opset 18 to"),
-        ("opset_99", "--opset 99: comflp exports at opset 18 to"),
+        ("opset_13", "--opset 13: comflp models export at opset 18 to 22"),
+        ("opset_23", "--opset 23: comflp models export at opset 18 to 22"),
         ("into_the_model", "would replace the model directory"),
     ],
 )

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 # torch.onnx's exporter (torch.export + onnxscript) writes opset-18 graphs; asked for a lower
-# opset it warns and keeps 18, which would label a file with an opset it does not have.
-MIN_OPSET = 18
+# opset it warns and keeps 18, which would label a file with an opset it does not have. From
+# opset 23 on it writes scaled_dot_product_attention as ONNX's Attention op, which neither
+# onnxruntime 1.32 nor sherpa-onnx's 1.28 runs with comflp's (B, 1, 1, T) padding mask.
+MIN_OPSET, MAX_OPSET = 18, 22
 INT8_OP_TYPES = ("MatMul", "Gemm")  # the weight matrices; see quantize_int8
 
 
@@ -23,19 +25,12 @@ class ExportError(ValueError):
     """A model, option or directory that cannot be exported: one line saying which and why."""
 
 
-def max_opset() -> int:
-    """The newest opset the installed onnx package defines."""
-    import onnx
-
-    return onnx.defs.onnx_opset_version()
-
-
 def check_opset(opset: int) -> None:
-    if not MIN_OPSET <= opset <= max_opset():
+    if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(
-            f"--opset {opset}: comflp exports at opset {MIN_OPSET} to {max_opset()} (torch.onnx's "
-            f"exporter writes opset-{MIN_OPSET} graphs at the least; the installed onnx "
-            f"defines up to {max_opset()})"
+            f"--opset {opset}: comflp models export at opset {MIN_OPSET} to {MAX_OPSET} "
+            f"(torch.onnx writes opset-{MIN_OPSET} graphs at the least; from opset 23 on its "
+            "Attention op does not run in onnxruntime with comflp's padding mask)"
         )
 
 
@@ -122,9 +117,14 @@ def self_check(
 ) -> float:
     """Max |onnxruntime - torch| of the first output over the valid frames of a batch of
     ``inputs`` (second output: lengths); ExportError above 1e-3 or for different lengths."""
-    session = ort_session(path)
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    got, got_lens = session.run(None, feeds)
+    try:
+        session = ort_session(path)
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+        got, got_lens = session.run(None, feeds)
+    except Exception as e:  # onnxruntime's own error types
+        raise ExportError(
+            f"{what}: onnxruntime cannot run the exported graph ({_first_line(e)[:300]})"
+        ) from None
     with torch.no_grad():
         ref, ref_lens = module(*inputs)
     if not np.array_equal(got_lens, ref_lens.numpy()):
