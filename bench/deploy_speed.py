@@ -17,7 +17,9 @@ For each thread count (torch threads, onnxruntime intra-op threads, sherpa-onnx 
 warm-up on --warmup utterances, then --repeats passes over the whole set; RTF = median pass
 time / audio seconds; the ratio is to the reference model's float32 torch RTF at the same thread
 count; CER of the first pass. For torch and onnxruntime the share of the time spent in the lhotse
-fbank is reported too. Run it on a quiet machine (nothing else running).
+fbank is reported too; for sherpa-onnx a model that computes nothing (every frame blank) gives
+its own share (fbank with its dither, stream, search), a row per thread count. Run it on a
+quiet machine (nothing else running).
 
     python bench/deploy_speed.py --workdir /work/runs --model unpruned=exp/baseline \\
         --model 12to6=exp/baseline/search/comflp_residual_sum_prune6/pruned \\
@@ -48,11 +50,36 @@ from comflp.asr.data import cut_text, load_cuts
 from comflp.asr.scoring import error_stats
 from comflp.cli import UsageError, add_common_args, run
 from comflp.export import export_model
-from comflp.export.core import EXPORT_INFO, INT8_MODEL
-from comflp.export.runtime import OrtCtc, SherpaCtc, normalise
+from comflp.export.core import EXPORT_INFO, FLOAT_MODEL, INT8_MODEL
+from comflp.export.graph import save_with_metadata, to_onnx
+from comflp.export.native import INPUT_NAMES, OUTPUT_NAMES
+from comflp.export.runtime import TOKENS, OrtCtc, SherpaCtc, normalise
 from comflp.report.provenance import provenance_lines
 
 RUNTIMES = ("torch", "onnxruntime", "sherpa-onnx")
+FRONT_END = "none (sherpa-onnx's own share)"
+
+
+class BlankCtc(torch.nn.Module):
+    """A model in the WeNet CTC convention that computes nothing: every frame is blank.
+    sherpa-onnx's time on it is its own share: fbank (with dither), stream, greedy search."""
+
+    def forward(self, x: torch.Tensor, x_lens: torch.Tensor):
+        blank = torch.zeros_like(x[..., 0])
+        return torch.stack([blank, blank - 100], -1), x_lens
+
+
+def front_end_export(root: Path) -> Path:
+    out = root / "front_end"
+    out.mkdir(parents=True, exist_ok=True)
+    frames = torch.export.Dim("frames", min=2, max=20000)
+    inputs = (torch.randn(1, 50, 80), torch.tensor([50]))
+    shapes = {"x": {1: frames}, "x_lens": None}
+    proto = to_onnx(BlankCtc(), inputs, (INPUT_NAMES, OUTPUT_NAMES), shapes, 18, "blank model")
+    save_with_metadata(proto, out / FLOAT_MODEL, {"vocab_size": 2, "subsampling_factor": 1})
+    (out / TOKENS).write_text("<blk> 0\n. 1\n")
+    (out / EXPORT_INFO).write_text(json.dumps({"model_dir": None, "models": [FLOAT_MODEL]}))
+    return out
 
 
 class TorchCtc:
@@ -170,12 +197,15 @@ def rows_for(models: dict[str, Path], exports: dict[str, Path], utts, args) -> l
                     row.update(model=name, runtime=runtime, int8=int8, threads=threads)
                     row["ratio"] = row["rtf"] / reference
                     rows.append(row)
+        row = measure(SherpaCtc(exports[FRONT_END], threads), utts, args)
+        row.update(model=FRONT_END, runtime="sherpa-onnx", int8=False, threads=threads, cer=None)
+        rows.append({**row, "ratio": row["rtf"] / reference})
     return rows
 
 
 def describe(models: dict[str, Path]) -> dict[str, str]:
     """Per model: its layers (kept layer numbers, or 'structured') and parameter count."""
-    out = {}
+    out = {FRONT_END: "- | -"}
     for name, model_dir in models.items():
         model = NativeModel.load(model_dir)
         cfg = model.asr.cfg
@@ -199,10 +229,11 @@ def markdown(rows: list[dict], models: dict[str, Path], notes: list[str]) -> str
         delta = "-"
         if r["int8"]:
             delta = f"{r['cer'] - float_cer[(r['model'], r['runtime'], r['threads'])]:+.2f}"
+        cer = "-" if r["cer"] is None else f"{r['cer']:.2f}"
         lines.append(
             f"| {r['model']} | {sizes[r['model']]} | {r['runtime']} | "
             f"{'int8' if r['int8'] else 'float32'} | {r['threads']} | {r['rtf']:.4f} | "
-            f"{r['ratio']:.2f}x | {share} | {r['cer']:.2f} | {delta} |"
+            f"{r['ratio']:.2f}x | {share} | {cer} | {delta} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -226,6 +257,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError("--repeats and --warmup must be >= 1")
     models = parse_models(args.model, args.workdir)
     exports = {name: exported(name, path, args.export_dir) for name, path in models.items()}
+    exports[FRONT_END] = front_end_export(args.export_dir)
     cuts = args.cuts or Path(f"data/fbank/cuts_{args.test_set}.jsonl.gz")
     utts = load_utterances(cuts, args.workdir)
     load_before = os.getloadavg()[0]
