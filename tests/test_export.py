@@ -171,11 +171,13 @@ def test_int8_model(exported, test_audio):
     assert sum(len(sherpa.transcribe(s)) for _, s, _ in test_audio) > 0
 
 
-HF_KINDS = ("wav2vec2", "wavlm")  # group-norm front end without a mask; relative position bias
+# group-norm front end without a mask, unpruned; WavLM without its first layer (the relative
+# position embedding moved to the new first layer), as stage 6 writes it
+HF_CASES = [("wav2vec2", []), ("wavlm", [1])]
 
 
-@pytest.mark.parametrize("kind", HF_KINDS)
-def test_hf_onnx_log_probs_equal_torch(kind, tiny_data, tmp_path):
+@pytest.mark.parametrize("kind, pruned", HF_CASES)
+def test_hf_onnx_log_probs_equal_torch(kind, pruned, tiny_data, tmp_path):
     """A Hugging Face CTC model's graph takes raw samples (the processor's normalisation
     inside) and gives the adapter's log-probabilities, utterance by utterance (atol 1e-4): a
     processor without attention masks normalises a padded batch over its padding too."""
@@ -185,6 +187,9 @@ def test_hf_onnx_log_probs_equal_torch(kind, tiny_data, tmp_path):
     from tests.test_hf import build
 
     model_dir = build(tmp_path / kind, kind)
+    if pruned:
+        HFModel.load(model_dir).prune(pruned).save(tmp_path / "pruned")
+        model_dir = tmp_path / "pruned"
     out = export_model(model_dir, tmp_path / "onnx").out_dir
     model, session = HFModel.load(model_dir), ort_session(out / "model.onnx")
     for cut in load_cuts(tiny_data["test"]):
@@ -198,6 +203,9 @@ def test_hf_onnx_log_probs_equal_torch(kind, tiny_data, tmp_path):
         assert got_lens.tolist() == ref_lens.tolist()
         np.testing.assert_allclose(got[0], ref[0].numpy(), rtol=0, atol=1e-4)
     assert (out / "vocab.json").is_file() and not (out / "tokens.txt").exists()
+    assert json.loads((out / "export.json").read_text())["metadata"]["num_layers"] == 4 - len(
+        pruned
+    )
 
 
 def _leftovers(parent) -> list[str]:
