@@ -137,8 +137,8 @@ def export_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_dependencies()
     check_opset(opset)
-    model, model_type = load_for_export(model_dir, model_type)
     _check_destination(out_dir, model_dir)
+    model, model_type = load_for_export(model_dir, model_type)
     model.module.eval()
     with staged_directory(out_dir) as tmp:
         info = EXPORTERS[model_type](model, tmp, opset)
