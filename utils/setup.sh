@@ -2,7 +2,8 @@
 # Set up comflp on this machine: .venv with torch and the package, espeak-ng and sox.
 #   utils/setup.sh [--dev] [--espnet] [--quiet]
 #     --dev    also install the test and lint tools (pytest, hypothesis, ruff) and the
-#              optional model libraries the tests cover (transformers)
+#              optional libraries the tests cover (transformers; onnx, onnxruntime,
+#              onnxscript, sherpa-onnx for the export)
 #     --espnet also create .venv-espnet for ESPnet2 models (--model_type espnet): its own
 #              torch==2.11.0 + torchaudio==2.11.0 (torchaudio 2.11 cannot load beside .venv's
 #              torch), espnet==202511, comflp and the test tools; about 5.5 GB, 2.5-8 minutes.
@@ -67,7 +68,7 @@ setup_main() {  # .venv: comflp with the machine's torch (or torch 2.13 CPU)
     "${pip[@]}" "torch==2.13.0"
   fi
   local extras=""
-  $dev && extras="[dev,hf]"
+  $dev && extras="[dev,hf,export]"
   echo "setup: installing comflp$extras and its dependencies into $venv" >&2
   "${pip[@]}" -e "$root$extras"
   echo "$want" > "$venv/.comflp-stamp"
