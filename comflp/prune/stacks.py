@@ -12,8 +12,9 @@ from typing import Protocol
 
 import torch
 
-from comflp.adapters.base import PrunableModel
-from comflp.prune.evaluator import SubsetResult, evaluate_subsets
+from comflp.adapters.base import DecoderModel, PrunableModel
+from comflp.errors import InputError
+from comflp.prune.evaluator import DecoderPass, SubsetResult, evaluate_passes, evaluate_subsets
 
 
 class LayerStack(Protocol):
@@ -74,13 +75,58 @@ class EncoderStack:
         return self.model.prune(layers)
 
 
-_STACKS: dict[str, type] = {"encoder": EncoderStack}
+class DecoderStack:
+    """The attention decoder of a :class:`DecoderModel`: index 0 is the token embeddings +
+    positions, k the output of decoder layer k (before the final norm); its rows are token
+    positions under teacher forcing on the references (the prompt, then the reference tokens).
+    Subsets are scored by real autoregressive decoding (:class:`DecoderPass`)."""
+
+    name = "decoder"
+
+    def __init__(self, model: DecoderModel):
+        self.model = model
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_decoder_layers
+
+    def states(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        inputs, _, lengths = self.model.teacher_forcing(batch)
+        h = self.model.decoder_embed(self.model.encode(batch), inputs, lengths)
+        states = [h.x]
+        for k in range(1, self.num_layers + 1):
+            h = self.model.decoder_forward_layers(h, [k])
+            states.append(h.x)
+        return states, h.lengths
+
+    def evaluate(
+        self,
+        batches: Iterable[dict],
+        subsets: Sequence[tuple[int, ...]],
+        prefix_cache: bool = True,
+        progress: str | None = None,
+    ) -> list[SubsetResult]:
+        return evaluate_passes(
+            DecoderPass(self.model),
+            self.model.module,
+            self.num_layers,
+            batches,
+            subsets,
+            prefix_cache,
+            progress,
+        )
+
+    def prune(self, layers: Sequence[int]) -> PrunableModel:
+        return self.model.prune_decoder(layers)
+
+
+_STACKS: dict[str, type] = {"encoder": EncoderStack, "decoder": DecoderStack}
 
 
 def stack_of(model: PrunableModel, name: str) -> LayerStack:
-    """The stack ``name`` of ``model``; ValueError when the model has no such stack."""
+    """The stack ``name`` of ``model``; InputError when the model has no such stack."""
     if name not in model.stacks:
-        raise ValueError(
+        raise InputError(
             f"--stack {name}: a {model.model_type} model ({model.source}) has no {name} stack; "
             f"its stacks: {', '.join(model.stacks)}"
         )
