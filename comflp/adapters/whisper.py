@@ -264,6 +264,11 @@ class WhisperAdapter(DecoderModel):
 
     def decoder_embed(self, memory: Hidden, tokens: torch.Tensor, lengths: torch.Tensor) -> Hidden:
         dec = self.decoder
+        if tokens.size(1) > self.hf.config.max_target_positions:
+            raise ConfigError(
+                f"{self.source}: a prompt and reference of {tokens.size(1)} tokens, more than the "
+                f"model's max_target_positions {self.hf.config.max_target_positions}"
+            )
         x = dec.embed_tokens(tokens) + dec.embed_positions.weight[: tokens.size(1)]
         x = torch.nn.functional.dropout(x, p=dec.dropout, training=dec.training)
         return Hidden(x, lengths, (memory.x, _causal_mask(tokens.size(1), 0, x)))
