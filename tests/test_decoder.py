@@ -5,8 +5,10 @@ Distil-Whisper's rule, and the rows of both stacks in one table."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,8 +24,9 @@ from comflp.expdir import CMVN, DUMP_INFO, TOKENIZER, ExpDir
 from comflp.prune.evaluator import DecoderPass
 from comflp.prune.method_list import Method, MethodList
 from comflp.prune.methods import CompareSettings, list_methods
+from comflp.prune.quality import CerCache, proposal_cers, spearman, teacher_forced_quality
 from comflp.prune.rules import distil_whisper, rules_for
-from comflp.prune.stacks import DecoderStack, stack_of
+from comflp.prune.stacks import DecoderStack, EncoderStack, stack_of
 from comflp.report.results import build_rows, methods_table
 
 
@@ -212,15 +215,27 @@ def test_a_model_without_a_decoder_has_no_decoder_stack():
     assert "attention_greedy_search" not in plain.decoding_methods
 
 
-def test_decoder_pass_shares_the_encoder_between_subsets():
+def test_decoder_pass_shares_the_encoder_and_decodes_only_when_asked():
     model, b = aed(), batch()
-    calls = []
-    encode = model.encode
-    model.encode = lambda batch: calls.append(1) or encode(batch)
-    results = DecoderStack(model).evaluate([b, b], [(1, 2), (1, 3), (2, 4)])
-    assert len(calls) == 2  # once per batch
-    assert [r.kept for r in results] == [(1, 2), (1, 3), (2, 4)]
-    assert isinstance(DecoderPass(model).model, NativeAEDModel)
+    calls = {"encode": 0, "greedy_decode": 0}
+    for name in calls:
+        method = getattr(model, name)
+
+        def counted(*args, name=name, method=method):
+            calls[name] += 1
+            return method(*args)
+
+        setattr(model, name, counted)
+    subsets = [(1, 2), (1, 3), (2, 4)]
+    decoded = DecoderStack(model).evaluate([b, b], subsets)
+    assert calls == {"encode": 2, "greedy_decode": 6}  # the encoder once per batch
+    assert [r.kept for r in decoded] == subsets
+    # the teacher-forced loss alone: the same losses, no decoding, no error rates
+    loss_only = DecoderStack(model).evaluate([b, b], subsets, metric="loss")
+    assert calls == {"encode": 4, "greedy_decode": 6}
+    assert [r.loss for r in loss_only] == [r.loss for r in decoded]
+    assert all(math.isnan(r.cer) and math.isnan(r.wer) and r.num_utts == 6 for r in loss_only)
+    assert not DecoderPass(model, decode=False).decode
 
 
 def test_distil_whisper_rule_keeps_first_last_and_spaced_layers():
@@ -314,3 +329,25 @@ def test_save_model_round_trip_keeps_decoder_provenance(tmp_path):
     from comflp.asr.checkpoint import load_model
 
     assert load_model(tmp_path).cfg.decoder_kept_layers == [2, 3, 4]
+
+
+def test_search_quality_ranks_the_teacher_forced_loss_against_decoding(tmp_path):
+    model, b = aed(), batch()
+    stack = DecoderStack(model)
+    proposals = [(1,), (2,), (3,), (4,)]
+    cache = CerCache(tmp_path / "cers.json", {"stack": "decoder"})
+    cer = proposal_cers(stack, [b], proposals, cache)
+    uniform = np.ones(4, dtype=bool)
+    tf = teacher_forced_quality(stack, [b], proposals, cer, uniform, cache)
+    results = stack.evaluate([b], [(2, 3, 4), (1, 3, 4), (1, 2, 4), (1, 2, 3)])
+    losses = [r.loss for r in results]
+    assert cer.tolist() == [r.cer for r in results]
+    assert tf["spearman"] == pytest.approx(spearman([-x for x in losses], cer))
+    assert tf["best_layers"] == list(proposals[int(np.argmin(losses))])
+    assert (
+        tf["seconds"]
+        == CerCache(tmp_path / "cers.json", {"stack": "decoder"}).data["fine"][
+            "teacher_forced_seconds"
+        ]
+    )
+    assert teacher_forced_quality(EncoderStack(model), [b], proposals, cer, uniform, cache) is None

@@ -20,6 +20,7 @@ batched greedy autoregressive decoding with its layers). It sees the model only 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -41,7 +42,7 @@ class SubsetResult:
     """Metrics of one layer subset on the evaluation batches."""
 
     kept: tuple[int, ...]
-    cer: float
+    cer: float  # NaN when the metric asked for did not need decoding
     wer: float
     # the model's loss, mean per utterance: CTC, or for a model without CTC and for decoder
     # subsets the decoder's teacher-forced negative log-likelihood
@@ -105,19 +106,27 @@ class _Accumulator:
         for i in subsets:
             self.seconds[i] += seconds / len(subsets)
 
-    def add(self, subsets: list[int], batch: dict, hyps: list[str], loss: float) -> None:
+    def add(self, subsets: list[int], batch: dict, hyps: list[str] | None, loss: float) -> None:
+        """``hyps`` None: the loss alone was computed (no decoding)."""
         for i in subsets:
-            self.refs[i] += batch["texts"]
-            self.hyps[i] += hyps
+            if hyps is not None:
+                self.refs[i] += batch["texts"]
+                self.hyps[i] += hyps
             self.loss[i] += loss
-            self.utts[i] += len(hyps)
+            self.utts[i] += len(batch["ids"])
+
+    def _error(self, i: int, unit: str) -> float:
+        """Subset ``i``'s error rate; NaN when it was not decoded."""
+        if not self.refs[i]:
+            return math.nan
+        return error_stats(self.refs[i], self.hyps[i], unit).err
 
     def results(self, subsets: Sequence[tuple[int, ...]]) -> list[SubsetResult]:
         return [
             SubsetResult(
                 kept=tuple(kept),
-                cer=error_stats(self.refs[i], self.hyps[i], "char").err,
-                wer=error_stats(self.refs[i], self.hyps[i], "word").err,
+                cer=self._error(i, "char"),
+                wer=self._error(i, "word"),
                 loss=self.loss[i] / max(self.utts[i], 1),
                 seconds=self.seconds[i],
                 num_utts=self.utts[i],
@@ -147,9 +156,11 @@ class SubsetPass(Protocol):
     def layer(self, h: Hidden, k: int) -> Hidden:
         """Layer ``k`` of the stack applied to ``h``."""
 
-    def score(self, batch: dict, h: Hidden, kept: tuple[int, ...]) -> tuple[list[str], float]:
-        """Hypothesis texts and the summed loss of the subset ``kept``, whose last layer's
-        output is ``h``."""
+    def score(
+        self, batch: dict, h: Hidden, kept: tuple[int, ...]
+    ) -> tuple[list[str] | None, float]:
+        """Hypothesis texts (None: not decoded) and the summed loss of the subset ``kept``,
+        whose last layer's output is ``h``."""
 
 
 class EncoderPass:
@@ -171,11 +182,12 @@ class EncoderPass:
 
 class DecoderPass:
     """Decoder subsets: ``start`` runs the whole encoder once per batch and embeds the
-    teacher-forced references; ``score`` gives the subset's teacher-forced loss and decodes
-    the batch greedily with its layers, autoregressively."""
+    teacher-forced references; ``score`` gives the subset's teacher-forced loss and, with
+    ``decode``, decodes the batch greedily with its layers, autoregressively."""
 
-    def __init__(self, model: DecoderModel):
+    def __init__(self, model: DecoderModel, decode: bool = True):
         self.model = model
+        self.decode = decode
         self.memory: Hidden | None = None
         self.outputs: torch.Tensor | None = None
 
@@ -187,8 +199,12 @@ class DecoderPass:
     def layer(self, h: Hidden, k: int) -> Hidden:
         return self.model.decoder_forward_layers(h, [k])
 
-    def score(self, batch: dict, h: Hidden, kept: tuple[int, ...]) -> tuple[list[str], float]:
+    def score(
+        self, batch: dict, h: Hidden, kept: tuple[int, ...]
+    ) -> tuple[list[str] | None, float]:
         loss = self.model.decoder_nll(h, self.outputs).item()
+        if not self.decode:
+            return None, loss
         ids = self.model.greedy_decode(self.memory, kept)
         return [self.model.decode_ids(i) for i in ids], loss
 

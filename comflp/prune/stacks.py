@@ -35,8 +35,10 @@ class LayerStack(Protocol):
         subsets: Sequence[tuple[int, ...]],
         prefix_cache: bool = True,
         progress: str | None = None,
+        metric: str = "cer",
     ) -> list[SubsetResult]:
-        """The task metric of each subset of kept layers (the rest of the model whole)."""
+        """The task metrics of each subset of kept layers (the rest of the model whole);
+        ``metric``, the one the caller ranks by, may spare work the others need."""
 
     def prune(self, layers: Sequence[int]) -> PrunableModel:
         """The model with this stack's ``layers`` removed."""
@@ -68,7 +70,9 @@ class EncoderStack:
         subsets: Sequence[tuple[int, ...]],
         prefix_cache: bool = True,
         progress: str | None = None,
+        metric: str = "cer",
     ) -> list[SubsetResult]:
+        """Every metric (the readout gives them at once)."""
         return evaluate_subsets(self.model, batches, subsets, prefix_cache, progress)
 
     def prune(self, layers: Sequence[int]) -> PrunableModel:
@@ -105,9 +109,12 @@ class DecoderStack:
         subsets: Sequence[tuple[int, ...]],
         prefix_cache: bool = True,
         progress: str | None = None,
+        metric: str = "cer",
     ) -> list[SubsetResult]:
+        """With ``metric`` ``loss``, the teacher-forced loss alone (no decoding: CER and WER
+        NaN), the trie's prefixes shared; else real greedy decoding as well."""
         return evaluate_passes(
-            DecoderPass(self.model),
+            DecoderPass(self.model, decode=metric != "loss"),
             self.model.module,
             self.num_layers,
             batches,
