@@ -29,6 +29,8 @@ from comflp.prune.rules import distil_whisper, rules_for
 from comflp.prune.stacks import DecoderStack, EncoderStack, stack_of
 from comflp.report.results import build_rows, methods_table
 
+from .conftest import PYTHON, REPO, run_cmd, run_sh
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
@@ -351,3 +353,57 @@ def test_search_quality_ranks_the_teacher_forced_loss_against_decoding(tmp_path)
         ]
     )
     assert teacher_forced_quality(EncoderStack(model), [b], proposals, cer, uniform, cache) is None
+
+
+def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
+    """run.sh --stack decoder on a tiny native AED (3 decoder layers), then the search-quality
+    study of its decoder."""
+    work = pipeline["workdir"]
+    fbank = "data/fbank/cuts_{}.jsonl.gz"
+    run_cmd(
+        [PYTHON, REPO / "bin/train.py", "--train_config", REPO / "conf/train_tiny.yaml"]
+        + ["--exp_dir", "exp/aed", "--train_cuts", fbank.format("train-clean-100")]
+        + ["--dev_cuts", fbank.format("dev-clean"), "--lang_dir", "data/lang_bpe48"]
+        + [
+            "--cmvn",
+            "data/fbank/cmvn.json",
+            "--set",
+            "model.decoder_layers=3",
+            "train.num_epochs=1",
+        ],
+        cwd=work,
+    )
+    run_sh(
+        work,
+        *("--stage", "4", "--stop_stage", "7", "--exp_dir", "exp/aed", "--stack", "decoder"),
+        *("--num_prune", "1", "--decoding_method", "attention_greedy_search", "--nj", "1"),
+        *("--decode_nj", "1", "--calib_num_utts", "16", "--fine_num_utts", "8"),
+        *("--scores", "dc residual_sum", "--dc_batch_size", "8", "--random_seeds", "1"),
+    )
+    exp = ExpDir(work / "exp/aed")
+    info = json.loads((exp.stack("decoder").dump / DUMP_INFO).read_text())
+    assert (info["stack"], info["num_layers"], info["interctc_layers"]) == ("decoder", 3, [])
+    for method in ("comflp", "glp", "oracle"):
+        pruned = NativeModel.load(exp.stack("decoder").pruned_model(method, 1))
+        search = json.loads(exp.stack("decoder").search_result(method, 1).read_text())
+        kept = [k for k in (1, 2, 3) if k not in search["best_layers"]]
+        assert pruned.num_decoder_layers == 2 and pruned.asr.cfg.decoder_kept_layers == kept
+    rows = json.loads((exp.compare / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows if r["stack"] == "decoder"} >= {"comflp", "glp", "oracle"}
+    assert "| distil_whisper | decoder | 1 | 2 |" in exp.results_md.read_text()
+    run_cmd(
+        [PYTHON, REPO / "bin/search_quality.py", "--exp_dir", "exp/aed", "--stack", "decoder"]
+        + ["--num_prune", "1", "--output_dir", "exp/aed_quality", "--scores", "dc"]
+        + ["--calib_cuts", fbank.format("train-clean-100"), "--calib_num_utts", "8"]
+        + ["--calib_sizes", "8", "--reference_num_utts", "8", "--dev_num_utts", "8"]
+        + ["--poolings", "frames"],
+        cwd=work,
+    )
+    (result,) = json.loads((work / "exp/aed_quality/quality.json").read_text())["results"]
+    glp = json.loads(exp.stack("decoder").search_result("glp", 1).read_text())
+    assert result["glp"]["layers"] == glp["best_layers"]  # the decoder's stage 6, found
+    assert result["num_proposals"] == 3 and result["teacher_forced"]["seconds"] > 0
+    assert (
+        "Teacher-forced NLL as the metric"
+        in (work / "exp/aed_quality/SEARCH_QUALITY.md").read_text()
+    )

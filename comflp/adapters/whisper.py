@@ -298,7 +298,7 @@ class WhisperAdapter(DecoderModel):
         for k in state.layers:
             x = dec.layers[k - 1](x, mask, state.memory, cache=state.cache, use_cache=True)
         state.length += n
-        return self.decoder_readout(Hidden(x[:, -1:], None))[:, 0]
+        return self.hf.proj_out(dec.layer_norm(x[:, -1])).float().log_softmax(-1)
 
     def max_new_tokens(self, memory: Hidden) -> int:
         """As ``generate`` sets it: ``max_new_tokens``, else ``max_length`` new tokens (its
