@@ -101,6 +101,14 @@ case $corpus in
   librispeech|aishell|kaldi) [ -n "$corpus_dir" ] || die "--corpus $corpus needs --corpus_dir" ;;
   *) die "--corpus must be builtin, librispeech, aishell or kaldi, got '$corpus'" ;;
 esac
+case $stack in
+  encoder|decoder|"encoder decoder") ;;
+  *) die "--stack must be encoder, decoder or \"encoder decoder\", got '$stack'" ;;
+esac
+stacks=$stack
+if [ "$stacks" = "encoder decoder" ]; then
+  [[ $num_prune =~ ^[0-9]+$ ]] || die "--stack \"encoder decoder\" prunes the decoder of one encoder-pruned model: --num_prune must be one number, got '$num_prune'"
+fi
 case $token_type in
   bpe) lang_dir=data/lang_bpe${nbpe} ;;
   char) lang_dir=data/lang_char ;;
@@ -174,14 +182,6 @@ if run_stage 3; then
 fi
 
 calib_set=${calib_set:-$train_set}
-case $stack in
-  encoder|decoder|"encoder decoder") ;;
-  *) die "--stack must be encoder, decoder or \"encoder decoder\", got '$stack'" ;;
-esac
-stacks=$stack
-if [ "$stacks" = "encoder decoder" ]; then
-  [[ $num_prune =~ ^[0-9]+$ ]] || die "--stack \"encoder decoder\" prunes the decoder of one encoder-pruned model: --num_prune must be one number, got '$num_prune'"
-fi
 # The model stages 4-6 of a stack prune, and its P values: with both stacks, the decoder's
 # model is the encoder-pruned one that chain_search chose.
 stack_model_dir() {
