@@ -41,7 +41,9 @@ train_args=             # extra arguments for bin/train.py, e.g. "--set train.nu
 # ---- model to prune (stages 4-8) ----
 model_type=native       # native (comflp's own, stage 3) | hf | espnet (names from the model-type registry)
 model_dir=              # the model to prune (default: exp_dir, a native model)
-stack=encoder           # the layer stack stages 4-8 prune: encoder | decoder (encoder-decoder models)
+stack=encoder           # the layer stacks stages 4-8 prune: encoder | decoder | "encoder decoder" (both: the encoder, then the decoder of its chain_search choice)
+decoder_num_prune=      # with both stacks: the decoder's P (default: num_prune)
+chain_search=comflp     # with both stacks: the encoder search whose pruned model the decoder stages prune
 # ---- layer dump (stage 4) ----
 calib_set=              # set the calibration subset is drawn from (default: the training set)
 calib_num_utts=320      # calibration utterances (CoMFLP: 10 batches of 32)
@@ -100,6 +102,14 @@ case $corpus in
   librispeech|aishell|kaldi) [ -n "$corpus_dir" ] || die "--corpus $corpus needs --corpus_dir" ;;
   *) die "--corpus must be builtin, librispeech, aishell or kaldi, got '$corpus'" ;;
 esac
+case $stack in
+  encoder|decoder|"encoder decoder") ;;
+  *) die "--stack must be encoder, decoder or \"encoder decoder\", got '$stack'" ;;
+esac
+stacks=$stack
+if [ "$stacks" = "encoder decoder" ]; then
+  [[ $num_prune =~ ^[0-9]+$ ]] || die "--stack \"encoder decoder\" prunes the decoder of one encoder-pruned model: --num_prune must be one number, got '$num_prune'"
+fi
 case $token_type in
   bpe) lang_dir=data/lang_bpe${nbpe} ;;
   char) lang_dir=data/lang_char ;;
@@ -187,38 +197,63 @@ if run_stage 3; then
 fi
 
 calib_set=${calib_set:-$train_set}
-model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "${model_dir:-$exp_dir}"
-  --stack "$stack" --device "$device")
+# The model stages 4-6 of a stack prune, and its P values: with both stacks, the decoder's
+# model is the encoder-pruned one that chain_search chose.
+stack_model_dir() {
+  if [ "$1" = decoder ] && [ "$stacks" = "encoder decoder" ]; then
+    echo "$exp_dir/search/${chain_search}_prune$num_prune/pruned"
+  else
+    echo "${model_dir:-$exp_dir}"
+  fi
+}
+stack_num_prune() {
+  if [ "$1" = decoder ] && [ "$stacks" = "encoder decoder" ] && [ -n "$decoder_num_prune" ]; then
+    echo "$decoder_num_prune"
+  else
+    echo "$num_prune"
+  fi
+}
+set_stack() {  # set_stack STACK: the options of the stages that work on one stack
+  stack=$1
+  stack_log=${1#encoder}  # log names: the encoder's as before, the decoder's with _decoder
+  stack_log=${stack_log:+_$stack_log}
+  stack_dir=$(stack_model_dir "$1")
+  stack_prunes=$(stack_num_prune "$1")
+  model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "$stack_dir"
+    --stack "$stack" --device "$device")
+  search_args=(--num_prune "$stack_prunes" --scores "$scores" --search_mode "$search_mode"
+    --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
+    --consensus "$consensus" --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
+    --oracle_max_evaluations "$oracle_max_evaluations" --dev_cuts "$dev_cuts")
+}
 
-if run_stage 4; then
-  log "Stage 4: dump the $stack layers of $calib_num_utts utterances of $calib_set into $exp_dir ($nj parts)"
-  $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers.JOB.log" \
-    "$stage_python" "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
-      --calib_num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
-      --part JOB --num_parts "$nj"
-  $train_cmd "$exp_dir/log/merge_dump.log" \
-    "$stage_python" "$bin/merge_dump.py" --exp_dir "$exp_dir" --stack "$stack" --num_parts "$nj"
-fi
+for one_stack in $stacks; do
+  set_stack "$one_stack"
+  if run_stage 4; then
+    log "Stage 4: dump the $stack layers of $stack_dir, $calib_num_utts utterances of $calib_set, into $exp_dir ($nj parts)"
+    $train_cmd JOB=1:"$nj" "$exp_dir/log/dump_layers$stack_log.JOB.log" \
+      "$stage_python" "$bin/dump_layers.py" "${model_args[@]}" --cuts "data/fbank/cuts_${calib_set}.jsonl.gz" \
+        --calib_num_utts "$calib_num_utts" --pooling "$pooling" --frames_per_utt "$frames_per_utt" \
+        --part JOB --num_parts "$nj"
+    $train_cmd "$exp_dir/log/merge_dump$stack_log.log" \
+      "$stage_python" "$bin/merge_dump.py" --exp_dir "$exp_dir" --stack "$stack" --num_parts "$nj"
+  fi
 
-if run_stage 5; then
-  log "Stage 5: scores $scores of the $stack dump of $exp_dir"
-  $train_cmd "$exp_dir/log/scores.log" \
-    "$stage_python" "$bin/scores.py" --exp_dir "$exp_dir" --stack "$stack" --scores "$scores" \
-      --dc_batch_size "$dc_batch_size" --svcca_threshold "$svcca_threshold"
-fi
+  if run_stage 5; then
+    log "Stage 5: scores $scores of the $stack dump of $exp_dir"
+    $train_cmd "$exp_dir/log/scores$stack_log.log" \
+      "$stage_python" "$bin/scores.py" --exp_dir "$exp_dir" --stack "$stack" --scores "$scores" \
+        --dc_batch_size "$dc_batch_size" --svcca_threshold "$svcca_threshold"
+  fi
 
-search_args=(--num_prune "$num_prune" --scores "$scores" --search_mode "$search_mode"
-  --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k" --consensus "$consensus"
-  --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
-  --oracle_max_evaluations "$oracle_max_evaluations" --dev_cuts "$dev_cuts")
-
-if run_stage 6; then
-  for method in $search_methods; do
-    log "Stage 6: $method search of the $stack, P in {$num_prune} ($fine_metric on $fine_num_utts dev utterances)"
-    $train_cmd "$exp_dir/log/search_$method.log" \
-      "$stage_python" "$bin/search.py" "${model_args[@]}" "${search_args[@]}" --search_methods "$method"
-  done
-fi
+  if run_stage 6; then
+    for method in $search_methods; do
+      log "Stage 6: $method search of the $stack, P in {$stack_prunes} ($fine_metric on $fine_num_utts dev utterances)"
+      $train_cmd "$exp_dir/log/search${stack_log}_$method.log" \
+        "$stage_python" "$bin/search.py" "${model_args[@]}" "${search_args[@]}" --search_methods "$method"
+    done
+  fi
+done
 
 compare_dir=$exp_dir/compare
 eval_sets="$dev_set $test_sets"
@@ -238,18 +273,22 @@ decode_and_score() {  # decode_and_score STAGE METHOD_LIST: decode every eval se
 }
 
 if run_stage 7; then
-  log "Stage 7: layers chosen by each method for P in {$num_prune}, decoding, scoring"
+  log "Stage 7: layers chosen by each method for P in {$num_prune} ($stacks), decoding, scoring"
+  set_stack "${stacks%% *}"
   $train_cmd "$compare_dir/log/list_methods.log" \
-    "$stage_python" "$bin/list_methods.py" "${model_args[@]}" "${search_args[@]}" \
-      --search_methods "$search_methods" --random_seeds "$random_seeds" --rules "$rules"
+    "$stage_python" "$bin/list_methods.py" --exp_dir "$exp_dir" --model_type "$model_type" \
+      --model_dir "$stack_dir" --device "$device" --stack "$stacks" "${search_args[@]}" \
+      --decoder_num_prune "$decoder_num_prune" --search_methods "$search_methods" \
+      --random_seeds "$random_seeds" --rules "$rules"
   decode_and_score 7 compare
   log "Stage 7 done: $exp_dir/RESULTS.md"
 fi
 
 if run_stage 8; then
-  log "Stage 8: fine-tune the $finetune_search choice for P in {$num_prune} with $finetune_config"
+  set_stack "${stacks##* }"  # with both stacks: the decoder of the encoder-pruned model
+  log "Stage 8: fine-tune the $finetune_search choice of the $stack for P in {$stack_prunes} with $finetune_config"
   $train_job "$exp_dir/log/finetune.log" \
-    "${train_python[@]}" "$bin/finetune.py" "${model_args[@]}" --num_prune "$num_prune" \
+    "${train_python[@]}" "$bin/finetune.py" "${model_args[@]}" --num_prune "$stack_prunes" \
       --finetune_config "$finetune_config" --finetune_search "$finetune_search" \
       --train_cuts "$train_cuts" --dev_cuts "$dev_cuts" --resume "$resume"
   decode_and_score 8 finetune

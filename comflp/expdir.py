@@ -10,7 +10,8 @@
       scores/<score>/                       stage 5: the score's file (matrix.npy, stats.npz, ...),
                                                      heatmap.png, settings.json
       search/<search>_prune<P>/             stage 6: search.json, pruned/
-      decoder/                              stages 4-6 on the decoder stack: dump/, scores/, search/
+      decoder/                              stages 4-6 and 8 on the decoder stack: dump/, scores/,
+                                                     search/, finetune/
       compare/                              stage 7: methods*.json, decode/<set>/<model>/, results.json,
                                                      error_vs_prune.png, tradeoff.png
       finetune/<method>_prune<P>/           stage 8: a training experiment directory (a model

@@ -83,7 +83,7 @@ def plot_matrix(matrix, path: Path, title: str, pairs: bool = False) -> None:
 
 def _error_bars(ax, pruned, test_set: str, unit: str, base_error: float | None) -> None:
     """One labelled bar per method at a single P, best at the top."""
-    bars = sorted(((r.errors[test_set][unit], r.method) for r in pruned), reverse=True)
+    bars = sorted(((r.errors[test_set][unit], r.label) for r in pruned), reverse=True)
     drawn = ax.barh([m for _, m in bars], [e for e, _ in bars], color="tab:blue", alpha=0.8)
     ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
     ax.tick_params(axis="y", labelsize=7)
@@ -96,8 +96,8 @@ def _error_bars(ax, pruned, test_set: str, unit: str, base_error: float | None) 
 
 def _error_lines(ax, pruned, test_set: str, unit: str, base_error: float | None) -> None:
     """One line per method over the pruned-layer counts."""
-    for i, name in enumerate(sorted({r.method for r in pruned})):
-        points = sorted((r.num_prune, r.errors[test_set][unit]) for r in pruned if r.method == name)
+    for i, name in enumerate(sorted({r.label for r in pruned})):
+        points = sorted((r.num_prune, r.errors[test_set][unit]) for r in pruned if r.label == name)
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="os^vD<>pP*hX"[i % 12], label=name)
     if base_error is not None:

@@ -26,7 +26,7 @@ def test_fixed_rules():
 
 def test_rules_registry_fits_the_stack_and_the_model():
     every = ["drop_top", "interctc_on_demand", "drop_bottom", "every_other", "random"]
-    assert list(RULES) == every
+    assert list(RULES) == [*every, "distil_whisper"]  # Distil-Whisper's: decoders only
     assert rules_for(["all"], "encoder", has_interctc=True) == every
     # without intermediate CTC, pruning on demand is drop_top under another name: left out
     assert "interctc_on_demand" not in rules_for(["all"], "encoder", has_interctc=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comflp.adapters.native import NativeModel
+from comflp.adapters.native import NativeModel, native_model
 from comflp.asr.config import ModelConfig
 from comflp.asr.ctc import ctc_greedy_search, ctc_prefix_beam_search
 from comflp.asr.model import ASRModel
@@ -213,7 +213,7 @@ class DigitTokenizer:
 
 def native(model: ASRModel) -> NativeModel:
     """The model as the pipeline sees it (features already normalised)."""
-    return NativeModel(model, DigitTokenizer(), (torch.zeros(80), torch.ones(80)), Path("."))
+    return native_model(model, DigitTokenizer(), (torch.zeros(80), torch.ones(80)), Path("."))
 
 
 def feats_batch(feats: torch.Tensor, lens: torch.Tensor) -> dict:

@@ -232,15 +232,16 @@ def test_references_are_cased_like_the_vocabulary(models, tiny_data):
 def _write_bad_models(root):
     """Directories that are not a prunable HF CTC model, with the error each must give."""
     (root / "empty").mkdir(parents=True)
-    whisper = transformers.WhisperConfig(architectures=["WhisperForConditionalGeneration"])
-    whisper.save_pretrained(root / "whisper")
+    text = transformers.BertConfig(architectures=["BertForMaskedLM"])
+    text.save_pretrained(root / "text_model")
     base = transformers.Wav2Vec2Config(**TINY, vocab_size=32, architectures=["Wav2Vec2Model"])
     transformers.Wav2Vec2Model(base).save_pretrained(root / "no_ctc_head")
     _processor(root / "no_ctc_head", lower=False, mask=True).save_pretrained(root / "no_ctc_head")
     return {
         "empty": "no config.json (expected a Hugging Face model saved with save_pretrained)",
-        "whisper": "unsupported architecture 'WhisperForConditionalGeneration'; supported: "
-        "Wav2Vec2ForCTC, HubertForCTC, WavLMForCTC, Data2VecAudioForCTC",
+        "text_model": "unsupported architecture 'BertForMaskedLM'; supported: "
+        "Wav2Vec2ForCTC, HubertForCTC, WavLMForCTC, Data2VecAudioForCTC, "
+        "WhisperForConditionalGeneration",
         "no_ctc_head": "Wav2Vec2Model has no CTC head",
     }
 

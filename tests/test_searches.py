@@ -32,7 +32,7 @@ class KnownStack:
         self.evaluated: list[tuple[int, ...]] = []
         self.model = None
 
-    def evaluate(self, batches, subsets, prefix_cache=True, progress=None):
+    def evaluate(self, batches, subsets, prefix_cache=True, progress=None, metric="cer"):
         self.evaluated += list(subsets)
         out = []
         for kept in subsets:

@@ -100,6 +100,11 @@ def test_stage_0_does_not_redo_a_complete_corpus(pipeline):
         (["stray"], "unexpected argument"),
         (["--token_type", "word"], "--token_type must be bpe or char"),
         (["--PATH", "/x"], "unknown option --PATH"),
+        (["--stack", "decoder encoder"], '--stack must be encoder, decoder or "encoder decoder"'),
+        (
+            ["--stack", "encoder decoder", "--num_prune", "2 4"],
+            "prunes the decoder of one encoder-pruned model: --num_prune must be one number",
+        ),
     ],
 )
 def test_run_sh_rejects_bad_options(tmp_path, options, message):

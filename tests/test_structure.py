@@ -207,6 +207,9 @@ COMPOSED = {
     ("search_methods", "method"),  # stage 6 runs one search of search_methods per job
     ("command", "run_command"),  # run.sh's own command line, for RESULTS.md
     ("nproc_per_node", "procs"),  # torchrun's option: ngpu or nproc
+    ("stack", "stacks"),  # stage 7 lists every stack of the run
+    ("model_dir", "stack_dir"),  # a stack's model: with both stacks, the encoder-pruned one
+    ("num_prune", "stack_prunes"),  # a stack's P values: the decoder's may be decoder_num_prune
 }
 
 

@@ -8,6 +8,10 @@ physical layer removal (``prune``) and saving in the model's own format (``save`
 come from the model's own ``dataset``: a map from a lhotse CutSet to a dict with at least
 ``ids``, ``texts``, ``targets`` (B, U) padded token ids, ``target_lens`` and ``seconds`` (the
 batch's audio duration), plus whatever inputs ``embed`` reads.
+
+An encoder-decoder model is a :class:`DecoderModel`: it adds the decoder stack (``stacks``
+lists ``decoder``), teacher forcing, batched greedy autoregressive decoding with any subset of
+its decoder layers, and ``attention_greedy_search`` among its decoding methods.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from comflp.utils import eval_mode, resolve_device
 # its class (docs/DESIGN.md, "Adding a model type").
 MODEL_TYPES: Registry[type[PrunableModel]] = Registry("model type", "comflp.adapters")
 CTC_DECODING = ("ctc_greedy_search", "ctc_prefix_beam_search")
+ATTENTION_DECODING = "attention_greedy_search"
+IGNORE = -100  # a teacher-forced position that predicts nothing (a prompt token, padding)
 
 
 @dataclass
@@ -165,6 +171,151 @@ class PrunableModel(ABC):
                 ctc_prefix_beam_search(log_probs[i, :n], beam_size, beam_size, self.blank_id)[0][0]
                 for i, n in enumerate(lengths.tolist())
             ]
+
+
+class DecoderModel(PrunableModel):
+    """An encoder-decoder model: a :class:`PrunableModel` whose attention decoder is a second
+    prunable stack (``--stack decoder``).
+
+    Decoder layer numbering (docs/DESIGN.md): index 0 is what enters decoder layer 1 (token
+    embeddings + positions), index k the output of decoder layer k before the decoder's final
+    norm. Under teacher forcing the decoder reads the prompt (:meth:`decoder_prefix`: ``<sos>``,
+    or Whisper's start-of-transcript and task tokens) followed by the reference tokens; each
+    position predicts the next token, the last one ``<eos>``. The decoder's memory is the
+    encoder's output after its final norm (:meth:`memory`), so an encoder layer subset is
+    decoded exactly as its pruned model would be.
+    """
+
+    stacks: ClassVar[tuple[str, ...]] = ("encoder", "decoder")
+
+    @property
+    @abstractmethod
+    def num_decoder_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int: ...
+
+    @abstractmethod
+    def decoder_prefix(self) -> list[int]:
+        """The tokens every hypothesis starts with (greedy decoding and teacher forcing)."""
+
+    @abstractmethod
+    def memory(self, h: Hidden) -> Hidden:
+        """What the decoder attends to, from an encoder layer's output (the final norm)."""
+
+    @abstractmethod
+    def decoder_embed(self, memory: Hidden, tokens: torch.Tensor, lengths: torch.Tensor) -> Hidden:
+        """Decoder index 0 for ``tokens`` (B, U) from position 0 (``lengths`` valid), with the
+        memory and the causal masks in its ``context``."""
+
+    @abstractmethod
+    def decoder_forward_layers(self, h: Hidden, layers: Sequence[int] | None = None) -> Hidden:
+        """Run decoder ``layers`` (1-indexed, in the order given; default all) on ``h``."""
+
+    @abstractmethod
+    def decoder_readout(self, h: Hidden) -> torch.Tensor:
+        """Next-token log-probabilities (B, U, V) of a decoder layer's output: the decoder's
+        final norm and output projection."""
+
+    @abstractmethod
+    def decoder_start(self, memory: Hidden, layers: Sequence[int]) -> Any:
+        """A fresh incremental state (key/value caches) for decoding with ``layers``."""
+
+    @abstractmethod
+    def decoder_step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (B, n) after those ``state`` has seen; log-probabilities (B, V) of
+        the token that follows them."""
+
+    @abstractmethod
+    def prune_decoder(self, layers: Sequence[int]) -> PrunableModel:
+        """A new model with decoder ``layers`` (1-indexed) physically removed."""
+
+    @abstractmethod
+    def max_new_tokens(self, memory: Hidden) -> int:
+        """The most tokens greedy decoding emits for a batch (``<eos>`` included)."""
+
+    def suppress(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """Scores (B, V) of the ``step``-th emitted token with the tokens the model never emits
+        there set to -inf (Whisper's suppressed tokens); none by default."""
+        return scores
+
+    def encode(self, batch: dict) -> Hidden:
+        """The memory of the whole encoder for a batch."""
+        return self.memory(self.forward_layers(self.embed(batch)))
+
+    def teacher_forcing(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder inputs (B, P + U): the prompt, then the reference tokens (padded with
+        ``<eos>``); what each position predicts (the reference tokens and ``<eos>`` from the
+        prompt's last position on, :data:`IGNORE` elsewhere); the valid inputs, P + U_b."""
+        prefix = torch.tensor(self.decoder_prefix(), dtype=torch.long)
+        targets, lens = batch["targets"], batch["target_lens"]
+        b, p = len(lens), len(prefix)
+        inputs = torch.full((b, p + targets.size(1)), self.eos_id, dtype=torch.long)
+        outputs = torch.full_like(inputs, IGNORE)
+        inputs[:, :p] = prefix
+        for i, n in enumerate(lens.tolist()):
+            inputs[i, p : p + n] = targets[i, :n]
+            outputs[i, p - 1 : p - 1 + n] = targets[i, :n]
+            outputs[i, p - 1 + n] = self.eos_id
+        return inputs.to(self.device), outputs.to(self.device), (lens + p).to(self.device)
+
+    def decoder_nll(self, h: Hidden, outputs: torch.Tensor) -> torch.Tensor:
+        """Summed negative log-likelihood of the predicted tokens ``outputs`` (teacher forcing)
+        from a decoder layer's output."""
+        log_probs = self.decoder_readout(h)
+        return torch.nn.functional.nll_loss(
+            log_probs.flatten(0, 1).float(), outputs.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+
+    def teacher_forced_nll(self, memory: Hidden, batch: dict) -> torch.Tensor:
+        """Summed negative log-likelihood of the references with every decoder layer."""
+        inputs, outputs, lengths = self.teacher_forcing(batch)
+        h = self.decoder_forward_layers(self.decoder_embed(memory, inputs, lengths))
+        return self.decoder_nll(h, outputs)
+
+    @torch.no_grad()
+    def greedy_decode(self, memory: Hidden, layers: Sequence[int] | None = None) -> list[list[int]]:
+        """Batched greedy autoregressive decoding with decoder ``layers`` (default all): token
+        ids per utterance, ``<eos>`` and the prompt left out."""
+        layers = list(layers) if layers is not None else list(range(1, self.num_decoder_layers + 1))
+        b = memory.x.size(0)
+        prefix = torch.tensor([self.decoder_prefix()], device=self.device).expand(b, -1)
+        state = self.decoder_start(memory, layers)
+        log_probs = self.decoder_step(state, prefix)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        emitted = []
+        for step in range(self.max_new_tokens(memory)):
+            token = self.suppress(log_probs, step).argmax(-1).masked_fill(done, self.eos_id)
+            emitted.append(token)
+            done |= token == self.eos_id
+            if bool(done.all()):
+                break
+            log_probs = self.decoder_step(state, token[:, None])
+        rows = torch.stack(emitted, 1).tolist() if emitted else [[] for _ in range(b)]
+        return [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
+
+    def transcribe_with_decoder(self, h: Hidden, batch: dict) -> tuple[list[list[int]], float]:
+        """:meth:`PrunableModel.transcribe` for a model without CTC: the greedy hypotheses of
+        the whole decoder and the teacher-forced negative log-likelihood."""
+        memory = self.memory(h)
+        return self.greedy_decode(memory), self.teacher_forced_nll(memory, batch).item()
+
+    @torch.no_grad()
+    def decode(
+        self,
+        batch: dict,
+        method: str = "ctc_greedy_search",
+        beam_size: int = 10,
+        ctc_weight: float = 0.3,
+    ) -> list[list[int]]:
+        """As :meth:`PrunableModel.decode`, and ``attention_greedy_search``: the attention
+        decoder alone, greedy, batched (the decoder runs once per output token)."""
+        if method != ATTENTION_DECODING:
+            return super().decode(batch, method, beam_size, ctc_weight)
+        self.check_decoding(method, beam_size, ctc_weight)
+        with eval_mode(self.module):
+            return self.greedy_decode(self.encode(batch))
 
 
 def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:

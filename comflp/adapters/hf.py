@@ -1,4 +1,5 @@
-"""Hugging Face wav2vec2-family CTC models (a ``save_pretrained`` directory) as a :class:`PrunableModel`.
+"""Hugging Face wav2vec2-family CTC models (a ``save_pretrained`` directory) as a :class:`PrunableModel`;
+``--model_type hf`` also loads Whisper (:mod:`comflp.adapters.whisper`).
 
 Supported: ``Wav2Vec2ForCTC``, ``HubertForCTC``, ``WavLMForCTC``, ``Data2VecAudioForCTC``, with
 either encoder variant (``do_stable_layer_norm`` false: post-norm layers and a LayerNorm on the
@@ -46,12 +47,21 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from lhotse import CutSet
 
 from comflp import expdir
 from comflp.adapters.base import MODEL_TYPES, Hidden, PrunableModel
+from comflp.adapters.hf_utils import (
+    first_line,
+    load_audio,
+    load_hf_config,
+    missing_weights,
+    normalize_text,
+    quiet_transformers,
+    text_case,
+)
+from comflp.adapters.whisper import WhisperAdapter
 from comflp.asr.config import ConfigError
 from comflp.asr.data import transcripts
 from comflp.utils import atomic_write_json
@@ -63,11 +73,6 @@ CTC_CLASSES = {
     "wavlm": "WavLMForCTC",
     "data2vec-audio": "Data2VecAudioForCTC",
 }
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _architecture(config, model_dir: Path) -> str:
@@ -83,23 +88,8 @@ def _architecture(config, model_dir: Path) -> str:
         )
     raise ConfigError(
         f"{model_dir}: unsupported architecture {arch or config.model_type!r}; "
-        f"supported: {supported}"
+        f"supported: {supported}, WhisperForConditionalGeneration"
     )
-
-
-def _load_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(
-            f"{model_dir}: no config.json (expected a Hugging Face model saved with save_pretrained)"
-        )
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"{model_dir}/config.json: not a Hugging Face model config ({_first_line(e)})"
-        ) from None
 
 
 def _read_tensors(model_dir: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -150,21 +140,6 @@ def _lm_head_norm(
     return name, norm
 
 
-def text_case(tokenizer) -> str:
-    """How references are cased to match the CTC vocabulary: ``upper``, ``lower`` or ``keep``.
-
-    HF's ``do_lower_case`` means an upper-case vocabulary whose output is lower-cased.
-    """
-    if tokenizer.do_lower_case:
-        return "lower"
-    letters = "".join(t for t in tokenizer.get_vocab() if t.isalpha())
-    if letters and letters == letters.upper() and letters != letters.lower():
-        return "upper"
-    if letters and letters == letters.lower() and letters != letters.upper():
-        return "lower"
-    return "keep"
-
-
 class HFDataset(torch.utils.data.Dataset):
     """Maps a CutSet to ``audio`` (B, S) as the feature extractor prepares it, ``audio_lens``
     (samples), ``attention_mask`` (or None) and the keys of :func:`transcripts`, references
@@ -176,8 +151,7 @@ class HFDataset(torch.utils.data.Dataset):
         self.case = text_case(self.tokenizer)
 
     def normalize(self, text: str) -> str:
-        text = " ".join(text.split())
-        return {"upper": text.upper(), "lower": text.lower(), "keep": text}[self.case]
+        return normalize_text(text, self.case)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(self.normalize(text), add_special_tokens=False)
@@ -185,13 +159,7 @@ class HFDataset(torch.utils.data.Dataset):
     def __getitem__(self, cuts: CutSet) -> dict:
         cuts = cuts.sort_by_duration(ascending=False)
         rate = self.extractor.sampling_rate
-        for cut in cuts:
-            if cut.sampling_rate != rate:
-                raise ConfigError(
-                    f"cut {cut.id}: sampling rate {cut.sampling_rate} Hz, but the model expects "
-                    f"{rate // 1000} kHz audio (resample the corpus; comflp does not resample)"
-                )
-        audio = [np.asarray(c.load_audio()[0], dtype=np.float32) for c in cuts]
+        audio = load_audio(cuts, rate)
         inputs = self.extractor(audio, sampling_rate=rate, padding=True, return_tensors="pt")
         batch = transcripts(cuts, self.encode)
         batch["texts"] = [self.normalize(t) for t in batch["texts"]]
@@ -220,40 +188,35 @@ class HFModel(PrunableModel):
         self.wavlm = hf.config.model_type == "wavlm"
 
     @classmethod
-    def load(cls, model_dir: Path, lm_head_norm: str | None = None) -> HFModel:
-        """Load ``model_dir``; ``lm_head_norm``: the LayerNorm before ``lm_head`` (default: found)."""
+    def load(cls, model_dir: Path, lm_head_norm: str | None = None) -> PrunableModel:
+        """Load ``model_dir``; ``lm_head_norm``: the LayerNorm before ``lm_head`` (default:
+        found). A Whisper model is a :class:`~comflp.adapters.whisper.WhisperAdapter`."""
         import transformers
 
         model_dir = Path(model_dir)
-        config = _load_config(model_dir)
+        config = load_hf_config(model_dir)
+        if config.model_type == "whisper":
+            return WhisperAdapter.load(model_dir)
         arch = _architecture(config, model_dir)
         if getattr(config, "add_adapter", False):
             raise ConfigError(f"{model_dir}: models with add_adapter=true are not supported")
         if config.pad_token_id is None:
             raise ConfigError(f"{model_dir}/config.json: no pad_token_id (the CTC blank)")
-        # comflp reports missing and unused weights itself (below); transformers' own report
-        # would flag the known LayerNorm before lm_head as unexpected at every load
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
         try:
-            hf, info = getattr(transformers, arch).from_pretrained(
-                model_dir, output_loading_info=True
-            )
-            processor = transformers.Wav2Vec2Processor.from_pretrained(model_dir)
+            with quiet_transformers():
+                hf, info = getattr(transformers, arch).from_pretrained(
+                    model_dir, output_loading_info=True
+                )
+                processor = transformers.Wav2Vec2Processor.from_pretrained(model_dir)
         except (OSError, ValueError) as e:
             raise ConfigError(
-                f"{model_dir}: cannot load the {arch} model or processor ({_first_line(e)})"
+                f"{model_dir}: cannot load the {arch} model or processor ({first_line(e)})"
             ) from None
-        finally:
-            transformers.logging.set_verbosity(verbosity)
         missing = sorted(info["missing_keys"])
         if any(k.startswith("lm_head.") for k in missing):
             raise ConfigError(f"{model_dir}: the weights have no CTC head (lm_head) for {arch}")
         if missing:
-            raise ConfigError(
-                f"{model_dir}: weights missing for {arch}: {', '.join(missing[:5])}"
-                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            )
+            raise missing_weights(model_dir, arch, missing)
         unexpected = list(info["unexpected_keys"])
         name, norm = _lm_head_norm(
             model_dir, unexpected, config.hidden_size, config.layer_norm_eps, lm_head_norm

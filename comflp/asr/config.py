@@ -43,8 +43,10 @@ class ModelConfig:
     decoder_layers: int = 0  # 0: CTC only
     ctc_weight: float = 1.0  # weight of the CTC loss when a decoder is present
     lsm_weight: float = 0.1  # label smoothing of the attention decoder
-    # Provenance of a pruned model: the original layer numbers it kept (1-indexed).
+    # Provenance of a pruned model: the original layer numbers it kept (1-indexed), of the
+    # encoder and of the decoder.
     kept_layers: list[int] | None = None
+    decoder_kept_layers: list[int] | None = None
     encoder_type: str = "transformer"  # transformer | conformer
     conv_kernel: int = 15  # depthwise convolution kernel of the Conformer (odd, >= 3)
     # Per-layer module sizes of a structurally pruned encoder, one mapping per layer (see
@@ -122,6 +124,10 @@ class ModelConfig:
             raise bad("ctc_weight", "is 1.0, so the attention decoder would never be trained")
         if self.kept_layers is not None and len(self.kept_layers) != self.num_layers:
             raise bad("kept_layers", f"must list {self.num_layers} layers")
+        if self.decoder_kept_layers is not None and (
+            len(self.decoder_kept_layers) != self.decoder_layers
+        ):
+            raise bad("decoder_kept_layers", f"must list {self.decoder_layers} layers")
         if self.encoder_type not in LAYER_SHAPE_KEYS:
             raise bad(
                 "encoder_type",

@@ -51,10 +51,13 @@ class PositionalEncoding(nn.Module):
         pe[:, 1::2] = torch.cos(pos * div)
         return pe
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.size(1) > self.pe.size(0):
-            self.pe = self._table(self.pe.size(1), x.size(1)).to(x.device)
-        return self.dropout(x * self.scale + self.pe[: x.size(1)].to(x.dtype))
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``x`` (B, T, d) at positions ``offset`` .. ``offset + T - 1`` (incremental decoding
+        feeds one token at a time)."""
+        end = offset + x.size(1)
+        if end > self.pe.size(0):
+            self.pe = self._table(self.pe.size(1), end).to(x.device)
+        return self.dropout(x * self.scale + self.pe[offset:end].to(x.dtype))
 
 
 class RelPositionalEncoding(nn.Module):
@@ -174,10 +177,20 @@ class MultiHeadAttention(nn.Module):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """``mask``: boolean, broadcastable to (B, heads, Tq, Tk), True where attention is allowed."""
+        return self.attend(query, self._heads(self.k(key)), self._heads(self.v(value)), mask)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, h, T, dk) of ``x``: what a decoder caches between steps."""
+        return self._heads(self.k(x)), self._heads(self.v(x))
+
+    def attend(
+        self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of ``query`` (B, Tq, d_model) over projected keys and values (B, h, Tk, dk)."""
         y = F.scaled_dot_product_attention(
             self._heads(self.q(query)),
-            self._heads(self.k(key)),
-            self._heads(self.v(value)),
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
@@ -388,7 +401,24 @@ class ConformerLayer(nn.Module):
         return self.norm_final(x)
 
 
+class KeyValueCache:
+    """One decoder layer's keys and values between decoding steps: of its self-attention
+    (grown by each step) and of its source attention (the memory's, computed once)."""
+
+    def __init__(self):
+        self.self_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.src_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions seen so far."""
+        return 0 if self.self_kv is None else self.self_kv[0].size(2)
+
+
 class DecoderLayer(nn.Module):
+    """Pre-LN Transformer decoder layer: causal self-attention, attention over the encoder
+    output (the memory), feed-forward; ``step`` runs it incrementally with a cache."""
+
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
         super().__init__()
         head_dim = d_model // num_heads
@@ -405,4 +435,30 @@ class DecoderLayer(nn.Module):
         y = y + self.dropout(self.self_attn(h, h, h, self_mask))
         h = self.norm_src(y)
         y = y + self.dropout(self.src_attn(h, memory, memory, memory_mask))
+        return y + self.dropout(self.ff(self.norm_ff(y)))
+
+    def step(
+        self,
+        y: torch.Tensor,
+        cache: KeyValueCache,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The outputs of the new positions ``y`` (B, n, D) given the earlier ones in
+        ``cache`` (which grows by n): what ``forward`` gives for them on the whole sequence."""
+        h = self.norm_self(y)
+        k, v = self.self_attn.keys_values(h)
+        if cache.self_kv is not None:
+            k = torch.cat([cache.self_kv[0], k], dim=2)
+            v = torch.cat([cache.self_kv[1], v], dim=2)
+        n, seen = y.size(1), cache.length
+        cache.self_kv = (k, v)
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, seen + n, dtype=torch.bool, device=y.device).tril(seen)
+        y = y + self.dropout(self.self_attn.attend(h, k, v, mask))
+        if cache.src_kv is None:
+            cache.src_kv = self.src_attn.keys_values(memory)
+        h = self.norm_src(y)
+        y = y + self.dropout(self.src_attn.attend(h, *cache.src_kv, memory_mask))
         return y + self.dropout(self.ff(self.norm_ff(y)))

@@ -23,6 +23,7 @@ from comflp.asr.layers import (
     Conv2dSubsampling,
     DecoderLayer,
     Embedded,
+    KeyValueCache,
     PositionalEncoding,
     TransformerLayer,
     padding_mask,
@@ -102,7 +103,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Pre-LN Transformer attention decoder over the encoder output."""
+    """Pre-LN Transformer attention decoder over the encoder output.
+
+    Layer numbering of the decoder stack (docs/DESIGN.md): index 0 is ``embed_tokens`` (token
+    embeddings scaled, + sinusoidal positions), index k the output of decoder layer k;
+    ``readout`` applies the final norm and the output layer. ``step`` runs any subset of the
+    layers incrementally (one key/value cache per layer), as greedy decoding does.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,6 +122,51 @@ class Decoder(nn.Module):
         self.after_norm = nn.LayerNorm(cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.vocab_size)
 
+    def embed_tokens(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Index 0 of ``tokens`` (B, U) at positions ``offset`` .. ``offset + U - 1``."""
+        return self.pos(self.embed(tokens), offset)
+
+    @staticmethod
+    def masks(
+        token_lens: torch.Tensor, u: int, memory_lens: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal self-attention mask (B, 1, U, U) and the memory mask (B, 1, 1, T)."""
+        causal = torch.ones(u, u, dtype=torch.bool, device=token_lens.device).tril()
+        self_mask = causal[None, None] & ~padding_mask(token_lens, u)[:, None, None, :]
+        return self_mask, ~padding_mask(memory_lens, t)[:, None, None, :]
+
+    def forward_layers(
+        self,
+        y: torch.Tensor,
+        self_mask: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        layers: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Run decoder ``layers`` (1-indexed, in the order given; default all) on ``y``."""
+        for k in range(1, len(self.layers) + 1) if layers is None else layers:
+            y = self.layers[k - 1](y, self_mask, memory, memory_mask)
+        return y
+
+    def readout(self, y: torch.Tensor) -> torch.Tensor:
+        """Logits (B, U, V) of any decoder layer's output: final norm, then the output layer."""
+        return self.out(self.after_norm(y))
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        caches: dict[int, KeyValueCache],
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (B, V) after new ``tokens`` (B, n), with the decoder layers that ``caches``
+        maps to their caches (1-indexed, in the order given)."""
+        offset = next(iter(caches.values())).length
+        y = self.embed_tokens(tokens, offset)
+        for k, cache in caches.items():
+            y = self.layers[k - 1].step(y, cache, memory, memory_mask)
+        return self.readout(y[:, -1])
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -123,14 +175,9 @@ class Decoder(nn.Module):
         memory_lens: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (B, U, V) for input ``tokens`` (B, U) under a causal mask."""
-        u = tokens.size(1)
-        causal = torch.ones(u, u, dtype=torch.bool, device=tokens.device).tril()
-        self_mask = causal[None, None] & ~padding_mask(token_lens, u)[:, None, None, :]
-        memory_mask = ~padding_mask(memory_lens, memory.size(1))[:, None, None, :]
-        y = self.pos(self.embed(tokens))
-        for layer in self.layers:
-            y = layer(y, self_mask, memory, memory_mask)
-        return self.out(self.after_norm(y))
+        self_mask, memory_mask = self.masks(token_lens, tokens.size(1), memory_lens, memory.size(1))
+        y = self.forward_layers(self.embed_tokens(tokens), self_mask, memory, memory_mask)
+        return self.readout(y)
 
 
 class ASRModel(nn.Module):
@@ -233,6 +280,32 @@ class ASRModel(nn.Module):
         return loss, stats
 
 
+def _check_pruned(pruned: Sequence[int], num_layers: int, what: str) -> list[int]:
+    """The layers kept when ``pruned`` go: ValueError for a layer outside 1..L or none kept."""
+    pruned_set = set(pruned)
+    bad = sorted(k for k in pruned_set if not 1 <= k <= num_layers)
+    if bad:
+        raise ValueError(f"pruned {what} {bad} are outside 1..{num_layers}")
+    check_num_prune(len(pruned_set), num_layers)
+    return list(kept_layers(num_layers, pruned_set))
+
+
+def _kept_state(model: ASRModel, prefix: str, kept: list[int]) -> dict[str, torch.Tensor]:
+    """The model's weights without the layers ``prefix``.N that are not ``kept`` (1-indexed),
+    the kept ones renumbered in order."""
+    new_index = {old: new for new, old in enumerate(kept, start=1)}
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith(prefix):
+            old = int(name[len(prefix) :].split(".")[0]) + 1
+            if old not in new_index:
+                continue
+            rest = name[len(prefix) :].split(".", 1)[1]
+            name = f"{prefix}{new_index[old] - 1}.{rest}"
+        state[name] = value.clone()
+    return state
+
+
 def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRModel:
     """A new model with encoder layers ``pruned`` (1-indexed) physically removed.
 
@@ -244,12 +317,7 @@ def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRMod
     """
     cfg = model.cfg
     num_layers = cfg.num_layers
-    pruned_set = set(pruned)
-    bad = sorted(k for k in pruned_set if not 1 <= k <= num_layers)
-    if bad:
-        raise ValueError(f"pruned layers {bad} are outside 1..{num_layers}")
-    check_num_prune(len(pruned_set), num_layers)
-    kept = list(kept_layers(num_layers, pruned_set))
+    kept = _check_pruned(pruned, num_layers, "layers")
     new_index = {old: new for new, old in enumerate(kept, start=1)}
     new_layers = len(kept)
     interctc = [
@@ -265,18 +333,24 @@ def prune_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRMod
     new_cfg.kept_layers = [original[k - 1] for k in kept]
     if cfg.layer_shapes is not None:
         new_cfg.layer_shapes = [dict(cfg.layer_shapes[k - 1]) for k in kept]
-
     pruned_model = ASRModel(new_cfg)
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.startswith("encoder.layers."):
-            old = int(name.split(".")[2]) + 1
-            if old not in new_index:
-                continue
-            rest = name.split(".", 3)[3]
-            name = f"encoder.layers.{new_index[old] - 1}.{rest}"
-        state[name] = value.clone()
-    pruned_model.load_state_dict(state)
+    pruned_model.load_state_dict(_kept_state(model, "encoder.layers.", kept))
+    return pruned_model.train(model.training)
+
+
+def prune_decoder_layers(model: ASRModel, pruned: list[int] | tuple[int, ...]) -> ASRModel:
+    """A new model with decoder layers ``pruned`` (1-indexed) physically removed, the kept
+    ones renumbered in order; ``decoder_kept_layers`` records their original numbers."""
+    cfg = model.cfg
+    if model.decoder is None:
+        raise ValueError("the model has no attention decoder (decoder_layers: 0)")
+    kept = _check_pruned(pruned, cfg.decoder_layers, "decoder layers")
+    original = cfg.decoder_kept_layers or list(range(1, cfg.decoder_layers + 1))
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.decoder_layers = len(kept)
+    new_cfg.decoder_kept_layers = [original[k - 1] for k in kept]
+    pruned_model = ASRModel(new_cfg)
+    pruned_model.load_state_dict(_kept_state(model, "decoder.layers.", kept))
     return pruned_model.train(model.training)
 
 

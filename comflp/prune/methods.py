@@ -1,7 +1,9 @@
 """Stage 7's method list: the rows of the results table and the models they decode.
 
-Per P: each search of stage 6 gives its rows (its registry entry reads its ``search.json``),
-each fixed rule of :data:`comflp.prune.rules.RULES` its choice (a seeded rule one per seed).
+Per stack and P: each search of stage 6 gives its rows (its registry entry reads its
+``search.json``), each fixed rule of :data:`comflp.prune.rules.RULES` that fits the stack its
+choice (a seeded rule one per seed). A stack's rows prune the model its stages 4-6 worked on
+(the dump records it): with both stacks, the decoder's rows prune the encoder-pruned model.
 Stage 8 adds the fine-tuned models of one search, stage 9 the structured-pruned ones.
 """
 
@@ -12,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from comflp.errors import InputError
 from comflp.expdir import HISTORY, STRUCTURE, ExpDir
 from comflp.prune.dump import read_dump_info
 from comflp.prune.method_list import Method, MethodList
@@ -23,16 +26,20 @@ from comflp.subsets import parse_num_prune
 
 @dataclass(kw_only=True)
 class CompareSettings(SearchSettings):
-    """Stage 7: which searches and rules make the table."""
+    """Stage 7: which stacks, searches and rules make the table."""
 
+    stack: list[str] = option(
+        ["encoder"],
+        "the stacks whose rows the table gets (both: the encoder's, then the decoder's)",
+        choices=("encoder", "decoder"),
+    )
+    decoder_num_prune: list[str] = option(
+        [], "the decoder's P values when both stacks are in the table (default: --num_prune)"
+    )
     random_seeds: int = option(5, "random layer selections per P")
     rules: list[str] = option(
         ["all"], "fixed rules in the table (all: every one that fits the stack and model)"
     )
-
-
-def model_ref(s: SearchSettings) -> ModelRef:
-    return ModelRef(s.model_type, str(s.source), s.stack)
 
 
 def search_methods(exp: ExpDir, name: str, p: int, model: ModelRef) -> list[Method]:
@@ -66,20 +73,38 @@ def rule_methods(
     return rows
 
 
-def list_methods(s: CompareSettings) -> MethodList:
-    """Every row of stage 7's table: the unpruned model, then per P the searches of stage 6 and
-    the fixed rules."""
-    exp = ExpDir(s.exp_dir).stack(s.stack)
+def stack_methods(s: CompareSettings, stack: str, num_prune: list[str], base: bool) -> list[Method]:
+    """One stack's rows: per P its searches and rules (and, with ``base``, the model they
+    prune, unpruned)."""
+    exp = ExpDir(s.exp_dir).stack(stack)
     info = read_dump_info(exp.dump)
     depth = info["num_layers"]
-    prunes = parse_num_prune(s.num_prune, depth, f"the {depth}-layer {s.stack} of {s.source}")
-    rules = rules_for(s.rules, s.stack, bool(info.get("interctc_layers")))
-    model = model_ref(s)
-    methods = MethodList([model.method("unpruned", 0, [], note=f"{depth} {s.stack} layers")])
+    where = f"the {depth}-layer {stack} of {info.get('model_dir', s.source)}"
+    prunes = parse_num_prune(num_prune, depth, where)
+    rules = rules_for(s.rules, stack, bool(info.get("interctc_layers")), s.stack)
+    model = ModelRef(s.model_type, info.get("model_dir", str(s.source)), stack)
+    methods = [model.method("unpruned", 0, [], note=f"{depth} {stack} layers")] if base else []
     for p in prunes:
         for name in s.search_methods:
-            methods.methods += search_methods(exp, name, p, model)
-        methods.methods += rule_methods(rules, depth, p, s.random_seeds, model)
+            methods += search_methods(exp, name, p, model)
+        methods += rule_methods(rules, depth, p, s.random_seeds, model)
+    return methods
+
+
+def list_methods(s: CompareSettings) -> MethodList:
+    """Every row of stage 7's table: the unpruned model, then per stack and P the searches of
+    stage 6 and the fixed rules. With both stacks the decoder's model is the encoder-pruned
+    one (its stage 4 recorded it), whose own row is the encoder search's."""
+    if s.stack not in (["encoder"], ["decoder"], ["encoder", "decoder"]):
+        raise InputError(
+            f"--stack {' '.join(s.stack)}: expected encoder, decoder or 'encoder decoder'"
+        )
+    methods = MethodList()
+    for i, stack in enumerate(s.stack):
+        num_prune = (
+            s.decoder_num_prune if stack == "decoder" and s.decoder_num_prune else s.num_prune
+        )
+        methods.methods += stack_methods(s, stack, num_prune, base=i == 0)
     return methods
 
 

@@ -70,7 +70,7 @@ def evaluate_candidates(
 ) -> list[dict]:
     """One row per candidate set of pruned layers, in the order given."""
     subsets = [kept_layers(stack.num_layers, c) for c in candidates]
-    results = stack.evaluate(batches, subsets, prefix_cache, progress)
+    results = stack.evaluate(batches, subsets, prefix_cache, progress, metric)
     return [
         {
             "layers": sorted(c),

@@ -361,7 +361,7 @@ def proposal_cers(
         part = todo[start : start + chunk]
         subsets = [kept_layers(stack.num_layers, p) for p in part]
         for p, r in zip(part, stack.evaluate(batches, subsets), strict=True):
-            cers[cache.key(p)] = {"cer": r.cer, "wer": r.wer, "seconds": r.seconds}
+            cers[cache.key(p)] = {"cer": r.cer, "wer": r.wer, "loss": r.loss, "seconds": r.seconds}
         cache.save()
     return np.array([cers[cache.key(p)]["cer"] for p in proposals])
 
@@ -395,6 +395,36 @@ def timed_fine_search(
         "beam_layers": [list(p) for p in layers],
         "fine_layers": list(layers[best]),
         "fine_cer": float(cers[best]),
+    }
+
+
+def teacher_forced_quality(
+    stack: LayerStack,
+    batches: list[dict],
+    proposals: Sequence[tuple[int, ...]],
+    cer: np.ndarray,
+    uniform: np.ndarray,
+    cache: CerCache,
+) -> dict[str, Any] | None:
+    """For a decoder stack: how the teacher-forced NLL (the cheap metric, no decoding) ranks
+    the proposals against the CER of real greedy decoding, as a score (minus the NLL) would,
+    and the seconds of one loss-only pass over them all against those of decoding them
+    (the pass is timed once and cached). None for other stacks or an older cache."""
+    entries = [cache.data["cers"][cache.key(p)] for p in proposals]
+    if stack.name != "decoder" or any("loss" not in e for e in entries):
+        return None
+    if "teacher_forced_seconds" not in cache.data["fine"]:
+        subsets = [kept_layers(stack.num_layers, p) for p in proposals]
+        start = time.perf_counter()
+        stack.evaluate(batches, subsets, metric="loss")
+        cache.data["fine"]["teacher_forced_seconds"] = time.perf_counter() - start
+        cache.save()
+    loss = np.array([e["loss"] for e in entries])
+    return {
+        **variant_quality(-loss, cer, uniform),
+        "seconds": cache.data["fine"]["teacher_forced_seconds"],
+        "decode_seconds": sum(e["seconds"] for e in entries),
+        "best_layers": list(proposals[int(np.argmin(loss))]),
     }
 
 
@@ -487,6 +517,7 @@ def study_num_prune(
     best = int(np.argmin(cer))
     entries = cache.data["cers"]
     return {
+        "teacher_forced": teacher_forced_quality(stack, batches, proposals, cer, uniform, cache),
         "num_prune": num_prune,
         "num_proposals": len(proposals),
         "exhaustive": bool(uniform.all()),

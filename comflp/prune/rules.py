@@ -3,12 +3,14 @@
 Drop the top P layers (with intermediate CTC this is also Lee et al.'s pruning on demand: exit
 at layer L - P through the final norm and the shared CTC head, listed as its own rule only for
 models trained with intermediate CTC), drop the bottom P, drop P evenly spaced layers ("every
-other" when P = L/2), or P at random (one choice per seed).
+other" when P = L/2), or P at random (one choice per seed). For a decoder stack only,
+Distil-Whisper's initialisation (Gandhi et al. 2023): keep the first and the last layer and the
+rest maximally spaced between them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,18 @@ def every_other(num_layers: int, num_prune: int) -> tuple[int, ...]:
     """P evenly spaced layers ending at the top: L=12, P=6 -> 2, 4, ..., 12; P=4 -> 3, 6, 9, 12."""
     check_num_prune(num_prune, num_layers)
     return tuple(sorted({round((i + 1) * num_layers / num_prune) for i in range(num_prune)}))
+
+
+def distil_whisper(num_layers: int, num_prune: int) -> tuple[int, ...]:
+    """Distil-Whisper's student decoder: keep K = L - P layers, ``np.linspace(0, L-1, K)``
+    truncated to integers (0-indexed, computed as their code computes it) with the last forced
+    to L-1: the first and the last layer and the others maximally spaced. L=8, P=4 keeps
+    1 3 5 8; L=32, P=30 keeps 1 32; K=1 keeps the last layer."""
+    check_num_prune(num_prune, num_layers)
+    mapping = np.linspace(0, num_layers - 1, num_layers - num_prune, dtype=int)
+    mapping[-1] = num_layers - 1
+    kept = {int(k) + 1 for k in mapping}
+    return tuple(k for k in range(1, num_layers + 1) if k not in kept)
 
 
 def random_layers(num_layers: int, num_prune: int, seed: int) -> tuple[int, ...]:
@@ -67,12 +81,24 @@ RULES.add(
 RULES.add("drop_bottom", Rule(lambda n, p, _: drop_bottom(n, p)))
 RULES.add("every_other", Rule(lambda n, p, _: every_other(n, p)))
 RULES.add("random", Rule(random_layers, seeded=True))
+RULES.add(
+    "distil_whisper",
+    Rule(
+        lambda n, p, _: distil_whisper(n, p),
+        "Distil-Whisper: the first and last decoder layers kept, the rest maximally spaced",
+        stacks=("decoder",),
+    ),
+)
 
 
-def rules_for(names: list[str], stack: str, has_interctc: bool) -> list[str]:
-    """The rules of ``names`` (``all``: every registered one that fits) for a stack and model;
-    InputError for a named rule that does not fit the stack. A rule that needs intermediate CTC
-    is left out for a model without it (it would repeat drop_top under another name)."""
+def rules_for(
+    names: list[str], stack: str, has_interctc: bool, run_stacks: Sequence[str] = ()
+) -> list[str]:
+    """The rules of ``names`` (``all``: every registered one that fits) for a stack and model.
+    A named rule must fit the stack, or with ``run_stacks`` (the stacks of a run that prunes
+    several) one of them, and is left out of those it does not fit; InputError otherwise. A
+    rule that needs intermediate CTC is left out for a model without it (it would repeat
+    drop_top under another name)."""
     if names == ["all"]:
         return [
             n
@@ -80,10 +106,15 @@ def rules_for(names: list[str], stack: str, has_interctc: bool) -> list[str]:
             if stack in RULES[n].stacks and (has_interctc or not RULES[n].needs_interctc)
         ]
     RULES.check(names, "--rules")
+    stacks = list(run_stacks) or [stack]
     for n in names:
-        if stack not in RULES[n].stacks:
+        if not set(stacks) & set(RULES[n].stacks):
             raise InputError(
                 f"--rules {n}: a rule for the {' and '.join(RULES[n].stacks)} stack, "
-                f"not the {stack}"
+                f"not the {' and '.join(stacks)}"
             )
-    return [n for n in names if has_interctc or not RULES[n].needs_interctc]
+    return [
+        n
+        for n in names
+        if stack in RULES[n].stacks and (has_interctc or not RULES[n].needs_interctc)
+    ]

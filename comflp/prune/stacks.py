@@ -12,8 +12,9 @@ from typing import Protocol
 
 import torch
 
-from comflp.adapters.base import PrunableModel
-from comflp.prune.evaluator import SubsetResult, evaluate_subsets
+from comflp.adapters.base import DecoderModel, PrunableModel
+from comflp.errors import InputError
+from comflp.prune.evaluator import DecoderPass, SubsetResult, evaluate_passes, evaluate_subsets
 
 
 class LayerStack(Protocol):
@@ -34,8 +35,10 @@ class LayerStack(Protocol):
         subsets: Sequence[tuple[int, ...]],
         prefix_cache: bool = True,
         progress: str | None = None,
+        metric: str = "cer",
     ) -> list[SubsetResult]:
-        """The task metric of each subset of kept layers (the rest of the model whole)."""
+        """The task metrics of each subset of kept layers (the rest of the model whole);
+        ``metric``, the one the caller ranks by, may spare work the others need."""
 
     def prune(self, layers: Sequence[int]) -> PrunableModel:
         """The model with this stack's ``layers`` removed."""
@@ -67,20 +70,70 @@ class EncoderStack:
         subsets: Sequence[tuple[int, ...]],
         prefix_cache: bool = True,
         progress: str | None = None,
+        metric: str = "cer",
     ) -> list[SubsetResult]:
+        """Every metric (the readout gives them at once)."""
         return evaluate_subsets(self.model, batches, subsets, prefix_cache, progress)
 
     def prune(self, layers: Sequence[int]) -> PrunableModel:
         return self.model.prune(layers)
 
 
-_STACKS: dict[str, type] = {"encoder": EncoderStack}
+class DecoderStack:
+    """The attention decoder of a :class:`DecoderModel`: index 0 is the token embeddings +
+    positions, k the output of decoder layer k (before the final norm); its rows are token
+    positions under teacher forcing on the references (the prompt, then the reference tokens).
+    Subsets are scored by real autoregressive decoding (:class:`DecoderPass`)."""
+
+    name = "decoder"
+
+    def __init__(self, model: DecoderModel):
+        self.model = model
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_decoder_layers
+
+    def states(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        inputs, _, lengths = self.model.teacher_forcing(batch)
+        h = self.model.decoder_embed(self.model.encode(batch), inputs, lengths)
+        states = [h.x]
+        for k in range(1, self.num_layers + 1):
+            h = self.model.decoder_forward_layers(h, [k])
+            states.append(h.x)
+        return states, h.lengths
+
+    def evaluate(
+        self,
+        batches: Iterable[dict],
+        subsets: Sequence[tuple[int, ...]],
+        prefix_cache: bool = True,
+        progress: str | None = None,
+        metric: str = "cer",
+    ) -> list[SubsetResult]:
+        """With ``metric`` ``loss``, the teacher-forced loss alone (no decoding: CER and WER
+        NaN), the trie's prefixes shared; else real greedy decoding as well."""
+        return evaluate_passes(
+            DecoderPass(self.model, decode=metric != "loss"),
+            self.model.module,
+            self.num_layers,
+            batches,
+            subsets,
+            prefix_cache,
+            progress,
+        )
+
+    def prune(self, layers: Sequence[int]) -> PrunableModel:
+        return self.model.prune_decoder(layers)
+
+
+_STACKS: dict[str, type] = {"encoder": EncoderStack, "decoder": DecoderStack}
 
 
 def stack_of(model: PrunableModel, name: str) -> LayerStack:
-    """The stack ``name`` of ``model``; ValueError when the model has no such stack."""
+    """The stack ``name`` of ``model``; InputError when the model has no such stack."""
     if name not in model.stacks:
-        raise ValueError(
+        raise InputError(
             f"--stack {name}: a {model.model_type} model ({model.source}) has no {name} stack; "
             f"its stacks: {', '.join(model.stacks)}"
         )

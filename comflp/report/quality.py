@@ -63,6 +63,22 @@ def size_lines(result: dict, reference: int) -> list[str]:
     return lines
 
 
+def teacher_forced_lines(result: dict) -> list[str]:
+    """A decoder stack's cheap metric: the teacher-forced NLL ranked against real decoding."""
+    tf = result.get("teacher_forced")
+    if not tf:
+        return []
+    regrets = ", ".join(f"@{k} {tf['regret'][k]['regret']:.2f}" for k in ("1", "3", "10"))
+    return [
+        f"Teacher-forced NLL as the metric (no decoding): Spearman {tf['spearman']:.3f}, "
+        f"Kendall {tf['kendall']:.3f} against the CER of greedy decoding; its best proposal "
+        f"{tf['best_layers']}, regret {regrets}; a loss-only pass over all "
+        f"{result['num_proposals']} proposals took {tf['seconds']:.1f} s, decoding them "
+        f"{tf['decode_seconds']:.1f} s.",
+        "",
+    ]
+
+
 def report(summary: dict) -> str:
     calib = summary["calibration"]
     lines = [
@@ -102,7 +118,8 @@ def report(summary: dict) -> str:
         if result.get("glp"):
             glp = result["glp"]
             lines.append(f"GLP (stage 6): CER {glp['cer']:.2f} in {glp['seconds']:.1f} s.")
-        lines += ["", format_table(result), "", *size_lines(result, summary["reference"])]
+        lines += ["", format_table(result), "", *teacher_forced_lines(result)]
+        lines += size_lines(result, summary["reference"])
     return "\n".join(lines) + "\n"
 
 

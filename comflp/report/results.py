@@ -2,6 +2,8 @@
 
 Rows come from the method registry (:mod:`comflp.prune.methods`) and the scores of each
 decoded model; random selection is summarised over its seeds as mean and standard deviation.
+A row belongs to one stack; a table with decoder rows has a "stack" column (P and the layer
+numbers are that stack's).
 RESULTS.md names the command, the comflp commit, the library versions and the machine, as
 ESPnet's result tables do.
 """
@@ -28,6 +30,15 @@ class Row:
     rtf: float
     search_seconds: float | None
     evaluations: int | None
+    stack: str = "encoder"
+
+    @property
+    def label(self) -> str:
+        """The method, with its stack when that is not the encoder (plot legends)."""
+        return self.method if self.stack == "encoder" else f"{self.method} ({self.stack})"
+
+
+STACK_ORDER = ("encoder", "decoder")
 
 
 def build_rows(
@@ -36,12 +47,13 @@ def build_rows(
     params: dict[str, int],
     rtf: dict[str, float],
 ) -> list[Row]:
-    """One row per (method name, P); ``scores[key][set]`` holds ``{"wer": , "cer": }``."""
-    groups: dict[tuple[str, int], list[Method]] = {}
+    """One row per (stack, method name, P); ``scores[key][set]`` holds ``{"wer": , "cer": }``.
+    The unpruned model first, then the encoder's rows, then the decoder's, each by P."""
+    groups: dict[tuple[str, str, int], list[Method]] = {}
     for m in methods.methods:
-        groups.setdefault((m.name, m.num_prune), []).append(m)
+        groups.setdefault((m.stack, m.name, m.num_prune), []).append(m)
     rows = []
-    for (name, p), group in groups.items():
+    for (stack, name, p), group in groups.items():
         sets = list(scores[group[0].key])
         errors, spread = {}, {}
         for s in sets:
@@ -68,9 +80,10 @@ def build_rows(
                 rtf=statistics.mean(rtf[m.key] for m in group),
                 search_seconds=statistics.mean(costs) if costs else None,
                 evaluations=group[0].evaluations,
+                stack=stack,
             )
         )
-    return sorted(rows, key=lambda r: r.num_prune)
+    return sorted(rows, key=lambda r: (r.num_prune > 0, STACK_ORDER.index(r.stack), r.num_prune))
 
 
 def _fmt_error(row: Row, s: str, unit: str) -> str:
@@ -86,13 +99,14 @@ def methods_table(
     ``metrics``: the error rates shown (``wer``, ``cer``); Mandarin, written without spaces,
     shows CER only.
     """
-    head = ["method", "P", "pruned layers"]
+    stacks = any(r.stack != "encoder" for r in rows)
+    head = ["method", *(["stack"] if stacks else []), "P", "pruned layers"]
     for s in sets:
         head += [f"{s} {m.upper()}" for m in metrics]
     head += ["params", "RTF", "search (s)", "evaluations"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.method, str(r.num_prune), r.pruned]
+        cells = [r.method, *([r.stack] if stacks else []), str(r.num_prune), r.pruned]
         for s in sets:
             cells += [_fmt_error(r, s, m) for m in metrics]
         cells += [
