@@ -68,7 +68,7 @@ oracle_max_evaluations=1000  # oracle: only when C(L, P) is at most this
 # ---- comparison and decoding (stage 7) ----
 random_seeds=5          # random layer selections per P
 rules=all               # fixed rules in the table (all: every one that fits the stack and model)
-decoding_method=ctc_greedy_search  # a method the model has: ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring (native) | espnet_beam_search (espnet)
+decoding_method=ctc_greedy_search  # a method the model has: ctc_greedy_search | ctc_prefix_beam_search | attention_rescoring, attention_greedy_search (native AED) | espnet_beam_search (espnet)
 decode_beam_size=10     # beam of the beam searches
 decode_nj=2             # decoding jobs per set (a job array)
 score_metrics="wer cer" # error rates in RESULTS.md (Mandarin: cer)

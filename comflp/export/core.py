@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -91,11 +92,29 @@ def load_for_export(model_dir: Path, model_type: str):
         )
     if not model_dir.is_dir():
         raise ExportError(f"--model_dir {model_dir}: not a directory")
+    if model_type == "hf":
+        _check_hf_ctc(model_dir)
     try:
         return MODEL_TYPES[model_type].load(model_dir), model_type
     except (ConfigError, FileNotFoundError) as e:
         where = "" if str(e).startswith(str(model_dir)) else f"--model_dir {model_dir}: "
         raise ExportError(f"{where}{e}") from None
+
+
+def _check_hf_ctc(model_dir: Path) -> None:
+    """The hf exporter writes CTC models; an encoder-decoder (Whisper) is refused before loading."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{model_dir}/config.json: cannot read it ({e})") from None
+    archs = config.get("architectures") or []
+    if config.get("model_type") == "whisper" or (
+        archs and not any(a.endswith("ForCTC") for a in archs)
+    ):
+        raise ExportError(
+            f"--model_dir {model_dir}: unsupported architecture {(archs or [config.get('model_type')])[0]} for export "
+            "(Hugging Face models export as CTC models: *ForCTC)"
+        )
 
 
 def _check_destination(out_dir: Path, model_dir: Path) -> None:
