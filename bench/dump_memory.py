@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: peak memory and time of stage 4 (the layer dump) for a small and a large subset.
 
-Runs bin/dump_layers.py (mean pooling, one part, CPU) on the model of --exp_dir in a fresh
+Runs bin/dump_layers.py (--pooling: frames, run.sh's default, or mean; one part, CPU) on the model of --exp_dir in a fresh
 child process for each calibration size in --num_utts (default 320 and 3200), each dumping into
 its own scratch experiment directory (--exp_dir is not written to), and reads that child's own
 peak resident set size from os.wait4 (ru_maxrss), so one measurement cannot leak into the next.
@@ -66,7 +66,7 @@ def dump_command(args: argparse.Namespace, cuts: Path, num_utts: int, exp_dir: P
     """bin/dump_layers.py on the model of --exp_dir, its dump in the scratch ``exp_dir``."""
     command = [sys.executable, str(DUMP_SCRIPT), "--exp_dir", str(exp_dir)]
     command += ["--model_dir", str(args.exp_dir), "--cuts", str(cuts)]
-    command += ["--num_utts", str(num_utts), "--pooling", "mean", "--device", "cpu"]
+    command += ["--calib_num_utts", str(num_utts), "--pooling", args.pooling, "--device", "cpu"]
     return command + (["--nthreads", str(args.nthreads)] if args.nthreads else [])
 
 
@@ -84,6 +84,7 @@ def measure(args: argparse.Namespace, sizes: list[int], scratch: Path) -> list[d
             {
                 "name": f"dump of {n} utterances",
                 "utts": info["num_utts"],
+                "rows": info["num_rows"],
                 "rss": rss,
                 "seconds": seconds,
                 "dump_seconds": info["seconds"],
@@ -97,14 +98,14 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
     lines = [
         *notes,
         "",
-        "| run | N dumped | peak RSS MiB | above imports MiB | wall s | dump s | RSS vs first dump |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | N dumped | rows | peak RSS MiB | above imports MiB | wall s | dump s | RSS vs first dump |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     floor, first = rows[0]["rss"], rows[1]["rss"]
-    lines.append(f"| {rows[0]['name']} | | {floor:.0f} | | {rows[0]['seconds']:.1f} | | |")
+    lines.append(f"| {rows[0]['name']} | | | {floor:.0f} | | {rows[0]['seconds']:.1f} | | |")
     for r in rows[1:]:
         lines.append(
-            f"| {r['name']} | {r['utts']} | {r['rss']:.0f} | {r['rss'] - floor:.0f} | "
+            f"| {r['name']} | {r['utts']} | {r['rows']} | {r['rss']:.0f} | {r['rss'] - floor:.0f} | "
             f"{r['seconds']:.1f} | {r['dump_seconds']:.1f} | {r['rss'] / first:.2f}x |"
         )
     return "\n".join(lines) + "\n"
@@ -118,7 +119,7 @@ def main(args: argparse.Namespace) -> None:
         rows = measure(args, sizes, Path(tmp))
     source = args.cuts or f"{args.train_set} + {args.dev_set} of {args.workdir}"
     notes = [
-        f"Stage 4 (bin/dump_layers.py, mean pooling, CPU) of {args.exp_dir} on random subsets "
+        f"Stage 4 (bin/dump_layers.py, {args.pooling} pooling, CPU) of {args.exp_dir} on random subsets "
         f"of {source}; one child process per row, its own peak RSS (os.wait4 ru_maxrss). "
         "Wall: the whole child (start-up, manifest and model loading, dump); dump: the dump "
         "itself (info.json).",
@@ -136,6 +137,7 @@ if __name__ == "__main__":
     parser.add_argument("--dev_set", default="dev-clean")
     parser.add_argument("--cuts", type=Path, help="draw from these cuts instead of train + dev")
     parser.add_argument("--num_utts", default="320 3200", help="calibration sizes to measure")
+    parser.add_argument("--pooling", default="frames", choices=("frames", "mean"))
     parser.add_argument("--output", type=Path, help="also write the table here")
     add_common_args(parser)
     run(main, parser)
