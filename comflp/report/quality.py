@@ -149,8 +149,8 @@ def robustness_report(summary: dict) -> str:
         )
     lines += [
         "",
-        f"The default pipeline (the beam top 10 of {', '.join(summary['scores'])} merged, one "
-        "fine search) on each model:",
+        f"The default pipeline (the beam top 10 of {', '.join(summary['scores'])} and of their "
+        "consensus, merged, one fine search) on each model:",
         "",
         "| model | oracle CER | pipeline CER | relative to the oracle | proposals evaluated | GLP CER |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
