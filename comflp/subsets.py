@@ -25,6 +25,19 @@ def kept_layers(num_layers: int, pruned: Sequence[int]) -> tuple[int, ...]:
     return tuple(k for k in range(1, num_layers + 1) if k not in removed)
 
 
+def checked_kept(num_layers: int, layers: Sequence[int], stack: str = "") -> list[int]:
+    """The layers kept when ``layers`` are removed; ValueError for a number outside 1..L or
+    a removal that keeps nothing (what every adapter's ``prune`` refuses)."""
+    pruned = sorted(set(int(k) for k in layers))
+    if any(not 1 <= k <= num_layers for k in pruned) or len(pruned) >= num_layers:
+        raise ValueError(
+            f"cannot remove {stack + ' ' if stack else ''}layers {list(layers)} of a "
+            f"{num_layers}-layer model "
+            "(layer numbers 1..L, at least one layer kept)"
+        )
+    return list(kept_layers(num_layers, pruned))
+
+
 def parse_num_prune(values: Sequence[str | int], num_layers: int, where: str) -> list[int]:
     """The P values of ``--num_prune`` for a stack of ``num_layers`` layers: integers, ``all``
     (1 .. L-1) or ranges ``A:B`` / ``A:B:STEP`` (B included), sorted, each checked."""

@@ -76,6 +76,7 @@ from comflp import expdir
 from comflp.adapters.base import CTC_DECODING, MODEL_TYPES, Hidden, PrunableModel
 from comflp.asr.config import ConfigError
 from comflp.asr.data import pad_sequences, transcripts
+from comflp.subsets import checked_kept
 from comflp.utils import atomic_path, atomic_write_json, atomic_write_text, eval_mode
 
 CONFIG = "config.yaml"
@@ -437,13 +438,7 @@ class EspnetModel(PrunableModel):
         return config
 
     def prune(self, layers: Sequence[int]) -> EspnetModel:
-        pruned = sorted(set(int(k) for k in layers))
-        if any(not 1 <= k <= self.num_layers for k in pruned) or len(pruned) >= self.num_layers:
-            raise ValueError(
-                f"cannot remove layers {list(layers)} of a {self.num_layers}-layer model "
-                "(layer numbers 1..L, at least one layer kept)"
-            )
-        kept = [k for k in range(1, self.num_layers + 1) if k not in pruned]
+        kept = checked_kept(self.num_layers, layers)
         config = self.pruned_config(kept)
         asr = copy.deepcopy(self.asr)
         encoder = asr.encoder

@@ -64,6 +64,7 @@ from comflp.adapters.hf_utils import (
 from comflp.adapters.whisper import WhisperAdapter
 from comflp.asr.config import ConfigError
 from comflp.asr.data import transcripts
+from comflp.subsets import checked_kept
 from comflp.utils import atomic_write_json
 
 # The CTC classes supported, by config.model_type.
@@ -299,13 +300,7 @@ class HFModel(PrunableModel):
         return self.processor.tokenizer.decode([int(i) for i in ids], group_tokens=False)
 
     def prune(self, layers: Sequence[int]) -> HFModel:
-        pruned = sorted(set(int(k) for k in layers))
-        if any(not 1 <= k <= self.num_layers for k in pruned) or len(pruned) >= self.num_layers:
-            raise ValueError(
-                f"cannot remove layers {list(layers)} of a {self.num_layers}-layer model "
-                "(layer numbers 1..L, at least one layer kept)"
-            )
-        kept = [k for k in range(1, self.num_layers + 1) if k not in pruned]
+        kept = checked_kept(self.num_layers, layers)
         hf = copy.deepcopy(self.hf)
         encoder = hf.base_model.encoder
         if self.wavlm and kept[0] != 1:

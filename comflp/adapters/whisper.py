@@ -49,6 +49,7 @@ from comflp.adapters.hf_utils import (
 )
 from comflp.asr.config import ConfigError
 from comflp.asr.data import transcripts
+from comflp.subsets import checked_kept
 from comflp.utils import atomic_write_json
 
 ARCH = "WhisperForConditionalGeneration"
@@ -326,7 +327,7 @@ class WhisperAdapter(DecoderModel):
         return " ".join(text.split())
 
     def prune(self, layers: Sequence[int]) -> WhisperAdapter:
-        kept = self._kept(layers, self.num_layers, "encoder")
+        kept = checked_kept(self.num_layers, layers, "encoder")
         hf = copy.deepcopy(self.hf)
         hf.model.encoder.layers = torch.nn.ModuleList(hf.model.encoder.layers[k - 1] for k in kept)
         hf.config.encoder_layers = hf.config.num_hidden_layers = len(kept)
@@ -334,7 +335,7 @@ class WhisperAdapter(DecoderModel):
 
     def prune_decoder(self, layers: Sequence[int]) -> WhisperAdapter:
         """The kept layers renumbered for transformers' cache (``layer_idx``)."""
-        kept = self._kept(layers, self.num_decoder_layers, "decoder")
+        kept = checked_kept(self.num_decoder_layers, layers, "decoder")
         hf = copy.deepcopy(self.hf)
         modules = [hf.model.decoder.layers[k - 1] for k in kept]
         for i, layer in enumerate(modules):
@@ -342,16 +343,6 @@ class WhisperAdapter(DecoderModel):
         hf.model.decoder.layers = torch.nn.ModuleList(modules)
         hf.config.decoder_layers = len(kept)
         return WhisperAdapter(hf, self.processor, self.source)
-
-    @staticmethod
-    def _kept(layers: Sequence[int], num_layers: int, stack: str) -> list[int]:
-        pruned = sorted(set(int(k) for k in layers))
-        if any(not 1 <= k <= num_layers for k in pruned) or len(pruned) >= num_layers:
-            raise ValueError(
-                f"cannot remove {stack} layers {list(layers)} of {num_layers} "
-                "(layer numbers 1..L, at least one layer kept)"
-            )
-        return [k for k in range(1, num_layers + 1) if k not in pruned]
 
     def save(self, out_dir: Path, info: dict | None = None) -> None:
         out_dir = Path(out_dir)
