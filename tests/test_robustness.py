@@ -53,14 +53,21 @@ def test_one_model_scores_consensus_and_pipeline():
         {"residual_sum": PERFECT, "dc": WORSE},
         {"residual_sum": [[2, 3], [1, 4]], "dc": [[3, 4], [2, 4]]},  # their beam top 2
     )
-    m = model_summary(s, 2, DEFAULTS)
+    m = model_summary(s, 2, DEFAULTS, top_k=2, score_top_k=1)
     assert m["scores"]["residual_sum/frames/N32"]["spearman"] == pytest.approx(-1.0)
     rho = stats.spearmanr(WORSE, CER).statistic
     assert m["scores"]["dc_b32/frames/N32"]["spearman"] == pytest.approx(rho)
     want = stats.spearmanr(np.add(stats.zscore(PERFECT), stats.zscore(WORSE)), CER).statistic
     assert m["scores"]["consensus (of the study's proposals)"]["spearman"] == pytest.approx(want)
-    # the merged beams hold (2, 3), (1, 4), (3, 4), (2, 4): the best is (2, 3) at 11.0
-    assert m["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 4}
+    # the consensus (z sums 0, -.59, -1.17, 1.17, .59, 0) ranks (2, 3) and (2, 4) first; with
+    # each score's first beam proposal, (2, 3) and (3, 4): three evaluated, the best 11.0
+    assert m["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 3}
+    # without a consensus, each beam's top 2: (2, 3), (1, 4), (3, 4), (2, 4)
+    alone = model_summary(s, 2, DEFAULTS, top_k=2, use_consensus=False)
+    assert alone["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 4}
+    # the consensus's top 4 alone adds (1, 2) and (3, 4) (sums 0): the oracle's (1, 2) at 10.0
+    wider = model_summary(s, 2, DEFAULTS, top_k=4, score_top_k=0)
+    assert wider["pipeline"] == {"cer": 10.0, "relative": 0.0, "evaluations": 4}
     assert consensus([np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])]) == pytest.approx(
         [-1.2247, 0.6124, 0.6124], abs=1e-4
     )
@@ -103,12 +110,15 @@ def test_summary_report_and_its_errors(tmp_path):
             calibration=[f"a={tmp_path / 'b'}"],
             num_prune=2,
             scores=DEFAULTS,
+            top_k=1,
             output=out,
         )
     )
     text = out.read_text()
     assert "| residual_sum/frames/N32 | -1.000 | -1.000 | 0.0% | 0.0% |" in text
-    assert "| a | 10.00 | 10.00 | 0.0% | 1 | 11.00 |" in text
+    # the consensus's top 1, (2, 3) at 11.0, and both beams' first, (1, 2) at 10.0
+    assert "| a | 10.00 | 10.00 | 0.0% | 2 | 11.00 |" in text
+    assert "the top 1 of the consensus of residual_sum, dc and the first 1" in text
     assert json.loads(out.with_suffix(".json").read_text())["num_prune"] == 2
     with pytest.raises(ValueError, match="--studies x: expected LABEL=DIR"):
         summarize(SummarySettings(studies=["x"], output=out))

@@ -83,7 +83,16 @@ def test_oracle_finds_what_greedy_misses_and_keeps_the_first_on_a_tie():
 def test_merge_interleaves_the_rankings_and_drops_repeats():
     a = [Proposal((1, 2), 0.9), Proposal((3, 4), 0.8), Proposal((5, 6), 0.7)]
     b = [Proposal((3, 4), 0.5), Proposal((1, 6), 0.4)]
-    assert merge({"a": a, "b": b}) == [(1, 2), (3, 4), (1, 6), (5, 6)]
+    assert merge({"a": a, "b": b}, score_top_k=1) == [(1, 2), (3, 4), (1, 6), (5, 6)]
+    # with a consensus: its whole ranking, each score's first score_top_k
+    c = [Proposal((5, 6), 1.0), Proposal((2, 3), 0.9)]
+    assert merge({"a": a, "b": b, "consensus": c}, score_top_k=1) == [
+        (1, 2),
+        (3, 4),
+        (5, 6),
+        (2, 3),
+    ]
+    assert merge({"a": a, "b": b, "consensus": c}, score_top_k=0) == [(5, 6), (2, 3)]
 
 
 def _experiment(tmp_path: Path, matrices: dict[str, np.ndarray]) -> ExpDir:
@@ -138,13 +147,25 @@ def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
     rng = np.random.default_rng(4)
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
     exp = _experiment(tmp_path, matrices)
-    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=3)
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=3, score_top_k=1)
     context = SearchContext(settings, KnownStack(additive_cer), [], exp)
-    (result,) = SEARCHES["comflp"]().run(context, [2]).values()
+    search = SEARCHES["comflp"]()
+    (result,) = search.run(context, [2]).values()
     consensus = ConsensusScorer([BlockScorer(m) for m in matrices.values()])
     want = [p.layers for p in coarse_search(consensus, 2, top_k=3)]
     assert [tuple(x["layers"]) for x in result.extra["rankings"]["consensus"]] == want
-    assert set(want) <= {tuple(r["layers"]) for r in result.candidates}
+    # the fine search: the consensus's top 3 and each score's top 1, nothing else
+    firsts = {_coarse(m, 2, 1)[0].layers for m in matrices.values()}
+    assert {tuple(r["layers"]) for r in result.candidates} == set(want) | firsts
+    assert result.extra["score_top_k"] == 1
+    saved = {**result.to_dict(), "stack": "encoder"}
+    rows = {m.name: m for m in search.methods(saved, ModelRef("native", "exp"))}
+    assert rows["comflp"].evaluations == len(set(want) | firsts)
+    for name, m in matrices.items():  # a score's fine row: the best of its evaluated proposals
+        evaluated = [c for c in _coarse(m, 2, 3) if c.layers in set(want) | firsts]
+        best = min(evaluated, key=lambda c: additive_cer(c.layers)).layers
+        assert rows[f"comflp_{name}_fine"].pruned == list(best)
+        assert rows[f"comflp_{name}_fine"].evaluations == len(evaluated)
     # every pair of 6 layers is the reference set: each score standardised over all 15
     pairs = np.array(list(combinations(range(1, 7), 2)))
     z = [

@@ -1,12 +1,15 @@
 """The search-quality study across models: how each score ranks proposals on every model, and
-how the default pipeline (every default score's top K merged, one fine search) does.
+how the default pipeline (the consensus's top K and each score's first few, one fine search)
+does.
 
 Input: the ``quality.json`` of :mod:`comflp.stages.quality` for several models (all proposals
 of one P evaluated on each). Per model and score: Spearman against the dev CER and the relative
 regret of the best of its top 10 against the oracle; then per score the median and the worst
-over the models. The pipeline's choice is the lowest CER among the merged beam top Ks of the
-default scores (what stage 6 evaluates); ``consensus`` is the mean of the default scores'
-standardised values, a rank aggregation computed on the study's proposals. A second study of a
+over the models. ``consensus`` is the mean of the default scores' standardised values, a rank
+aggregation computed on the study's proposals (all of them: the same standardisation stage 6
+uses up to 2,000 proposals). The pipeline's choice is the lowest CER among the proposals stage
+6 merges: the consensus's top K (here from the whole ranking, where stage 6 beam-searches it)
+and each score's first ``score_top_k`` of its beam; without a consensus, each score's beam top K. A second study of a
 model with another random calibration subset shows how the ranking moves with it.
 """
 
@@ -55,22 +58,32 @@ def quality(scores: np.ndarray, cer: np.ndarray) -> dict[str, float]:
     return {"spearman": spearman(scores, cer), "relative@10": regret["relative"]}
 
 
-def model_summary(study: dict, num_prune: int, defaults: Sequence[str]) -> dict[str, Any]:
+def model_summary(
+    study: dict,
+    num_prune: int,
+    defaults: Sequence[str],
+    top_k: int = 10,
+    score_top_k: int = 1,
+    use_consensus: bool = True,
+) -> dict[str, Any]:
     """One model: every variant's Spearman and top-10 regret, the consensus, the pipeline."""
     result = result_for(study, num_prune)
     if not result["exhaustive"]:
         raise ValueError(f"{study['model_dir']}: P = {num_prune} was sampled, not exhaustive")
     cer = np.array([p["cer"] for p in result["proposals"]])
+    layers = [tuple(p["layers"]) for p in result["proposals"]]
     names = [variant_name(s, study["reference"]) for s in defaults]
     chosen = _variants(result, names)
     scores = {v["name"]: quality(np.array(v["scores"]), cer) for v in result["variants"]}
-    scores["consensus (of the study's proposals)"] = quality(
-        consensus([np.array(chosen[n]["scores"]) for n in names]), cer
-    )
-    cer_of = {tuple(p["layers"]): p["cer"] for p in result["proposals"]}
-    members = names + [n for n in (f"consensus/frames/N{study['reference']}",) if n in scores]
-    by_name = {v["name"]: v for v in result["variants"]}
-    merged = {tuple(layers) for n in members for layers in by_name[n]["beam_layers"]}
+    agreed = consensus([np.array(chosen[n]["scores"]) for n in names])
+    scores["consensus (of the study's proposals)"] = quality(agreed, cer)
+    beams = {n: [tuple(x) for x in chosen[n]["beam_layers"]] for n in names}
+    if use_consensus and len(names) > 1:
+        merged = {layers[i] for i in np.argsort(-agreed, kind="stable")[:top_k]}
+        merged |= {x for beam in beams.values() for x in beam[:score_top_k]}
+    else:
+        merged = {x for beam in beams.values() for x in beam[:top_k]}
+    cer_of = dict(zip(layers, cer.tolist(), strict=True))
     best = min(cer_of[m] for m in merged)
     oracle = result["oracle_cer"]
     return {

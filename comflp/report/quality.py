@@ -127,6 +127,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _pipeline(summary: dict) -> str:
+    scores, k = ", ".join(summary["scores"]), summary["top_k"]
+    if summary["consensus"] and len(summary["scores"]) > 1:
+        return (
+            f"the top {k} of the consensus of {scores} and the first {summary['score_top_k']} "
+            "of each score's beam, merged"
+        )
+    return f"the beam top {k} of {scores}, merged"
+
+
 def robustness_report(summary: dict) -> str:
     """The study across models: per score median / worst; per model the pipeline."""
     p = summary["num_prune"]
@@ -149,8 +159,7 @@ def robustness_report(summary: dict) -> str:
         )
     lines += [
         "",
-        f"The default pipeline (the beam top 10 of {', '.join(summary['scores'])} and of their "
-        "consensus, merged, one fine search) on each model:",
+        f"The default pipeline ({_pipeline(summary)}, one fine search) on each model:",
         "",
         "| model | oracle CER | pipeline CER | relative to the oracle | proposals evaluated | GLP CER |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

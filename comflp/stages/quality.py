@@ -33,6 +33,7 @@ from comflp.prune.quality import (
 )
 from comflp.prune.robustness import across_models, calibration_shift, model_summary, variant_name
 from comflp.prune.scores.base import SCORES, ScoreChoice
+from comflp.prune.searches.base import MergeChoice
 from comflp.prune.stacks import LayerStack, stack_of
 from comflp.report.quality import plot_scatter, report, robustness_report
 from comflp.settings import REQUIRED, option
@@ -211,7 +212,7 @@ def write_summary(s, settings, num_layers, features, sizes, reference, results) 
 
 
 @dataclass(kw_only=True)
-class SummarySettings(ScoreChoice):
+class SummarySettings(ScoreChoice, MergeChoice):
     """The study across models: several studies' quality.json, one P."""
 
     studies: list[str] = option(REQUIRED, "LABEL=DIR: a model's study directory")
@@ -240,7 +241,10 @@ def summarize(s: SummarySettings) -> None:
     if unknown:
         raise InputError(f"--calibration {', '.join(unknown)}: no study of that label")
     try:
-        models = {k: model_summary(v, s.num_prune, s.scores) for k, v in studies.items()}
+        models = {
+            k: model_summary(v, s.num_prune, s.scores, s.top_k, s.score_top_k, s.consensus)
+            for k, v in studies.items()
+        }
         shifts = {
             k: calibration_shift(studies[k], v, s.num_prune, s.scores) for k, v in again.items()
         }
@@ -249,6 +253,9 @@ def summarize(s: SummarySettings) -> None:
     summary = {
         "num_prune": s.num_prune,
         "scores": s.scores,
+        "top_k": s.top_k,
+        "score_top_k": s.score_top_k,
+        "consensus": s.consensus,
         "models": models,
         "across": across_models(models),
         "calibration": shifts,

@@ -39,8 +39,8 @@ class ScoreChoice:
     """The scores stages 5-8 build, rank proposals by and report (docs/SEARCH_QUALITY.md)."""
 
     scores: list[str] = option(
-        ["residual_sum", "dc", "svcca", "cka"],
-        "coarse scores: each built once by stage 5; their top K are merged by stage 6",
+        ["residual_sum", "dc"],
+        "coarse scores: each built once by stage 5; stage 6 merges their consensus's top K",
         choices=lambda: SCORES.names(),
     )
 

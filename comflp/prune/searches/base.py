@@ -26,7 +26,24 @@ SEARCHES: Registry[type[Search]] = Registry("search", "comflp.prune.searches")
 
 
 @dataclass(kw_only=True)
-class SearchSettings(ModelSettings, ScoreChoice):
+class MergeChoice:
+    """Which coarse proposals CoMFLP's one fine search evaluates (stage 6 and the study)."""
+
+    top_k: int = option(
+        10, "coarse proposals passed to the fine search: the consensus's, else each score's", low=1
+    )
+    consensus: bool = option(
+        True, "with several scores, their consensus ranks too and its top K joins the merge"
+    )
+    score_top_k: int = option(
+        1,
+        "with a consensus, each score's own coarse proposals joining the merge (at most --top_k)",
+        low=0,
+    )
+
+
+@dataclass(kw_only=True)
+class SearchSettings(ModelSettings, ScoreChoice, MergeChoice):
     """Stage 6: the searches, their P values, the coarse and the fine search."""
 
     exp_dir: Path | None = option(
@@ -45,10 +62,6 @@ class SearchSettings(ModelSettings, ScoreChoice):
         aliases=("--aggregation",),
     )
     beam_size: int = option(10, "coarse beam search: beam width", low=1)
-    top_k: int = option(10, "coarse proposals of each score passed to the fine search", low=1)
-    consensus: bool = option(
-        True, "with several scores, their consensus ranks too and its top K joins the merge"
-    )
     max_exhaustive: int = option(
         DEFAULT_MAX_EXHAUSTIVE, "refuse an exhaustive coarse search over more proposals", low=1
     )
