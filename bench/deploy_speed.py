@@ -16,10 +16,11 @@ time, waveform to text, as a service would, with greedy CTC:
 For each thread count (torch threads, onnxruntime intra-op threads, sherpa-onnx num_threads):
 warm-up on --warmup utterances, then --repeats passes over the whole set; RTF = median pass
 time / audio seconds; the ratio is to the reference model's float32 torch RTF at the same thread
-count; CER of the first pass. For torch and onnxruntime the share of the time spent in the lhotse
-fbank is reported too; for sherpa-onnx a model that computes nothing (every frame blank) gives
-its own share (fbank with its dither, stream, search), a row per thread count. Run it on a
-quiet machine (nothing else running).
+count; CER of the first pass. The front-end share is the time spent computing features: the
+lhotse fbank for torch and onnxruntime, accepting the waveform into a stream (where sherpa-onnx
+computes its own fbank) for sherpa-onnx. A model that computes nothing (every frame blank) in
+sherpa-onnx gives sherpa-onnx's whole own share (fbank, stream, search), a row per thread count.
+Run it on a quiet machine (nothing else running).
 
     python bench/deploy_speed.py --workdir /work/runs --model unpruned=exp/baseline \\
         --model 12to6=exp/baseline/search/comflp_residual_sum_prune6/pruned \\
@@ -62,7 +63,7 @@ FRONT_END = "none (sherpa-onnx's own share)"
 
 class BlankCtc(torch.nn.Module):
     """A model in the WeNet CTC convention that computes nothing: every frame is blank.
-    sherpa-onnx's time on it is its own share: fbank (with dither), stream, greedy search."""
+    sherpa-onnx's time on it is its own share: its fbank, stream, greedy search."""
 
     def forward(self, x: torch.Tensor, x_lens: torch.Tensor):
         blank = torch.zeros_like(x[..., 0])
@@ -221,7 +222,7 @@ def markdown(rows: list[dict], models: dict[str, Path], notes: list[str]) -> str
         *notes,
         "",
         "| model | layers | params | runtime | precision | threads | RTF | vs unpruned torch "
-        "float32 | fbank share | test CER % | int8 - float32 CER |",
+        "float32 | front-end share | test CER % | int8 - float32 CER |",
         "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -90,7 +90,16 @@ class SherpaCtc:
         )
 
     def transcribe(self, samples: np.ndarray) -> str:
+        return self.decode_features(self.features(samples))
+
+    def features(self, samples: np.ndarray):
+        """A stream holding the utterance's features: sherpa-onnx computes its fbank as the
+        waveform is accepted (kept apart so that a benchmark can time its front end)."""
         stream = self.recognizer.create_stream()
         stream.accept_waveform(SAMPLE_RATE, samples)
+        return stream
+
+    def decode_features(self, stream) -> str:
+        """The model and the greedy search on a :meth:`features` stream."""
         self.recognizer.decode_stream(stream)
         return normalise(stream.result.text)
