@@ -4,10 +4,11 @@
 For each depth L (default 12, 24, 48), pruning P = L/2 layers, on CPU, as stages 4-6 run them
 with run.sh's defaults:
 
-- CoMFLP with the default scores (--scores, run.sh's: residual_sum dc svcca cka) and with
-  residual_sum alone: the stage-4 dump of a calibration subset (frame pooling), reading it back
-  and building each score once (stage 5), every score's coarse beam search, and one fine search
-  of the merged top Ks with the dev CER (stage 6's CoMFLP search, each part counted once);
+- CoMFLP with the default scores (--scores, run.sh's: residual_sum dc) and with residual_sum
+  alone: the stage-4 dump of a calibration subset (frame pooling), reading it back and building
+  each score once (stage 5), the coarse beam searches (each score's and their consensus's), and
+  one fine search with the dev CER of what stage 6 merges (the consensus's top K and each
+  score's first --score_top_k; residual_sum alone: its top K), each part counted once;
 - GLP: the greedy metric search (comflp.prune.metric_search.greedy_layer_pruning);
 - the oracle: the exhaustive metric search, where C(L, P) <= --oracle_max.
 
@@ -57,6 +58,7 @@ from comflp.prune.metric_search import (
 from comflp.prune.scores.base import ScoreChoice, ScoreOptions
 from comflp.prune.search import blocks_of
 from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
+from comflp.prune.searches.base import MergeChoice
 from comflp.prune.stacks import EncoderStack
 from comflp.stages.scores import build_score
 from comflp.subsets import kept_layers
@@ -225,7 +227,11 @@ def comflp_rows(
             ("residual_sum", ["residual_sum"]),
         ):
             settings = SearchSettings(
-                exp_dir=exp.root, scores=scores, beam_size=args.beam_size, top_k=args.top_k
+                exp_dir=exp.root,
+                scores=scores,
+                beam_size=args.beam_size,
+                top_k=args.top_k,
+                score_top_k=args.score_top_k,
             )
             context = SearchContext(settings, stack, batches, exp)
             result = SEARCHES["comflp"]().run(context, [num_prune])[num_prune]
@@ -322,7 +328,7 @@ def ratio_table(rows: list[dict], status: dict[int, str]) -> list[str]:
         oracle = t.get("oracle (exhaustive metric search)")
         for variant in [m for m in t if m.startswith("CoMFLP")]:
             comflp = t[variant]
-            oracle_cells = "| |" if oracle is None else f"| {oracle:.3f} | {oracle / comflp:.1f}x |"
+            oracle_cells = "| | |" if oracle is None else f"| {oracle:.3f} | {oracle / comflp:.1f}x |"
             lines.append(
                 f"| {depth} | {depth // 2} | {status[depth]} | {variant[8:-1]} | {comflp:.3f} "
                 f"| {glp:.3f} | {glp / comflp:.1f}x {oracle_cells} {comflp / first[variant]:.2f}x |"
@@ -381,7 +387,8 @@ def main(args: argparse.Namespace) -> None:
         f"CPU, {torch.get_num_threads()} torch threads. Calibration: {len(calib)} utterances of "
         f"{args.calib_set or args.train_set} (frame pooling, {args.frames_per_utt} frames each); "
         f"scores {' '.join(args.scores)} (dc over batches of {args.dc_batch_size} rows); beam "
-        f"{args.beam_size}, top {args.top_k} per score, merged. Metric searches: "
+        f"{args.beam_size}; fine search of the consensus's top {args.top_k} and each score's "
+        f"first {args.score_top_k} (one score: its top {args.top_k}). Metric searches: "
         f"{METRIC.upper()} (greedy CTC) on {len(dev)} utterances of {args.dev_set} in "
         f"{len(batches)} batches, prefix cache on, loaded once in {load_s:.2f} s (not counted).",
         f"Every phase: one run. Oracle only where C(L, P) <= {args.oracle_max}.",
@@ -421,7 +428,9 @@ if __name__ == "__main__":
     parser.add_argument("--scores", nargs="+", default=ScoreChoice().scores)
     parser.add_argument("--dc_batch_size", type=int, default=ScoreOptions().dc_batch_size)
     parser.add_argument("--beam_size", type=int, default=10)
-    parser.add_argument("--top_k", type=int, default=10)
+    merge = MergeChoice()
+    parser.add_argument("--top_k", type=int, default=merge.top_k)
+    parser.add_argument("--score_top_k", type=int, default=merge.score_top_k)
     parser.add_argument("--dev_num_utts", type=int, default=200)
     parser.add_argument(
         "--oracle_max", type=int, default=1000, help="exhaustive search where C(L, P) <= this"
