@@ -6,9 +6,10 @@ with run.sh's defaults:
 
 - CoMFLP with the default scores (--scores, run.sh's: residual_sum dc) and with residual_sum
   alone: the stage-4 dump of a calibration subset (frame pooling), reading it back and building
-  each score once (stage 5), the coarse beam searches (each score's and their consensus's), and
-  one fine search with the dev CER of what stage 6 merges (the consensus's top K and each
-  score's first --score_top_k; residual_sum alone: its top K), each part counted once;
+  each score once (stage 5; the seconds it records, as stage 6 counts them: its heatmap is
+  not), the coarse beam searches (each score's and their consensus's), and one fine search
+  with the dev CER of what stage 6 merges (the consensus's top K and each score's first
+  --score_top_k; residual_sum alone: its top K), each part counted once;
 - GLP: the greedy metric search (comflp.prune.metric_search.greedy_layer_pruning);
 - the oracle: the exhaustive metric search, where C(L, P) <= --oracle_max.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import logging
 import math
 import tempfile
@@ -47,7 +49,7 @@ from comflp.asr.config import ExperimentConfig
 from comflp.asr.data import ctc_feasible, eval_loader, load_cuts, load_eval_batches, random_subset
 from comflp.asr.model import ASRModel
 from comflp.cli import UsageError, add_common_args, run
-from comflp.expdir import CMVN, MODEL, TOKENIZER, ExpDir
+from comflp.expdir import CMVN, MODEL, SCORE_SETTINGS, TOKENIZER, ExpDir
 from comflp.prune.dump import dump_layers, load_layer_feats, read_dump_info
 from comflp.prune.evaluator import evaluate_model, layer_evaluations
 from comflp.prune.metric_search import (
@@ -221,7 +223,8 @@ def comflp_rows(
         options = ScoreOptions(dc_batch_size=args.dc_batch_size)
         seconds = {}
         for name in dict.fromkeys([*args.scores, "residual_sum"]):
-            seconds[name] = timed(lambda n=name: build_score(exp, n, feats, info, options))[1]
+            build_score(exp, name, feats, info, options)  # its heatmap is not the search's cost
+            seconds[name] = json.loads((exp.score(name) / SCORE_SETTINGS).read_text())["seconds"]
         for label, scores in (
             (" ".join(args.scores), args.scores),
             ("residual_sum", ["residual_sum"]),
@@ -328,7 +331,9 @@ def ratio_table(rows: list[dict], status: dict[int, str]) -> list[str]:
         oracle = t.get("oracle (exhaustive metric search)")
         for variant in [m for m in t if m.startswith("CoMFLP")]:
             comflp = t[variant]
-            oracle_cells = "| | |" if oracle is None else f"| {oracle:.3f} | {oracle / comflp:.1f}x |"
+            oracle_cells = (
+                "| | |" if oracle is None else f"| {oracle:.3f} | {oracle / comflp:.1f}x |"
+            )
             lines.append(
                 f"| {depth} | {depth // 2} | {status[depth]} | {variant[8:-1]} | {comflp:.3f} "
                 f"| {glp:.3f} | {glp / comflp:.1f}x {oracle_cells} {comflp / first[variant]:.2f}x |"
