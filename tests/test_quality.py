@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from comflp.expdir import DUMP_INFO
+from comflp.expdir import DUMP_INFO, ExpDir
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import layer_file
 from comflp.prune.evaluator import SubsetResult
@@ -31,6 +31,7 @@ from comflp.prune.quality import (
     variant_quality,
 )
 from comflp.prune.search import BlockScorer, coarse_search, score_proposal, score_proposals
+from comflp.stages.quality import reuse_oracle
 
 from .conftest import PYTHON, REPO, run_cmd
 
@@ -281,6 +282,41 @@ def test_proposal_cers_are_cached_and_resumable(tmp_path, monkeypatch):
     np.testing.assert_array_equal(cer, [10 - sum(p) for p in proposals])
     with pytest.raises(ValueError, match="cers.json: made with other settings"):
         CerCache(tmp_path / "cers.json", {"dev": 2})
+
+
+def test_the_study_reuses_stage_6s_oracle_only_on_the_same_dev_batches(tmp_path):
+    settings = {
+        "model_dir": "exp/m",
+        "stack": "decoder",
+        "dev_cuts": "data/fbank/cuts_dev-clean.jsonl.gz",
+        "dev_num_utts": 100,
+        "seed": 0,
+        "max_duration": 100.0,
+    }
+    oracle = {
+        "model_dir": "exp/m",
+        "stack": "decoder",
+        "dev_cuts": "data/fbank/cuts_dev-clean.jsonl.gz",
+        "num_utts": 100,
+        "seed": 0,
+        "max_duration": 100.0,
+        "candidates": [
+            {"layers": [1, 2], "kept": [3], "cer": 9.0, "wer": 20.0, "loss": 3.0, "seconds": 1.0},
+            {"layers": [1, 3], "kept": [2], "cer": 8.0, "wer": 19.0, "loss": 2.0, "seconds": 1.0},
+        ],
+    }
+    exp = ExpDir(tmp_path / "exp")
+    path = exp.stack("decoder").search_result("oracle", 2)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(oracle))
+    cache = CerCache(tmp_path / "cers.json", settings)
+    assert reuse_oracle(cache, exp.root, "decoder", 2) == 2
+    want = {"cer": 8.0, "wer": 19.0, "loss": 2.0, "seconds": 1.0}
+    assert CerCache(tmp_path / "cers.json", settings).data["cers"]["1,3"] == want
+    assert reuse_oracle(cache, exp.root, "decoder", 3) == 0  # no oracle of that P
+    path.write_text(json.dumps({**oracle, "num_utts": 320}))  # other dev batches
+    other = CerCache(tmp_path / "other.json", settings)
+    assert reuse_oracle(other, exp.root, "decoder", 2) == 0 and other.data["cers"] == {}
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -125,6 +125,33 @@ def glp_reference(exp_dir: Path, stack: str, num_prune: int) -> dict | None:
     return {"seconds": glp["seconds"], "cer": glp["best_metric"], "layers": glp["best_layers"]}
 
 
+def reuse_oracle(cache: CerCache, exp_dir: Path, stack: str, num_prune: int) -> int:
+    """Copy into ``cache`` the CERs stage 6's exhaustive oracle measured for this P, when it
+    evaluated the same model on the same dev batches (the study's most expensive part, already
+    paid); the number of proposals copied."""
+    path = ExpDir(exp_dir).stack(stack).search_result("oracle", num_prune)
+    if not path.is_file():
+        return 0
+    oracle = json.loads(path.read_text())
+    want = cache.data["settings"]
+    same = {
+        "model_dir": oracle.get("model_dir"),
+        "stack": oracle.get("stack"),
+        "dev_cuts": oracle.get("dev_cuts"),
+        "dev_num_utts": oracle.get("num_utts"),
+        "seed": oracle.get("seed"),
+        "max_duration": oracle.get("max_duration"),
+    }
+    if "skipped" in oracle or same != want:
+        return 0
+    cers = cache.data["cers"]
+    fields = ("cer", "wer", "loss", "seconds")
+    for row in oracle["candidates"]:
+        cers.setdefault(cache.key(row["layers"]), {k: row[k] for k in fields})
+    cache.save()
+    return len(oracle["candidates"])
+
+
 def _sizes(s: QualitySettings, available: int) -> tuple[list[int], int]:
     sizes = sorted({min(n, available) for n in s.calib_sizes})
     reference = min(s.reference_num_utts, available)
@@ -166,6 +193,9 @@ def study(s: QualitySettings) -> None:
             cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
         except ValueError as e:
             raise InputError(str(e)) from None
+        reused = reuse_oracle(cache, s.exp_dir, s.stack, p)
+        if reused:
+            logging.info(f"P={p}: {reused} proposal CERs taken from stage 6's oracle")
         result = study_num_prune(
             stack,
             batches,
