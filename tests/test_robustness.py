@@ -53,12 +53,24 @@ def test_one_model_scores_consensus_and_pipeline():
         {"residual_sum": PERFECT, "dc": WORSE},
         {"residual_sum": [[2, 3], [1, 4]], "dc": [[3, 4], [2, 4]]},  # their beam top 2
     )
+    s["results"][0]["variants"].append(
+        {
+            "name": "consensus/frames/N32",
+            "score": "consensus",
+            "options": {"of": ["residual_sum/frames/N32", "dc_b32/frames/N32"]},
+            "scores": PERFECT,
+            "beam_layers": [[1, 2]],
+        }
+    )
     m = model_summary(s, 2, DEFAULTS, top_k=2, score_top_k=1)
+    assert m["scores"]["consensus of residual_sum+dc_b32/frames/N32"]["spearman"] == -1.0
     assert m["scores"]["residual_sum/frames/N32"]["spearman"] == pytest.approx(-1.0)
     rho = stats.spearmanr(WORSE, CER).statistic
     assert m["scores"]["dc_b32/frames/N32"]["spearman"] == pytest.approx(rho)
     want = stats.spearmanr(np.add(stats.zscore(PERFECT), stats.zscore(WORSE)), CER).statistic
-    assert m["scores"]["consensus (of the study's proposals)"]["spearman"] == pytest.approx(want)
+    assert m["scores"]["consensus of residual_sum+dc (over the study's proposals)"][
+        "spearman"
+    ] == pytest.approx(want)
     # the consensus (z sums 0, -.59, -1.17, 1.17, .59, 0) ranks (2, 3) and (2, 4) first; with
     # each score's first beam proposal, (2, 3) and (3, 4): three evaluated, the best 11.0
     assert m["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 3}

@@ -47,6 +47,14 @@ def _variants(result: dict, names: Sequence[str]) -> dict[str, dict]:
     return {n: by_name[n] for n in names}
 
 
+def _label(variant: dict) -> str:
+    """A variant's name; a consensus's names its members, which differ between studies."""
+    if variant.get("score") != "consensus":
+        return variant["name"]
+    members = "+".join(name.split("/")[0] for name in variant["options"]["of"])
+    return variant["name"].replace("consensus", f"consensus of {members}", 1)
+
+
 def consensus(scores: Sequence[np.ndarray]) -> np.ndarray:
     """The mean of the scores standardised over the proposals (a scale-free rank aggregation)."""
     z = [(s - s.mean()) / (s.std() or 1.0) for s in map(np.asarray, scores)]
@@ -74,9 +82,9 @@ def model_summary(
     layers = [tuple(p["layers"]) for p in result["proposals"]]
     names = [variant_name(s, study["reference"]) for s in defaults]
     chosen = _variants(result, names)
-    scores = {v["name"]: quality(np.array(v["scores"]), cer) for v in result["variants"]}
+    scores = {_label(v): quality(np.array(v["scores"]), cer) for v in result["variants"]}
     agreed = consensus([np.array(chosen[n]["scores"]) for n in names])
-    scores["consensus (of the study's proposals)"] = quality(agreed, cer)
+    scores[f"consensus of {'+'.join(defaults)} (over the study's proposals)"] = quality(agreed, cer)
     beams = {n: [tuple(x) for x in chosen[n]["beam_layers"]] for n in names}
     if use_consensus and len(names) > 1:
         merged = {layers[i] for i in np.argsort(-agreed, kind="stable")[:top_k]}

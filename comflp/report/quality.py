@@ -145,8 +145,9 @@ def robustness_report(summary: dict) -> str:
         "",
         "Per score: Spearman between its score and the dev CER over every proposal, and the "
         "relative regret of the best of its top 10 against the exhaustive oracle; median and "
-        "worst over the models. `consensus`: the mean of the default scores standardised over "
-        "the proposals.",
+        "worst over the models. `consensus of A+B (over the study's proposals)`: the mean of "
+        "those scores standardised over all the study's proposals; `consensus of A+B/...`: the "
+        "consensus a study built as stage 6 does (standardised over a reference set).",
         "",
         "| score | median Spearman | worst Spearman | median rel@10 | worst rel@10 |",
         "| --- | ---: | ---: | ---: | ---: |",
