@@ -68,7 +68,7 @@ def measure_all(models: dict, batches: list[dict], args: argparse.Namespace) -> 
             "rtf": statistics.median(r.rtf for r in results),
             "chars": statistics.mean(len(u["hyp"]) for u in utts),
             "cer": error_stats([u["ref"] for u in utts], [u["hyp"] for u in utts], "char").err,
-            "params": model.num_parameters(),
+            "params": models[key][1].num_parameters(),
         }
     return out
 
