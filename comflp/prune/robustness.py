@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from comflp.prune.consensus import NAME as CONSENSUS
 from comflp.prune.quality import best_of_top_k_regret, spearman
+from comflp.prune.search import Proposal
+from comflp.prune.searches.comflp import merge
 
 
 def result_for(study: dict, num_prune: int) -> dict:
@@ -85,12 +88,13 @@ def model_summary(
     scores = {_label(v): quality(np.array(v["scores"]), cer) for v in result["variants"]}
     agreed = consensus([np.array(chosen[n]["scores"]) for n in names])
     scores[f"consensus of {'+'.join(defaults)} (over the study's proposals)"] = quality(agreed, cer)
-    beams = {n: [tuple(x) for x in chosen[n]["beam_layers"]] for n in names}
+    rankings = {
+        n: [Proposal(tuple(x), 0.0) for x in chosen[n]["beam_layers"][:top_k]] for n in names
+    }
     if use_consensus and len(names) > 1:
-        merged = {layers[i] for i in np.argsort(-agreed, kind="stable")[:top_k]}
-        merged |= {x for beam in beams.values() for x in beam[:score_top_k]}
-    else:
-        merged = {x for beam in beams.values() for x in beam[:top_k]}
+        order = np.argsort(-agreed, kind="stable")[:top_k]
+        rankings[CONSENSUS] = [Proposal(layers[i], float(agreed[i])) for i in order]
+    merged = merge(rankings, score_top_k)  # what stage 6 would evaluate
     cer_of = dict(zip(layers, cer.tolist(), strict=True))
     best = min(cer_of[m] for m in merged)
     oracle = result["oracle_cer"]
