@@ -46,6 +46,40 @@ def test_scorer_equals_a_direct_computation_in_chunks(monkeypatch):
     np.testing.assert_allclose(score_proposals(scorer, combos[:, ::-1]), want, atol=1e-9)
 
 
+def test_extension_and_prefix_scores_equal_scoring_each_set(monkeypatch):
+    feats = residual_stream([0.5, 0.7, 0.9, 0.3, 1.2, 0.6], rows=30)
+    scorer = ResidualSumScore.build(feats)
+    monkeypatch.setattr(residual_sum, "_CHUNK_ELEMENTS", 200)  # a proposal or an entry per chunk
+    beam = np.array([[1, 4], [2, 3], [5, 6]])
+    grid = scorer.extension_scores(beam)
+    for entry, row in zip(beam, grid, strict=True):
+        for layer in sorted(set(range(1, 7)) - set(entry)):
+            want = direct_cosine(feats, [*entry, layer])
+            assert row[layer - 1] == pytest.approx(want, abs=1e-9)
+    first = scorer.extension_scores(np.zeros((1, 0), dtype=np.int64))[0]
+    np.testing.assert_allclose(first, [direct_cosine(feats, [k]) for k in range(1, 7)], atol=1e-9)
+    chains = np.array([[3, 1, 6, 2], [5, 4, 1, 3], [2, 6, 5, 4]])
+    want = [[direct_cosine(feats, c[:k]) for k in range(1, 5)] for c in chains]
+    np.testing.assert_allclose(scorer.prefix_scores(chains), want, atol=1e-9)
+
+
+class _SetsOnly:
+    """A scorer with the residual-sum score's ``scores`` and nothing else."""
+
+    def __init__(self, scorer: ResidualSumScore):
+        self.num_layers, self.scores = scorer.num_layers, scorer.scores
+
+
+def test_beam_search_from_extensions_equals_scoring_every_extended_set():
+    feats = residual_stream([0.3, 1.5, 0.2, 0.9, 0.4, 2.0, 0.7, 1.1], rows=25)
+    scorer = ResidualSumScore.build(feats)
+    for p, beam_size in [(3, 2), (4, 5), (6, 3)]:
+        fast = coarse_search(scorer, p, beam_size=beam_size, top_k=8)
+        plain = coarse_search(_SetsOnly(scorer), p, beam_size=beam_size, top_k=8)
+        assert [c.layers for c in fast] == [c.layers for c in plain]
+        np.testing.assert_allclose([c.score for c in fast], [c.score for c in plain], atol=1e-12)
+
+
 def test_scorer_ranks_by_update_size_and_sees_cancelling_updates():
     feats = residual_stream([0.0, 0.1, 1.0, 3.0])
     scorer = ResidualSumScore.build(feats)

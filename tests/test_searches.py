@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS, ExpDir
+from comflp.prune import consensus as consensus_module
 from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.evaluator import SubsetResult
 from comflp.prune.metric_search import exhaustive_metric_search, greedy_layer_pruning
@@ -175,6 +176,30 @@ def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
     np.testing.assert_allclose(consensus.scores(pairs), np.mean(z, axis=0), rtol=1e-12)
     with pytest.raises(ValueError, match="2 or more scores of one depth"):
         ConsensusScorer([BlockScorer(np.eye(5)), BlockScorer(np.eye(6))])
+
+
+def test_consensus_standardises_large_sizes_over_nested_samples(monkeypatch):
+    rng = np.random.default_rng(4)
+    members = [BlockScorer(rng.random((9, 9))) for _ in range(2)]
+    monkeypatch.setattr(consensus_module, "REFERENCE_PROPOSALS", 20)  # C(8, k) > 20 for 2 <= k <= 6
+    consensus = ConsensusScorer(members, seed=3, max_size=4)
+    chains = consensus_module.reference_chains(8, seed=3)
+    assert chains.shape == (consensus_module.SAMPLED_PROPOSALS, 8)
+    assert all(sorted(row) == list(range(1, 9)) for row in chains.tolist())
+    combos = np.array(list(combinations(range(1, 9), 3)))
+    ref = np.sort(chains[:, :3], axis=1)  # size 3: the first 3 layers of each ordering
+    z = [(m.scores(combos) - m.scores(ref).mean()) / m.scores(ref).std() for m in members]
+    np.testing.assert_allclose(consensus.scores(combos), np.mean(z, axis=0), rtol=1e-12)
+    singles = np.arange(1, 9)[:, None]  # size 1: C(8, 1) = 8, every proposal
+    z = [(m.scores(singles) - m.scores(singles).mean()) / m.scores(singles).std() for m in members]
+    np.testing.assert_allclose(consensus.scores(singles), np.mean(z, axis=0), rtol=1e-12)
+    # its extensions of a beam score as the extended sets do
+    beam = np.array([[1, 5], [2, 8]])
+    grid = consensus.extension_scores(beam)
+    for entry, row in zip(beam.tolist(), grid, strict=True):
+        for layer in sorted(set(range(1, 9)) - set(entry)):
+            want = consensus.scores(np.array([sorted([*entry, layer])]))[0]
+            assert row[layer - 1] == pytest.approx(want, abs=1e-12)
 
 
 def _coarse(matrix, p, k):

@@ -226,14 +226,52 @@ def _ranked(candidates: list[Proposal], keep: int) -> list[Proposal]:
     return sorted(candidates, key=lambda p: -p.score)[:keep]
 
 
-def _extensions(beam: list[tuple[int, ...]], num_layers: int) -> list[tuple[int, ...]]:
-    """Every beam entry plus one more layer, in generation order, repeated sets dropped."""
-    seen: dict[tuple[int, ...], None] = {}
-    for layers in beam:
+def extension_scores(scorer: ProposalScorer, beam: np.ndarray) -> np.ndarray:
+    """(b, L) scores of each beam entry (a row of ``beam``, (b, s) sorted layer numbers, s >= 0)
+    with one more layer l, at column l - 1; -inf where l is already in the entry. A scorer
+    that scores such extensions faster than as separate sets (the residual-sum score: from the
+    entry's sums) defines ``extension_scores(beam)`` itself."""
+    beam = np.asarray(beam, dtype=np.int64).reshape(len(beam), -1)
+    b, s = beam.shape
+    num_layers = scorer.num_layers
+    own = getattr(scorer, "extension_scores", None)
+    if own is not None:
+        grid = np.array(own(beam), dtype=np.float64)
+    else:
+        added = np.broadcast_to(np.arange(1, num_layers + 1)[None, :, None], (b, num_layers, 1))
+        entries = np.broadcast_to(beam[:, None, :], (b, num_layers, s))
+        combos = np.sort(np.concatenate([entries, added], axis=2), axis=2)
+        grid = np.full((b, num_layers), -np.inf)
+        fresh = np.all(combos[:, :, 1:] != combos[:, :, :-1], axis=2)
+        if fresh.any():
+            grid[fresh] = scorer.scores(combos[fresh])
+    grid[np.arange(b)[:, None], beam - 1] = -np.inf
+    return grid
+
+
+def prefix_scores(scorer: ProposalScorer, chains: np.ndarray) -> np.ndarray:
+    """(n, K) scores of the first 1..K layers of each row of ``chains`` ((n, K) distinct layer
+    numbers in any order). A scorer that extends its sums from one prefix to the next (the
+    residual-sum score) defines ``prefix_scores(chains)`` itself."""
+    chains = np.asarray(chains, dtype=np.int64)
+    own = getattr(scorer, "prefix_scores", None)
+    if own is not None:
+        return np.asarray(own(chains), dtype=np.float64)
+    columns = [scorer.scores(np.sort(chains[:, :k], axis=1)) for k in range(1, chains.shape[1] + 1)]
+    return np.stack(columns, axis=1) if columns else np.zeros((len(chains), 0))
+
+
+def _extensions(
+    beam: list[tuple[int, ...]], num_layers: int
+) -> list[tuple[tuple[int, ...], int, int]]:
+    """Every beam entry plus one more layer, in generation order, repeated sets dropped: the
+    set, the entry's index and the layer added."""
+    seen: dict[tuple[int, ...], tuple[int, int]] = {}
+    for i, layers in enumerate(beam):
         for layer in range(1, num_layers + 1):
             if layer not in layers:
-                seen.setdefault(tuple(sorted((*layers, layer))), None)
-    return list(seen)
+                seen.setdefault(tuple(sorted((*layers, layer))), (i, layer))
+    return [(layers, i, layer) for layers, (i, layer) in seen.items()]
 
 
 def _beam_search(
@@ -242,9 +280,10 @@ def _beam_search(
     beam: list[tuple[int, ...]] = [()]
     ranked: list[Proposal] = []
     for step in range(1, num_prune + 1):
-        extended = _extensions(beam, scorer.num_layers)
-        scores = scorer.scores(np.array(extended, dtype=np.int64))
-        candidates = [Proposal(c, s) for c, s in zip(extended, scores, strict=True)]
+        grid = extension_scores(scorer, np.array(beam, dtype=np.int64).reshape(len(beam), -1))
+        candidates = [
+            Proposal(c, grid[i, layer - 1]) for c, i, layer in _extensions(beam, scorer.num_layers)
+        ]
         ranked = _ranked(candidates, top_k if step == num_prune else beam_size)
         beam = [p.layers for p in ranked]
     return ranked

@@ -14,8 +14,9 @@ Then, with ``a = sum_S proj`` and ``q = sum_{l, k in S} gram[l, k]``,
 
     cos = (top_sq - a) / sqrt(top_sq * (top_sq - 2 a + q)),
 
-so scoring a proposal costs O(P^2) per row, whatever the model width. A row whose top state or
-approximation is zero contributes 0.
+so scoring a proposal never touches the model width, and a set one layer larger than a scored
+one costs O(L) per row more (the beam search's extensions, the consensus's nested reference
+samples). A row whose top state or approximation is zero contributes 0.
 """
 
 from __future__ import annotations
@@ -76,16 +77,21 @@ class ResidualSumScore(ProposalScore):
             raise ValueError(
                 f"need the encoder input and 2 or more layer outputs, got {len(layer_feats)} arrays"
             )
-        feats = [np.asarray(f, dtype=np.float64) for f in layer_feats]
+        feats = [np.asarray(f) for f in layer_feats]
         if feats[0].ndim != 2 or any(f.shape != feats[0].shape for f in feats):
             shapes = sorted({f.shape for f in feats})
             raise ValueError(f"residual_sum needs same-shape (rows, dim) arrays, got {shapes}")
-        top = feats[-1]
-        updates = np.stack([b - a for a, b in zip(feats[:-1], feats[1:], strict=True)])
+        states = np.empty((feats[0].shape[0], len(feats), feats[0].shape[1]))  # (R, L+1, D)
+        for i, f in enumerate(feats):
+            states[:, i] = f
+        top = states[:, -1]
+        # (R, L, D): one small Gram matrix per row, as a batched matrix product
+        updates = np.diff(states, axis=1)
+        gram = np.matmul(updates, updates.transpose(0, 2, 1))
         return cls(
             top_sq=np.einsum("rd,rd->r", top, top),
-            proj=np.einsum("lrd,rd->lr", updates, top),
-            gram=np.einsum("lrd,krd->lkr", updates, updates),
+            proj=np.matmul(updates, top[:, :, None])[:, :, 0].T.copy(),
+            gram=np.ascontiguousarray(gram.transpose(1, 2, 0)),
         )
 
     @property
@@ -107,14 +113,79 @@ class ResidualSumScore(ProposalScore):
         )
 
     def _scores(self, idx: np.ndarray) -> np.ndarray:
-        removed = self.proj[idx].sum(axis=1)  # (n, R)
+        # q sums gram over the pairs of a proposal's layers: for each layer j, the proposals
+        # holding j add their membership row times gram[j] (one matrix product per layer,
+        # O(P L R) per proposal, rather than gathering its P^2 (R,) entries one by one).
+        member = np.zeros((len(idx), self.num_layers))
+        member[np.arange(len(idx))[:, None], idx] = 1.0
+        removed = member @ self.proj  # (n, R)
         quad = np.zeros_like(removed)
-        for i in range(idx.shape[1]):
-            quad += self.gram[idx[:, i, None], idx].sum(axis=1)
-        num = self.top_sq - removed
-        den_sq = self.top_sq * np.maximum(self.top_sq - 2 * removed + quad, 0.0)
-        ok = den_sq > 0
-        return np.where(ok, num / np.sqrt(np.where(ok, den_sq, 1.0)), 0.0).mean(axis=1)
+        for j in np.unique(idx):
+            rows = np.flatnonzero(member[:, j])
+            quad[rows] += member[rows] @ self.gram[j]
+        return self._cosines(removed, quad)
+
+    def extension_scores(self, beam: np.ndarray) -> np.ndarray:
+        """(b, L) scores of each row of ``beam`` ((b, s) pruned layer numbers) with one more
+        layer l at column l - 1 (meaningless where l is in the row): the row's sums ``a`` and
+        ``q`` and ``c[l] = sum_{k in S} gram[l, k]`` from one matrix product, then for each l
+        ``a + proj[l]`` and ``q + 2 c[l] + gram[l, l]``."""
+        beam = np.asarray(beam, dtype=np.int64) - 1
+        num_layers, rows = self.num_layers, self.num_rows
+        step = max(1, _CHUNK_ELEMENTS // (num_layers * rows))
+        diag = self.gram[np.arange(num_layers), np.arange(num_layers)]  # (L, R)
+        grids = []
+        for start in range(0, len(beam), step):
+            idx = beam[start : start + step]
+            member = np.zeros((len(idx), num_layers))
+            member[np.arange(len(idx))[:, None], idx] = 1.0
+            sums = (member @ self.gram.reshape(num_layers, -1)).reshape(len(idx), num_layers, rows)
+            quad = np.einsum("bl,blr->br", member, sums)[:, None, :] + 2 * sums + diag
+            removed = (member @ self.proj)[:, None, :] + self.proj
+            grids.append(
+                self._cosines(removed.reshape(-1, rows), quad.reshape(-1, rows)).reshape(
+                    len(idx), num_layers
+                )
+            )
+        return np.concatenate(grids) if grids else np.zeros((0, num_layers))
+
+    def prefix_scores(self, chains: np.ndarray) -> np.ndarray:
+        """(n, K) scores of the first 1..K layers of each row of ``chains``: each step adds one
+        layer j to a row's sums, ``a += proj[j]`` and ``q += 2 sum_{k in S} gram[j, k] +
+        gram[j, j]`` (rows adding the same j share one matrix product)."""
+        idx = np.asarray(chains, dtype=np.int64) - 1
+        n, steps = idx.shape
+        step = max(1, _CHUNK_ELEMENTS // self.num_rows)
+        out = np.zeros((n, steps))
+        for start in range(0, n, step):
+            part = idx[start : start + step]
+            rows = np.arange(len(part))
+            member = np.zeros((len(part), self.num_layers))
+            removed = np.zeros((len(part), self.num_rows))
+            quad = np.zeros_like(removed)
+            for t in range(steps):
+                added = part[:, t]
+                for j in np.unique(added):
+                    mine = np.flatnonzero(added == j)
+                    quad[mine] += 2 * (member[mine] @ self.gram[j]) + self.gram[j, j]
+                removed += self.proj[added]
+                member[rows, added] = 1.0
+                out[start : start + len(part), t] = self._cosines(removed.copy(), quad.copy())
+        return out
+
+    def _cosines(self, removed: np.ndarray, quad: np.ndarray) -> np.ndarray:
+        """Mean cosine over the rows, from the removed projections ``a`` and squares ``q``
+        (module docstring), each (n, R); both are overwritten."""
+        quad -= 2 * removed
+        quad += self.top_sq
+        np.maximum(quad, 0.0, out=quad)
+        quad *= self.top_sq  # the squared denominator
+        np.subtract(self.top_sq, removed, out=removed)  # the numerator
+        ok = quad > 0
+        np.sqrt(quad, out=quad, where=ok)
+        np.divide(removed, quad, out=removed, where=ok)
+        removed[~ok] = 0.0
+        return removed.mean(axis=1)
 
     def pair_matrix(self) -> np.ndarray:
         """(L, L) scores of pruning the layers {i, j} (the diagonal: layer i alone)."""

@@ -34,7 +34,7 @@ from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.method_list import Method
 from comflp.prune.metric_search import SearchResult, best_row, fine_search
 from comflp.prune.scores.base import SCORES, ProposalScore, read_score_file
-from comflp.prune.search import Proposal, coarse_search
+from comflp.prune.search import Proposal, ProposalScorer, coarse_search
 from comflp.prune.searches.base import SEARCHES, ModelRef, Search, SearchContext
 
 
@@ -97,15 +97,21 @@ def _annotate(row: dict, layers: tuple[int, ...], rankings: dict[str, list[Propo
 class CoMFLP(Search):
     name = "comflp"
 
-    def coarse(
-        self, ctx: SearchContext, scores: dict[str, tuple[ProposalScore, float]], p: int
-    ) -> tuple[dict[str, list[Proposal]], dict[str, float]]:
-        """Every score's top K for P (and their consensus's, with several scores), and the
-        seconds of each coarse search."""
+    def scorers(
+        self, ctx: SearchContext, scores: dict[str, tuple[ProposalScore, float]], max_prune: int
+    ) -> dict[str, ProposalScorer]:
+        """What ranks proposals: each score, and their consensus when there are several."""
         s = ctx.settings
         scorers = {name: score.scorer(s.coarse_aggregation) for name, (score, _) in scores.items()}
         if s.consensus and len(scorers) > 1:
-            scorers[CONSENSUS] = ConsensusScorer(list(scorers.values()))
+            scorers[CONSENSUS] = ConsensusScorer(list(scorers.values()), max_size=max_prune)
+        return scorers
+
+    def coarse(
+        self, ctx: SearchContext, scorers: dict[str, ProposalScorer], p: int
+    ) -> tuple[dict[str, list[Proposal]], dict[str, float]]:
+        """Every scorer's top K for P, and the seconds of each coarse search."""
+        s = ctx.settings
         rankings, seconds = {}, {}
         for name, scorer in scorers.items():
             start = time.perf_counter()
@@ -119,7 +125,8 @@ class CoMFLP(Search):
         s = ctx.settings
         scores = load_scores(ctx)
         dump_seconds = json.loads((ctx.exp.dump / DUMP_INFO).read_text()).get("seconds", 0.0)
-        coarse = {p: self.coarse(ctx, scores, p) for p in prunes}
+        scorers = self.scorers(ctx, scores, max(prunes))
+        coarse = {p: self.coarse(ctx, scorers, p) for p in prunes}
         merged = {p: merge(coarse[p][0], s.score_top_k) for p in prunes}
         rows, wall = fine_search(
             ctx.stack,
