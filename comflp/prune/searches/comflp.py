@@ -9,7 +9,8 @@ merged proposals of all P are evaluated once each in one prefix-cached pass, and
 metric wins (ties: the proposal that comes first when the rankings are interleaved rank by
 rank). The search's cost is the dump, every score, every coarse search and the fine pass, each
 counted once; the fine pass is shared out among the P values in proportion to the compute of
-their candidates.
+their candidates, and the consensus's reference sets (built once for all P) count in the coarse
+search of the P that first needs them.
 
 Why the consensus alone carries the fine search by default: across the models of
 docs/SEARCH_QUALITY.md its top 10 held a proposal within 1% of the oracle wherever the four
