@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from itertools import combinations
 
 import numpy as np
 
-from comflp.prune.search import ProposalScorer, extension_scores, prefix_scores
+from comflp.prune.search import ProposalScorer, all_proposals, extension_scores, prefix_scores
 
 REFERENCE_PROPOSALS = 2000
 # Within one size only the ratio of the members' standard deviations moves the ranking; from 256
@@ -59,7 +58,7 @@ class ConsensusScorer:
         if size in self._moments:
             return self._moments[size]
         if math.comb(self.num_layers, size) <= REFERENCE_PROPOSALS:
-            ref = np.array(list(combinations(range(1, self.num_layers + 1), size)), np.int64)
+            ref = all_proposals(self.num_layers, size)
             self._moments[size] = _moments([s.scores(ref) for s in self.scorers])
             return self._moments[size]
         chains = reference_chains(self.num_layers, self.seed)[:, : max(size, self.max_size)]

@@ -289,7 +289,7 @@ def _beam_search(
     return ranked
 
 
-def _combinations(num_layers: int, num_prune: int) -> np.ndarray:
+def all_proposals(num_layers: int, num_prune: int) -> np.ndarray:
     """All C(L, P) sorted layer tuples as rows of an array, in lexicographic order."""
     count = math.comb(num_layers, num_prune)
     flat = chain.from_iterable(combinations(range(1, num_layers + 1), num_prune))
@@ -343,7 +343,7 @@ def _exhaustive_search(
             f"max_exhaustive={max_exhaustive}; raise max_exhaustive (--max_exhaustive) "
             "or use the beam search"
         )
-    combos = _combinations(num_layers, num_prune)
+    combos = all_proposals(num_layers, num_prune)
     scores = np.concatenate(
         [scorer.scores(combos[i : i + _CHUNK]) for i in range(0, count, _CHUNK)]
     )

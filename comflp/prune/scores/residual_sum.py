@@ -116,8 +116,7 @@ class ResidualSumScore(ProposalScore):
         # q sums gram over the pairs of a proposal's layers: for each layer j, the proposals
         # holding j add their membership row times gram[j] (one matrix product per layer,
         # O(P L R) per proposal, rather than gathering its P^2 (R,) entries one by one).
-        member = np.zeros((len(idx), self.num_layers))
-        member[np.arange(len(idx))[:, None], idx] = 1.0
+        member = _membership(idx, self.num_layers)
         removed = member @ self.proj  # (n, R)
         quad = np.zeros_like(removed)
         for j in np.unique(idx):
@@ -137,8 +136,7 @@ class ResidualSumScore(ProposalScore):
         grids = []
         for start in range(0, len(beam), step):
             idx = beam[start : start + step]
-            member = np.zeros((len(idx), num_layers))
-            member[np.arange(len(idx))[:, None], idx] = 1.0
+            member = _membership(idx, num_layers)
             sums = (member @ self.gram.reshape(num_layers, -1)).reshape(len(idx), num_layers, rows)
             quad = np.einsum("bl,blr->br", member, sums)[:, None, :] + 2 * sums + diag
             removed = (member @ self.proj)[:, None, :] + self.proj
@@ -222,3 +220,10 @@ class ResidualSumScore(ProposalScore):
                     f"{path}: expected the arrays {', '.join(_KEYS)}, found {', '.join(loaded.files)}"
                 )
             return cls(**{key: loaded[key].astype(np.float64) for key in _KEYS})
+
+
+def _membership(idx: np.ndarray, num_layers: int) -> np.ndarray:
+    """(n, L) rows of 1.0 at each proposal's 0-based layer indices ``idx`` (n, P)."""
+    member = np.zeros((len(idx), num_layers))
+    member[np.arange(len(idx))[:, None], idx] = 1.0
+    return member
