@@ -39,8 +39,9 @@ nproc=1                 # CPU training processes when ngpu=0; > 1 trains with DD
 train_threads=0         # CPU cores for a training job when ngpu=0 (0: all of this machine's); Slurm: --cpus-per-task
 train_args=             # extra arguments for bin/train.py, e.g. "--set train.num_epochs=2"
 # ---- model to prune (stages 4-8) ----
-model_type=native       # native (comflp's own, stage 3) | hf | espnet (names from the model-type registry)
-model_dir=              # the model to prune (default: exp_dir, a native model)
+model_type=native       # native (comflp's own, stage 3) | hf | whisper | ctranslate2 | espnet (names from the model-type registry)
+model_dir=              # the model to prune (default: exp_dir, a native model); ctranslate2: tiny.en names the packaged tiny.en
+ct2_quantization=auto   # ctranslate2: weights of the CTranslate2 models written (auto: as the input)
 stack=encoder           # the layer stacks stages 4-8 prune: encoder | decoder | "encoder decoder" (both: the encoder, then the decoder of its chain_search choice)
 decoder_num_prune=      # with both stacks: the decoder's P (default: num_prune)
 chain_search=comflp     # with both stacks: the encoder search whose pruned model the decoder stages prune
@@ -221,7 +222,7 @@ set_stack() {  # set_stack STACK: the options of the stages that work on one sta
   stack_dir=$(stack_model_dir "$1")
   stack_prunes=$(stack_num_prune "$1")
   model_args=(--exp_dir "$exp_dir" --model_type "$model_type" --model_dir "$stack_dir"
-    --stack "$stack" --device "$device")
+    --stack "$stack" --device "$device" --ct2_quantization "$ct2_quantization")
   search_args=(--num_prune "$stack_prunes" --scores "$scores" --search_mode "$search_mode"
     --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
     --consensus "$consensus" --score_top_k "$score_top_k" --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"

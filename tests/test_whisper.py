@@ -147,6 +147,7 @@ def test_subset_equals_the_pruned_model_reloaded_and_generating(
     stack_name, whisper_dir, batches, tmp_path
 ):
     model = load_prunable("hf", whisper_dir)
+    model.tokens_per_frame = None  # generate's limit alone, as generate
     stack = stack_of(model, stack_name)
     pruned, kept = ([1, 3], (2, 4)) if stack_name == "decoder" else ([2], (1, 3))
     result = stack.evaluate(batches, [kept])[0]
@@ -194,7 +195,8 @@ def test_greedy_decoding_stops_where_generate_stops(batches, tmp_path):
     with torch.no_grad():
         model.decoder.embed_tokens.weight[eos] *= 2.5  # tied to proj_out: ends come sooner
     model.hf.generation_config.max_length = 12
-    assert model.max_new_tokens(None) == 12
+    assert model.generate_limit() == 12
+    model.tokens_per_frame = None  # generate's limit alone, as generate
     model.save(tmp_path / "full")
     model.prune_decoder([1, 3]).save(tmp_path / "pruned")
     lengths = set()
@@ -272,7 +274,7 @@ def test_bad_input_gives_one_clear_error_line(whisper_dir, tmp_path):
         "num_prune": "--num_prune 4: must be between 1 and 3 for the 4-layer decoder",
         "rule": "--rules distil_whisper: a rule for the decoder stack, not the encoder",
         "decoding": "--decoding_method ctc_greedy_search: decoding method 'ctc_greedy_search' is "
-        f"not available for a hf model {whisper_dir}; choose one of attention_greedy_search",
+        f"not available for a whisper model {whisper_dir}; choose one of attention_greedy_search",
     }
     procs = {  # concurrently: each process spends seconds importing transformers
         name: subprocess.Popen(

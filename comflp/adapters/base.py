@@ -54,6 +54,8 @@ class PrunableModel(ABC):
     decoding_methods: ClassVar[tuple[str, ...]] = CTC_DECODING
     # The layer stacks stages 4-8 can prune (--stack).
     stacks: ClassVar[tuple[str, ...]] = ("encoder",)
+    # ModelSettings fields that ``load`` takes as keyword arguments (e.g. ct2_quantization).
+    load_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, source: Path):
         self.source = Path(source)  # the directory the model was loaded from
@@ -232,8 +234,9 @@ class DecoderModel(PrunableModel):
         """A new model with decoder ``layers`` (1-indexed) physically removed."""
 
     @abstractmethod
-    def max_new_tokens(self, memory: Hidden) -> int:
-        """The most tokens greedy decoding emits for a batch (``<eos>`` included)."""
+    def max_new_tokens(self, memory: Hidden) -> int | torch.Tensor:
+        """The most tokens greedy decoding emits (``<eos>`` included): for the whole batch, or
+        (B,) one per utterance."""
 
     def suppress(self, scores: torch.Tensor, step: int) -> torch.Tensor:
         """Scores (B, V) of the ``step``-th emitted token with the tokens the model never emits
@@ -284,11 +287,12 @@ class DecoderModel(PrunableModel):
         state = self.decoder_start(memory, layers)
         log_probs = self.decoder_step(state, prefix)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        limits = torch.as_tensor(self.max_new_tokens(memory), device=self.device).expand(b)
         emitted = []
-        for step in range(self.max_new_tokens(memory)):
+        for step in range(int(limits.max())):
             token = self.suppress(log_probs, step).argmax(-1).masked_fill(done, self.eos_id)
             emitted.append(token)
-            done |= token == self.eos_id
+            done |= (token == self.eos_id) | (limits <= step + 1)
             if bool(done.all()):
                 break
             log_probs = self.decoder_step(state, token[:, None])
@@ -318,9 +322,10 @@ class DecoderModel(PrunableModel):
             return self.greedy_decode(self.encode(batch))
 
 
-def load_prunable(model_type: str, model_dir: Path) -> PrunableModel:
-    """Load the model in ``model_dir`` as a :class:`PrunableModel` of ``model_type``."""
-    return MODEL_TYPES[model_type].load(Path(model_dir))
+def load_prunable(model_type: str, model_dir: Path, **options) -> PrunableModel:
+    """Load the model in ``model_dir`` as a :class:`PrunableModel` of ``model_type``
+    (``options``: the model type's ``load_options``)."""
+    return MODEL_TYPES[model_type].load(Path(model_dir), **options)
 
 
 @dataclass(kw_only=True)
@@ -332,6 +337,11 @@ class ModelSettings:
     model_dir: Path | None = option(None, "the model to prune (default: --exp_dir, a native model)")
     stack: str = option("encoder", "the layer stack to prune", choices=("encoder", "decoder"))
     device: str = option("auto", "auto | cpu | cuda[:N]")
+    ct2_quantization: str = option(
+        "auto",
+        "--model_type ctranslate2: weights of the CTranslate2 models written (auto: as the input)",
+        choices=lambda: _ct2_quantizations(),
+    )
 
     @property
     def source(self) -> Path:
@@ -339,4 +349,13 @@ class ModelSettings:
 
     def load_model(self) -> PrunableModel:
         """The model, on ``device``."""
-        return load_prunable(self.model_type, self.source).to(resolve_device(self.device))
+        options = {k: getattr(self, k) for k in MODEL_TYPES[self.model_type].load_options}
+        return load_prunable(self.model_type, self.source, **options).to(
+            resolve_device(self.device)
+        )
+
+
+def _ct2_quantizations() -> tuple[str, ...]:
+    from comflp.adapters.ct2 import QUANTIZATIONS
+
+    return QUANTIZATIONS

@@ -1,7 +1,8 @@
 """Hugging Face Whisper (``WhisperForConditionalGeneration`` and its ``WhisperProcessor``, a
 ``save_pretrained`` directory) as a :class:`DecoderModel`: the encoder and the decoder are both
-prunable stacks. Loaded through ``--model_type hf`` (:mod:`comflp.adapters.hf` hands a config
-whose ``model_type`` is ``whisper`` to :class:`WhisperAdapter`).
+prunable stacks. ``--model_type whisper``; ``--model_type hf`` loads it too (:mod:`comflp.adapters.hf`
+hands a config whose ``model_type`` is ``whisper`` here), and ``--model_type ctranslate2``
+(:mod:`comflp.adapters.ct2`) reads a CTranslate2 directory into it.
 
 Layer numbering (docs/DESIGN.md) for Whisper:
 
@@ -38,7 +39,7 @@ import torch
 from lhotse import CutSet
 
 from comflp import expdir
-from comflp.adapters.base import ATTENTION_DECODING, DecoderModel, Hidden
+from comflp.adapters.base import ATTENTION_DECODING, MODEL_TYPES, DecoderModel, Hidden
 from comflp.adapters.hf_utils import (
     first_line,
     load_audio,
@@ -55,6 +56,7 @@ from comflp.utils import atomic_write_json
 ARCH = "WhisperForConditionalGeneration"
 # A character vocabulary's special tokens: end of text (also the padding) and the prompt.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"]
+DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default, when a config sets none
 
 
 def _language_token(language: str, lang_to_id: dict[str, int], where: Path) -> int:
@@ -161,10 +163,11 @@ def _causal_mask(n: int, seen: int, x: torch.Tensor) -> torch.Tensor | None:
     return mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None]
 
 
+@MODEL_TYPES.register("whisper")
 class WhisperAdapter(DecoderModel):
     """A transformers ``WhisperForConditionalGeneration`` and its ``WhisperProcessor``."""
 
-    model_type = "hf"
+    model_type = "whisper"
     decoding_methods = (ATTENTION_DECODING,)
 
     def __init__(self, hf: torch.nn.Module, processor, source: Path):
@@ -177,6 +180,11 @@ class WhisperAdapter(DecoderModel):
         if not isinstance(eos, int):
             raise ConfigError(f"{source}: generation_config.eos_token_id must be one id, got {eos}")
         self._eos = eos
+        config = hf.config
+        # greedy decoding's length bound (max_new_tokens); None: generate's limit alone
+        self.tokens_per_frame: float | None = (
+            config.max_target_positions // 2
+        ) / config.max_source_positions
 
     @classmethod
     def load(cls, model_dir: Path) -> WhisperAdapter:
@@ -301,9 +309,21 @@ class WhisperAdapter(DecoderModel):
         state.length += n
         return self.hf.proj_out(dec.layer_norm(x[:, -1])).float().log_softmax(-1)
 
-    def max_new_tokens(self, memory: Hidden) -> int:
-        """As ``generate`` sets it: ``max_new_tokens``, else ``max_length`` new tokens (its
-        short-form rule), within ``max_target_positions``."""
+    def max_new_tokens(self, memory: Hidden) -> torch.Tensor:
+        """Per utterance, the fewer of ``generate``'s limit (:meth:`generate_limit`) and the
+        audio's share of OpenAI's sampling budget, ``max_target_positions // 2`` tokens per
+        ``max_source_positions`` encoder frames (224 tokens per 30 s: 7.5 a second, twice a fast
+        speaker's rate), so that a decoder that repeats stops near the audio's end as decoders
+        with a length ratio do (ESPnet's ``maxlenratio``) instead of filling the context."""
+        if self.tokens_per_frame is None:
+            return self.generate_limit()
+        by_audio = torch.ceil(memory.lengths.float() * self.tokens_per_frame).long() + 1  # <eos>
+        return by_audio.clamp(max=self.generate_limit())
+
+    def generate_limit(self) -> int:
+        """The most new tokens ``generate`` emits: ``max_new_tokens``, else ``max_length`` new
+        tokens (Whisper's short-form rule; transformers' default of 20 when the generation
+        config has none), within ``max_target_positions``."""
         gc, limit, p = (
             self.hf.generation_config,
             self.hf.config.max_target_positions,
@@ -311,13 +331,17 @@ class WhisperAdapter(DecoderModel):
         )
         if gc.max_new_tokens is not None:
             return min(gc.max_new_tokens, limit - p)
-        return min(gc.max_length + min(limit // 2 - 1, p), limit) - p
+        max_length = gc.max_length if gc.max_length is not None else DEFAULT_MAX_LENGTH
+        return min(max_length + min(limit // 2 - 1, p), limit) - p
 
     def suppress(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """``suppress_tokens`` at every step, ``begin_suppress_tokens`` at the first; ids
+        outside the vocabulary are ignored, as ``generate``'s logits processors do."""
         gc = self.hf.generation_config
         tokens = list(gc.suppress_tokens or []) + list(
             (gc.begin_suppress_tokens or []) if step == 0 else []
         )
+        tokens = [t for t in tokens if 0 <= t < scores.size(-1)]
         if not tokens:
             return scores
         return scores.index_fill(-1, torch.tensor(tokens, device=scores.device), -float("inf"))
@@ -331,7 +355,7 @@ class WhisperAdapter(DecoderModel):
         hf = copy.deepcopy(self.hf)
         hf.model.encoder.layers = torch.nn.ModuleList(hf.model.encoder.layers[k - 1] for k in kept)
         hf.config.encoder_layers = hf.config.num_hidden_layers = len(kept)
-        return WhisperAdapter(hf, self.processor, self.source)
+        return self._with(hf)
 
     def prune_decoder(self, layers: Sequence[int]) -> WhisperAdapter:
         """The kept layers renumbered for transformers' cache (``layer_idx``)."""
@@ -342,7 +366,13 @@ class WhisperAdapter(DecoderModel):
             layer.self_attn.layer_idx = layer.encoder_attn.layer_idx = i
         hf.model.decoder.layers = torch.nn.ModuleList(modules)
         hf.config.decoder_layers = len(kept)
-        return WhisperAdapter(hf, self.processor, self.source)
+        return self._with(hf)
+
+    def _with(self, hf: torch.nn.Module) -> WhisperAdapter:
+        """This model (its class, processor and source) with the network ``hf``."""
+        new = copy.copy(self)
+        new.hf = hf
+        return new
 
     def save(self, out_dir: Path, info: dict | None = None) -> None:
         out_dir = Path(out_dir)
