@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from comflp.errors import InputError
+from comflp.errors import InputError, Stopped
 from comflp.settings import add_settings, from_args, str2bool
 from comflp.utils import setup_logging
 
@@ -52,8 +52,6 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     if getattr(args, "nthreads", 0):
         torch.set_num_threads(args.nthreads)
     logging.info("command: " + " ".join(sys.argv))
-    from comflp.stages.train import Stopped
-
     try:
         main(args)
     except (InputError, FileNotFoundError) as e:

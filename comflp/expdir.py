@@ -43,6 +43,7 @@ PRUNE_INFO = "comflp_prune.json"
 TRAIN_CONFIG = "train.yaml"  # fine-tuning a model saved in its own format: the train section
 LATEST_CHECKPOINT = "checkpoint-latest.pt"
 HISTORY = "history.json"
+DISTIL_RESULT = "distil.json"  # stage 8 with a teacher: the recovery's record, written last
 FINAL_DEV = "final_dev.json"
 TRAINING_CURVES = "training_curves.png"
 TENSORBOARD = "tensorboard"

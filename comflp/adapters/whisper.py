@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,19 +106,54 @@ def decoder_prompt(gc, where: Path) -> list[int]:
     return [int(t) for t in tokens]
 
 
+def scoring_normalizer(tokenizer) -> Callable[[str], str] | None:
+    """How Whisper's users score a model that writes cased, punctuated text (a vocabulary of
+    both cases, OpenAI's): Whisper's English text normaliser (transformers'
+    ``EnglishTextNormalizer``: lower case, no punctuation or fillers, numbers and British
+    spellings standardised with OpenAI's mapping, which the ``whisper-normalizer`` package
+    ships), on references and hypotheses alike. English, not the basic normaliser: the
+    basic one keeps "harbour" against "harbor" and "two" against "2" as errors that are not
+    recognition errors. None for a vocabulary of one case (a model trained here on the
+    corpus's own transcripts), scored on its own text."""
+    if text_case(tokenizer) != "keep":
+        return None
+    import importlib.resources
+
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    try:
+        mapping = importlib.resources.files("whisper_normalizer") / "normalizers/english.json"
+        spelling = json.loads(mapping.read_text())
+    except ImportError:
+        raise ConfigError(
+            "scoring a Whisper model with Whisper's English normaliser needs OpenAI's spelling "
+            "mapping: pip install whisper-normalizer (utils/setup.sh --dev installs it)"
+        ) from None
+    return EnglishTextNormalizer(spelling)
+
+
 class WhisperDataset(torch.utils.data.Dataset):
     """Maps a CutSet to ``input_features`` (B, mels, 2 * max_source_positions) as the
     processor's feature extractor makes them, ``frames`` (the mel frames of each utterance's
-    own audio) and the keys of :func:`transcripts`, references cased like the vocabulary.
-    Utterances come longest first; one longer than the input window is refused."""
+    own audio) and the keys of :func:`transcripts`: the tokens of each reference cased like
+    the vocabulary (sentence case for a vocabulary of both cases, as Whisper writes), its
+    ``texts`` in the form they are scored in (:func:`scoring_normalizer`). Utterances come
+    longest first; one longer than the input window is refused."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, scoring: Callable[[str], str] | None = None):
         self.extractor = processor.feature_extractor
         self.tokenizer = processor.tokenizer
         self.case = text_case(self.tokenizer)
+        self.scoring = scoring
 
     def normalize(self, text: str) -> str:
+        if self.case == "keep":
+            text = " ".join(text.split()).lower()
+            return text[:1].upper() + text[1:]
         return normalize_text(text, self.case)
+
+    def scored(self, text: str) -> str:
+        return self.scoring(text) if self.scoring else self.normalize(text)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(self.normalize(text), add_special_tokens=False)
@@ -138,7 +173,7 @@ class WhisperDataset(torch.utils.data.Dataset):
             audio, sampling_rate=rate, return_tensors="pt", return_attention_mask=True
         )
         batch = transcripts(cuts, self.encode)
-        batch["texts"] = [self.normalize(t) for t in batch["texts"]]
+        batch["texts"] = [self.scored(t) for t in batch["texts"]]
         frames = inputs["attention_mask"].sum(-1).long()
         return {"input_features": inputs["input_features"], "frames": frames, **batch}
 
@@ -180,6 +215,7 @@ class WhisperAdapter(DecoderModel):
         if not isinstance(eos, int):
             raise ConfigError(f"{source}: generation_config.eos_token_id must be one id, got {eos}")
         self._eos = eos
+        self.scoring = scoring_normalizer(processor.tokenizer)
         config = hf.config
         # greedy decoding's length bound (max_new_tokens); None: generate's limit alone
         self.tokens_per_frame: float | None = (
@@ -233,7 +269,7 @@ class WhisperAdapter(DecoderModel):
         return list(self.prompt)
 
     def dataset(self) -> WhisperDataset:
-        return WhisperDataset(self.processor)
+        return WhisperDataset(self.processor, self.scoring)
 
     def embed(self, batch: dict) -> Hidden:
         feats = batch["input_features"].to(self.device)
@@ -347,8 +383,9 @@ class WhisperAdapter(DecoderModel):
         return scores.index_fill(-1, torch.tensor(tokens, device=scores.device), -float("inf"))
 
     def decode_ids(self, ids: Sequence[int]) -> str:
+        """The hypothesis in the form it is scored in (:func:`scoring_normalizer`)."""
         text = self.processor.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-        return " ".join(text.split())
+        return self.scoring(text) if self.scoring else " ".join(text.split())
 
     def prune(self, layers: Sequence[int]) -> WhisperAdapter:
         kept = checked_kept(self.num_layers, layers, "encoder")
@@ -366,6 +403,7 @@ class WhisperAdapter(DecoderModel):
             layer.self_attn.layer_idx = layer.encoder_attn.layer_idx = i
         hf.model.decoder.layers = torch.nn.ModuleList(modules)
         hf.config.decoder_layers = len(kept)
+        _renumber_alignment_heads(hf, kept)
         return self._with(hf)
 
     def _with(self, hf: torch.nn.Module) -> WhisperAdapter:
@@ -381,6 +419,20 @@ class WhisperAdapter(DecoderModel):
         atomic_write_json(
             out_dir / expdir.PRUNE_INFO, {"model_type": self.model_type, **(info or {})}
         )
+
+
+def _renumber_alignment_heads(hf: torch.nn.Module, kept: list[int]) -> None:
+    """The generation config's cross-attention heads used for word timestamps, on the kept
+    decoder layers (0-indexed, as OpenAI numbers them); when none is kept, every head of the
+    last half of the layers (CTranslate2's converter's default)."""
+    gc = hf.generation_config
+    heads = getattr(gc, "alignment_heads", None)
+    if not heads:
+        return
+    index = {layer - 1: i for i, layer in enumerate(kept)}
+    renumbered = [[index[layer], head] for layer, head in heads if layer in index]
+    n, h = len(kept), hf.config.decoder_attention_heads
+    gc.alignment_heads = renumbered or [[i, j] for i in range(n // 2, n) for j in range(h)]
 
 
 def char_processor(chars: Sequence[str], out_dir: Path, chunk_length: int, hop_length: int = 160):

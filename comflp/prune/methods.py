@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comflp.errors import InputError
-from comflp.expdir import HISTORY, STRUCTURE, ExpDir
+from comflp.expdir import DISTIL_RESULT, HISTORY, STRUCTURE, ExpDir
 from comflp.prune.dump import read_dump_info
 from comflp.prune.method_list import Method, MethodList
 from comflp.prune.rules import RULES, rules_for
@@ -109,17 +109,27 @@ def list_methods(s: CompareSettings) -> MethodList:
 
 
 def finetuned_method(exp: ExpDir, search: str, p: int, ft_dir: Path, model: ModelRef) -> Method:
-    """The row of a fine-tuned pruned model: the search's choice, its cost, the epochs."""
+    """The row of a fine-tuned pruned model: the search's choice, its cost, the epochs (or,
+    recovered by distillation, ``<search>+distil`` and its steps and utterances)."""
     chosen = SEARCHES[search]().methods(read_search(exp, search, p), model)[0]
-    epochs = len(json.loads((ft_dir / HISTORY).read_text()))
+    if (ft_dir / DISTIL_RESULT).is_file():
+        record = json.loads((ft_dir / DISTIL_RESULT).read_text())
+        name, note = (
+            f"{search}+distil",
+            f"distilled {record['steps']} steps on {record['filter']['kept']} pseudo-labelled "
+            "utterances",
+        )
+    else:
+        epochs = len(json.loads((ft_dir / HISTORY).read_text()))
+        name, note = f"{search}+finetune", f"fine-tuned {epochs} epochs"
     return Method(
-        f"{search}+finetune",
+        name,
         p,
         [],
         str(ft_dir),
         chosen.search_seconds,
         chosen.evaluations,
-        note=f"fine-tuned {epochs} epochs",
+        note=note,
         original_pruned=chosen.pruned,
         model_type=model.model_type,
         stack=model.stack,

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from comflp.adapters.base import MODEL_TYPES, ModelSettings, load_prunable
+from comflp.adapters.base import (
+    MODEL_TYPES,
+    DecoderModel,
+    ModelSettings,
+    PrunableModel,
+    load_prunable,
+)
 from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import (
     copy_assets,
@@ -21,8 +27,8 @@ from comflp.asr.config import ExperimentConfig, load_config
 from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
-from comflp.errors import InputError
-from comflp.expdir import CMVN, METHOD_LISTS, MODEL, TOKENIZER, ExpDir
+from comflp.errors import InputError, Stopped
+from comflp.expdir import CMVN, DISTIL_RESULT, METHOD_LISTS, MODEL, TOKENIZER, ExpDir
 from comflp.prune.dump import read_dump_info
 from comflp.prune.method_list import MethodList
 from comflp.prune.methods import finetuned_method, structured_method
@@ -31,13 +37,10 @@ from comflp.settings import REQUIRED, option
 from comflp.structured.config import load_structured_config
 from comflp.structured.trainer import structured_prune
 from comflp.subsets import parse_num_prune
+from comflp.train.distil import distil_stage, has_distil_section
 from comflp.train.distributed import Dist, finish_distributed, init_distributed
 from comflp.train.trainer import AdapterTrainer, train
 from comflp.utils import resolve_device
-
-
-class Stopped(Exception):
-    """Training checkpointed and stopped before its last epoch (exit status 3: resume later)."""
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -257,6 +260,27 @@ class FinetuneSettings(ModelSettings):
     nthreads: int = option(0, "torch CPU threads (0: the node's cores shared out among processes)")
 
 
+def distil_one(s: FinetuneSettings, teacher: PrunableModel, pruned: Path, out_dir: Path) -> None:
+    """Stage 8 with a teacher (a ``distil:`` section): Distil-Whisper's recovery of ``pruned``
+    from the unpruned model into ``out_dir``; done once (``distil.json`` marks it)."""
+    if s.resume and (out_dir / DISTIL_RESULT).is_file():
+        logging.info(f"{out_dir}: recovered already ({DISTIL_RESULT}); skipping")
+        return
+    if not isinstance(teacher, DecoderModel):
+        raise InputError(f"{s.finetune_config}: distillation needs a model with a decoder")
+    options = {k: getattr(s, k) for k in MODEL_TYPES[s.model_type].load_options}
+    student = load_prunable(s.model_type, pruned, **options).to(teacher.device)
+    distil_stage(
+        student,
+        teacher,
+        load_cuts(s.train_cuts),
+        load_cuts(s.dev_cuts),
+        s.finetune_config,
+        parse_overrides(s.set),
+        out_dir,
+    )
+
+
 def finetune_stage(s: FinetuneSettings) -> None:
     """Fine-tune ``exp/search/<search>_prune<P>/pruned`` into ``exp/finetune/<search>_prune<P>``
     for each P, then write compare/methods_finetuned.json."""
@@ -266,8 +290,14 @@ def finetune_stage(s: FinetuneSettings) -> None:
     prunes = parse_num_prune(s.num_prune, depth, f"the {depth}-layer {s.stack}")
     model = ModelRef(s.model_type, str(s.source), s.stack)
     methods = MethodList()
+    distil = has_distil_section(s.finetune_config)
+    teacher = s.load_model() if distil else None
     for p in prunes:
         ft_dir = exp.finetune(s.finetune_search, p)
+        if distil:
+            distil_one(s, teacher, exp.pruned_model(s.finetune_search, p), ft_dir)
+            methods.add(finetuned_method(exp, s.finetune_search, p, ft_dir, model))
+            continue
         train_stage(
             TrainSettings(
                 train_config=s.finetune_config,
