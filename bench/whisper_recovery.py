@@ -6,7 +6,8 @@ before recovery and after Distil-Whisper's recovery (comflp/train/distil.py, the
 config given), all from the same cached encoder outputs and pseudo-labels: the oracle that
 matters for a model whose pruned decoders all fail before recovery. For --compare layers (the
 search's choice) it adds, at the same budget (same utterances, same steps): plain fine-tuning on
-the references and the unpruned model fine-tuned on them (the fair teacher). Each row also
+the references, the unpruned model fine-tuned on them (the fair teacher), and the recovery
+again with that fine-tuned model as the teacher (its own pseudo-labels). Each row also
 carries the teacher-forced losses a fine search can rank by before any recovery: the mean
 negative log-likelihood of the references and of the teacher's pseudo-labels, and the KL from
 the teacher. Writes JSON and a Markdown table.
@@ -107,7 +108,17 @@ def run(args: argparse.Namespace) -> dict:
         recover(plain, None, refs, plain_cfg, train)
         fair = copy.deepcopy(teacher)
         recover(fair, None, refs, plain_cfg, train)
+        # Distil-Whisper's recovery again, from the fine-tuned teacher (its own pseudo-labels)
+        student = teacher.prune_decoder(chosen)
+        fair_pseudo, fair_filter = pseudo_labelled(fair, batches, cfg)
+        recover(student, fair, fair_pseudo, cfg, train)
         result["compare"] = {
+            "distil_from_fair_teacher": {
+                "filter": fair_filter,
+                "steps": train.num_epochs * len(fair_pseudo),
+                "dev": cached_error_rates(student, dev),
+                "test": cached_error_rates(student, test),
+            },
             "pruned": chosen,
             "plain_finetune": {
                 "dev": cached_error_rates(plain, dev),

@@ -43,7 +43,15 @@ def add_common_args(parser: argparse.ArgumentParser, threads: bool = True) -> No
 
 
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    """Parse arguments, set up logging and threads, run ``main``; bad input exits 1 cleanly."""
+    """Parse arguments, set up logging and threads, run ``main``; bad input exits 1 cleanly,
+    a bad command line with argparse's status 2 and its error alone on one line (not the
+    usage block above it, which buries the line that says what is wrong in a job log)."""
+
+    def one_line(message: str) -> None:
+        sys.stderr.write(f"{parser.prog}: error: {message} (--help lists the options)\n")
+        raise SystemExit(2)
+
+    parser.error = one_line
     args = parser.parse_args()
     setup_logging(getattr(args, "log_file", None))
     # Denormal floats appear as training goes on and make CPU arithmetic several times slower

@@ -34,7 +34,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--corpus_dir", type=Path, required=True)
-    parser.add_argument("--num_train", type=int, default=3000)
+    parser.add_argument("--num_train", type=int, default=8000)
     parser.add_argument("--num_dev", type=int, default=200)
     parser.add_argument("--num_test", type=int, default=200)
     parser.add_argument("--corpus_seed", type=int, default=0, help="same seed, same corpus")

@@ -217,6 +217,44 @@ def test_greedy_decoding_stops_where_generate_stops(batches, tmp_path):
     )
 
 
+def test_generation_configs_transformers_accepts_decode_as_generate(batches, tmp_path):
+    """No max_length (generate's default: 20 new tokens) and begin_suppress_tokens outside a
+    small vocabulary (WhisperConfig's defaults 220 and 50256): generate's rules, not a crash."""
+    model = load_prunable("hf", tiny_whisper(tmp_path / "model"))
+    gc = model.hf.generation_config
+    gc.max_length = None
+    gc.begin_suppress_tokens = [220, 50256, model.eos_id]
+    model.save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
+    assert "max_length" not in saved and saved["begin_suppress_tokens"][:2] == [220, 50256]
+    again = load_prunable("whisper", tmp_path / "saved")
+    again.tokens_per_frame = None  # generate's limit alone, as generate
+    assert again.generate_limit() == 20
+    reloaded = load_reference(tmp_path / "saved")
+    lengths = []
+    for batch in batches:
+        with torch.no_grad():
+            hyps = again.greedy_decode(again.encode(batch))
+        assert [again.decode_ids(h) for h in hyps] == _generate(reloaded, batch)
+        lengths += [len(h) for h in hyps]
+    assert max(lengths) == 20  # a random model runs to the limit
+
+
+def test_greedy_decoding_is_bounded_by_the_audio(batches, whisper_dir):
+    """At most ceil(frames x max_target_positions // 2 / max_source_positions) + 1 tokens."""
+    model = load_prunable("hf", whisper_dir)
+    config = model.hf.config
+    assert (config.max_target_positions, config.max_source_positions) == (32, 100)
+    for batch in batches:
+        with torch.no_grad():
+            memory = model.encode(batch)
+            hyps = model.greedy_decode(memory)
+        bound = torch.ceil(memory.lengths * (32 // 2) / 100).long() + 1
+        assert torch.equal(model.max_new_tokens(memory), bound.clamp(max=model.generate_limit()))
+        assert all(len(h) <= int(b) for h, b in zip(hyps, bound, strict=True))
+        assert any(len(h) == int(b) for h, b in zip(hyps, bound, strict=True))  # cut there
+
+
 def test_decoder_prompt_follows_the_generation_config(tmp_path):
     gc = transformers.GenerationConfig(decoder_start_token_id=1)
     assert decoder_prompt(gc, tmp_path) == [1]

@@ -87,47 +87,58 @@ def encode_batches(model: DecoderModel, cuts: CutSet, batch_size: int) -> list[d
     return out
 
 
-def _retarget(batch: dict, rows: list[int], targets: list[list[int]]) -> dict:
-    """``batch`` restricted to ``rows``, with ``targets`` as its token sequences."""
-    lens = torch.tensor([len(t) for t in targets], dtype=torch.long)
-    padded = torch.zeros(len(rows), max([1, *lens.tolist()]), dtype=torch.long)
-    for i, t in enumerate(targets):
-        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    memory = batch["memory"]
-    return {
-        "ids": [batch["ids"][r] for r in rows],
-        "texts": [batch["texts"][r] for r in rows],
-        "targets": padded,
-        "target_lens": lens,
-        "memory": Hidden(memory.x[rows], memory.lengths[rows]),
-    }
+def _regroup(rows: list[tuple[dict, int, list[int]]], batch_size: int) -> list[dict]:
+    """Training batches of ``batch_size`` kept utterances: (source batch, row, targets) each,
+    their encoder outputs padded to the longest."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        frames = max(b["memory"].x.size(1) for b, _, _ in chunk)
+        x = torch.stack(
+            [
+                torch.nn.functional.pad(b["memory"].x[r], (0, 0, 0, frames - b["memory"].x.size(1)))
+                for b, r, _ in chunk
+            ]
+        )
+        lens = torch.tensor([len(t) for _, _, t in chunk], dtype=torch.long)
+        targets = torch.zeros(len(chunk), max(1, int(lens.max())), dtype=torch.long)
+        for i, (_, _, t) in enumerate(chunk):
+            targets[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        out.append(
+            {
+                "ids": [b["ids"][r] for b, r, _ in chunk],
+                "texts": [b["texts"][r] for b, r, _ in chunk],
+                "targets": targets,
+                "target_lens": lens,
+                "memory": Hidden(x, torch.stack([b["memory"].lengths[r] for b, r, _ in chunk])),
+            }
+        )
+    return out
 
 
 @torch.no_grad()
 def pseudo_labelled(
     teacher: DecoderModel, batches: list[dict], cfg: DistilConfig
 ) -> tuple[list[dict], dict]:
-    """The batches with their targets: the teacher's greedy transcripts of the utterances
-    whose pseudo-label WER is at most ``max_pseudo_label_wer`` (or, without pseudo-labels,
-    the references of the same utterances), and the filter's counts."""
-    out, kept, total = [], 0, 0
+    """Training batches of the utterances whose pseudo-label (the teacher's greedy
+    transcript) is within ``max_pseudo_label_wer`` of the reference, regrouped into batches of
+    ``batch_size``, with the pseudo-labels as targets (or, without pseudo-labels, the
+    references of the same utterances); and the filter's counts."""
+    kept, total = [], 0
     with eval_mode(teacher.module):
         for batch in batches:
             hyps = teacher.greedy_decode(batch["memory"])
-            rows = [
-                i
-                for i, (ref, hyp) in enumerate(zip(batch["texts"], hyps, strict=True))
-                if error_stats([ref], [teacher.decode_ids(hyp)], "word").err
-                <= cfg.max_pseudo_label_wer
-            ]
             total += len(hyps)
-            kept += len(rows)
-            if not rows:
-                continue
-            refs = [batch["targets"][r, : int(batch["target_lens"][r])].tolist() for r in rows]
-            targets = [hyps[r] for r in rows] if cfg.pseudo_labels else refs
-            out.append(_retarget(batch, rows, targets))
-    return out, {"utterances": total, "kept": kept, "max_wer": cfg.max_pseudo_label_wer}
+            for r, (ref, hyp) in enumerate(zip(batch["texts"], hyps, strict=True)):
+                if (
+                    error_stats([ref], [teacher.decode_ids(hyp)], "word").err
+                    > cfg.max_pseudo_label_wer
+                ):
+                    continue
+                reference = batch["targets"][r, : int(batch["target_lens"][r])].tolist()
+                kept.append((batch, r, hyp if cfg.pseudo_labels else reference))
+    filtered = {"utterances": total, "kept": len(kept), "max_wer": cfg.max_pseudo_label_wer}
+    return _regroup(kept, cfg.batch_size), filtered
 
 
 def _log_probs(model: DecoderModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,7 @@ class SearchSettings(ModelSettings, ScoreChoice, MergeChoice):
         aliases=("--metric",),
     )
     fine_num_utts: int = option(
-        320, "dev utterances the metric is measured on", aliases=("--num_utts",)
+        320, "dev utterances the metric is measured on", aliases=("--num_utts",), low=2
     )
     prefix_cache: bool = option(True, "compute the layers candidates share once")
     oracle_max_evaluations: int = option(1000, "oracle: skip (and say so) above this many C(L, P)")
