@@ -80,6 +80,8 @@ def main(args: argparse.Namespace) -> None:
     models = {}
     for exp_dir in args.exp_dirs.split():
         models.update(models_of(ExpDir(Path(exp_dir))))
+    if args.num_prune is not None:  # the unpruned model and the rows of one P
+        models = {k: v for k, v in models.items() if v[0].num_prune in (0, args.num_prune)}
     first = next(iter(models.values()))[1]
     cuts = random_subset(load_cuts(args.cuts), args.num_utts, seed=0)
     dataset = first.dataset()
@@ -128,6 +130,7 @@ if __name__ == "__main__":
     parser.add_argument("--exp_dirs", required=True, help="experiments (stage 7), space-separated")
     parser.add_argument("--cuts", type=Path, required=True, help="the set to decode")
     parser.add_argument("--num_utts", type=int, default=30, help="a seeded random subset")
+    parser.add_argument("--num_prune", type=int, help="only the rows of this P (and unpruned)")
     parser.add_argument("--output", type=Path, help="also write the table here")
     add_common_args(parser)
     run(main, parser)

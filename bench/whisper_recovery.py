@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         "proposals": [],
     }
     layers = range(1, teacher.num_decoder_layers + 1)
-    for pruned in itertools.combinations(layers, args.num_prune):
+    for pruned in itertools.combinations(layers, args.num_prune) if args.num_prune else ():
         student = teacher.prune_decoder(pruned)
         row = {"pruned": list(pruned), "before": cached_error_rates(student, dev)}
         row["losses"] = ranking_losses(student, teacher, dev_refs, pseudo)
@@ -155,7 +155,9 @@ def main() -> None:
     parser.add_argument("--train_cuts", default="data/fbank/cuts_train-clean-100.jsonl.gz")
     parser.add_argument("--dev_cuts", default="data/fbank/cuts_dev-clean.jsonl.gz")
     parser.add_argument("--test_cuts", default="data/fbank/cuts_test-clean.jsonl.gz")
-    parser.add_argument("--num_prune", type=int, default=2)
+    parser.add_argument(
+        "--num_prune", type=int, default=2, help="P of the proposals (0: the comparison alone)"
+    )
     parser.add_argument("--compare", default="", help="pruned layers of the three-way comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", required=True, help="output path without suffix")

@@ -340,7 +340,7 @@ class ModelSettings:
     ct2_quantization: str = option(
         "auto",
         "--model_type ctranslate2: weights of the CTranslate2 models written (auto: as the input)",
-        choices=lambda: _ct2_quantizations(),
+        choices=lambda: MODEL_TYPES["ctranslate2"].quantizations,
     )
 
     @property
@@ -354,8 +354,3 @@ class ModelSettings:
             resolve_device(self.device)
         )
 
-
-def _ct2_quantizations() -> tuple[str, ...]:
-    from comflp.adapters.ct2 import QUANTIZATIONS
-
-    return QUANTIZATIONS

@@ -339,6 +339,7 @@ class CT2Whisper(WhisperAdapter):
 
     model_type = "ctranslate2"
     load_options = ("ct2_quantization",)
+    quantizations = QUANTIZATIONS  # --ct2_quantization's choices
 
     def __init__(self, hf, processor, source: Path, quantization: str):
         super().__init__(hf, processor, source)
