@@ -195,7 +195,10 @@ def test_bad_directories_give_one_clear_line_and_write_nothing(tmp_path):
     cuts = tmp_path / "cuts.jsonl.gz"
     make_cuts(tmp_path / "audio", [1.0], ["A"]).to_file(cuts)
     cases = {
-        "spec": (_transformer_ct2_dir(tmp_path), "a CTranslate2 TransformerDecoderSpec model, not a Whisper model"),
+        "spec": (
+            _transformer_ct2_dir(tmp_path),
+            "a CTranslate2 TransformerDecoderSpec model, not a Whisper model",
+        ),
         "truncated": (truncated, "model.bin: truncated"),
         "tokenizer": (no_tokenizer, "no tokenizer.json (expected a CTranslate2 Whisper directory"),
         "missing": (tmp_path / "nowhere", "--model_dir"),

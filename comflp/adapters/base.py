@@ -353,4 +353,3 @@ class ModelSettings:
         return load_prunable(self.model_type, self.source, **options).to(
             resolve_device(self.device)
         )
-

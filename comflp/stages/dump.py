@@ -20,9 +20,7 @@ class DumpSettings(ModelSettings):
     """Stage 4: which utterances are dumped and how their rows are pooled."""
 
     cuts: Path = option(REQUIRED, "cuts the calibration subset is drawn from")
-    calib_num_utts: int = option(
-        320, "calibration utterances (CoMFLP: 10 batches of 32)", low=2
-    )
+    calib_num_utts: int = option(320, "calibration utterances (CoMFLP: 10 batches of 32)", low=2)
     pooling: str = option(
         "frames",
         "frames, or utterance means (mean, CoMFLP's); residual_sum needs frames",
