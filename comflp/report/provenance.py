@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-LIBRARIES = ("torch", "lhotse", "transformers", "espnet")
+LIBRARIES = ("torch", "lhotse", "transformers", "ctranslate2", "espnet")
 
 
 def git_commit(repo: Path = REPO) -> str:
@@ -70,8 +70,9 @@ def machine() -> str:
 def provenance_lines(command: str) -> list[str]:
     """Markdown bullet lines: command, commit, versions, machine."""
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    command = (command or " ".join(sys.argv)).replace(f"{REPO}/", "")  # paths in the repo
     return [
-        f"- command: `{command or ' '.join(sys.argv)}`",
+        f"- command: `{command}`",
         f"- comflp commit: `{git_commit()}`",
         f"- versions: {versions}",
         f"- machine: {machine()}; {torch.get_num_threads()} torch threads",
