@@ -75,6 +75,17 @@ def test_failed_tasks_are_named(tmp_path):
     assert "# Ended (code 0)" in (tmp_path / "log/t.2.log").read_text()
 
 
+def test_a_failed_task_shows_its_error_line_where_the_user_looks(tmp_path):
+    script = "echo 'INFO starting'; echo '2026 ERROR [cli] --fine_metric bleu: unknown' >&2; exit 1"
+    proc = run_launch(tmp_path, "--quiet", "log/a.log", script)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "launch.py: log/a.log: 2026 ERROR [cli] --fine_metric bleu: unknown"
+    )
+    proc = run_launch(tmp_path, "--quiet", "log/b.log", "echo 'ValueError: bad' >&2; exit 1")
+    assert proc.stderr.splitlines()[-1] == "launch.py: log/b.log: ValueError: bad"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stopping_the_local_launcher_stops_its_tasks(tmp_path, sig):
     """Slurm's scancel signals the job's launcher; a task it left running would be orphaned."""

@@ -517,8 +517,30 @@ def main(argv: list[str]) -> int:
             f"launch.py: {len(failed)} of {len(tasks)} task(s) failed; see {', '.join(failed)}",
             file=sys.stderr,
         )
+        logs = {d.split(" (")[0] for d in failed}
+        for task in [t for t in tasks if str(t.log) in logs][:3]:
+            line = error_line(task.log)
+            if line:
+                print(f"launch.py: {task.log}: {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def error_line(log: Path) -> str | None:
+    """What a failed task's log says went wrong, to show where the user looks: its last
+    error line (comflp's one-line ERROR, a Python exception, a usage error), else its last line
+    of output."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return None
+    body = [ln for ln in lines if ln and not ln.startswith("#")]
+    errors = [
+        ln
+        for ln in body
+        if " ERROR " in ln or "error:" in ln or re.match(r"[\w.]*(Error|Exception)\b", ln)
+    ]
+    return (errors or body or [None])[-1]
 
 
 if __name__ == "__main__":
