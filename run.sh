@@ -117,6 +117,16 @@ case $token_type in
   char) lang_dir=data/lang_char ;;
   *) die "--token_type must be bpe or char, got '$token_type'" ;;
 esac
+if [ "$stop_stage" -ge 4 ]; then  # the closed-set options of stages 4-9, before any job starts
+  if ! check=$(python "$comflp_root/bin/check_options.py" --model_type "$model_type" \
+    --scores "$scores" --search_methods "$search_methods" --rules "$rules" \
+    --fine_metric "$fine_metric" --search_mode "$search_mode" \
+    --coarse_aggregation "$coarse_aggregation" --decoding_method "$decoding_method" \
+    --ct2_quantization "$ct2_quantization" 2>&1); then
+    grep -v ' INFO ' <<<"$check" >&2
+    exit 1
+  fi
+fi
 all_sets="$train_set $dev_set $test_sets"
 train_cuts=data/fbank/cuts_${train_set}.jsonl.gz
 dev_cuts=data/fbank/cuts_${dev_set}.jsonl.gz

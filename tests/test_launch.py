@@ -270,3 +270,43 @@ def test_slurm_backend_refuses_a_missing_config(tmp_path):
     proc = run_launch(tmp_path, "--backend", "slurm", "--config", "nope.conf", "x.log", "true")
     assert proc.returncode == 1
     assert "--config nope.conf: no such file" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "--model_type",
+            "no_such_type",
+            "--model_type no_such_type: unknown no_such_type; choose from ctranslate2, espnet, hf, native, whisper",
+        ),
+        ("--fine_metric", "bleu", "--fine_metric bleu: unknown bleu; choose from cer, wer, loss"),
+        ("--scores", "residual_sum cka2", "--scores residual_sum cka2: unknown cka2; choose from"),
+    ],
+)
+def test_run_sh_checks_closed_set_options_before_any_job(tmp_path, option, value, message):
+    proc = run_cmd(
+        [REPO / "run.sh", "--stage", "4", "--stop_stage", "7", option, value],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert proc.returncode == 1 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no job started, nothing written
+
+
+def test_run_sh_checks_the_decoding_method_against_the_model_type(tmp_path):
+    proc = run_cmd(
+        [REPO / "run.sh", "--stage", "7", "--stop_stage", "7", "--model_type", "whisper"]
+        + ["--decoding_method", "ctc_greedy_search"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert (
+        "unknown ctc_greedy_search for --model_type whisper; choose from attention_greedy_search"
+        in proc.stderr
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,68 @@
+"""run.sh's closed-set options checked against the registries and tuples that define them,
+before any job starts: a bad name ends the run with one line naming the choices, instead of a
+job log holding argparse's usage block, or a stage that has already rewritten its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from comflp.adapters.base import MODEL_TYPES
+from comflp.errors import InputError
+from comflp.prune.evaluator import METRICS
+from comflp.prune.rules import RULES
+from comflp.prune.scores.base import SCORES
+from comflp.prune.search import AGGREGATIONS, MODES
+from comflp.prune.searches.base import SEARCHES
+from comflp.settings import REQUIRED, option
+
+
+def _decoding_methods(model_type: str) -> tuple[str, ...] | None:
+    """What the model type decodes with; None where it depends on the model (ESPnet's),
+    checked when the model is loaded."""
+    declared = MODEL_TYPES[model_type].decoding_methods
+    return declared if isinstance(declared, tuple) else None
+
+
+# option -> (its choices given the settings, whether it takes several space-separated values);
+# in this order, so that --model_type is known before --decoding_method is checked
+CHOICES: dict[str, tuple[Callable, bool]] = {
+    "model_type": (lambda s: MODEL_TYPES.names(), False),
+    "scores": (lambda s: SCORES.names(), True),
+    "search_methods": (lambda s: SEARCHES.names(), True),
+    "rules": (lambda s: ("all", *RULES.names()), True),
+    "fine_metric": (lambda s: METRICS, False),
+    "search_mode": (lambda s: MODES, False),
+    "coarse_aggregation": (lambda s: AGGREGATIONS, False),
+    "decoding_method": (lambda s: _decoding_methods(s.model_type), False),
+    "ct2_quantization": (lambda s: MODEL_TYPES["ctranslate2"].quantizations, False),
+}
+
+
+@dataclass(kw_only=True)
+class PreflightSettings:
+    """The values run.sh was given, one per option of :data:`CHOICES`."""
+
+    model_type: str = option(REQUIRED, "as run.sh's")
+    scores: str = option(REQUIRED, "as run.sh's")
+    search_methods: str = option(REQUIRED, "as run.sh's")
+    rules: str = option(REQUIRED, "as run.sh's")
+    fine_metric: str = option(REQUIRED, "as run.sh's")
+    search_mode: str = option(REQUIRED, "as run.sh's")
+    coarse_aggregation: str = option(REQUIRED, "as run.sh's")
+    decoding_method: str = option(REQUIRED, "as run.sh's")
+    ct2_quantization: str = option(REQUIRED, "as run.sh's")
+
+
+def preflight(s: PreflightSettings) -> None:
+    """InputError for the first option whose value is not among its choices."""
+    for name, (choices, several) in CHOICES.items():
+        allowed = choices(s)
+        value = getattr(s, name)
+        bad = [v for v in (value.split() if several else [value]) if v not in (allowed or [v])]
+        if bad:
+            whose = f" for --model_type {s.model_type}" if name == "decoding_method" else ""
+            raise InputError(
+                f"--{name} {value}: unknown {' '.join(bad)}{whose}; "
+                f"choose from {', '.join(allowed)}"
+            )
