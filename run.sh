@@ -64,7 +64,7 @@ top_k=10                # coarse proposals passed to the fine search: the consen
 consensus=true          # with several scores, their consensus ranks too and its top K joins the merge
 score_top_k=1           # with a consensus, each score's own coarse proposals joining the merge
 fine_metric=cer         # cer | wer | loss (the model's own: CTC, or cross-entropy without CTC)
-fine_num_utts=320       # dev utterances the metric is measured on
+fine_num_utts=320       # dev utterances the metric is measured on (at most the dev set's)
 prefix_cache=true       # metric searches: compute the layers candidates share once
 oracle_max_evaluations=1000  # oracle: only when C(L, P) is at most this
 # ---- comparison and decoding (stage 7) ----
@@ -260,7 +260,7 @@ for one_stack in $stacks; do
 
   if run_stage 6; then
     for method in $search_methods; do
-      log "Stage 6: $method search of the $stack, P in {$stack_prunes} ($fine_metric on $fine_num_utts dev utterances)"
+      log "Stage 6: $method search of the $stack, P in {$stack_prunes} ($fine_metric on up to $fine_num_utts dev utterances)"
       $train_cmd "$exp_dir/log/search${stack_log}_$method.log" \
         "$stage_python" "$bin/search.py" "${model_args[@]}" "${search_args[@]}" --search_methods "$method"
     done

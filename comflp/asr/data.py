@@ -168,5 +168,7 @@ def load_eval_batches(
     if not isinstance(cuts, CutSet):
         cuts = load_cuts(cuts)
     if num_utts is not None:
+        if num_utts > len(cuts):
+            logging.info(f"{len(cuts)} of {num_utts} requested utterances: the set has no more")
         cuts = random_subset(cuts, num_utts, seed)
     return list(eval_loader(cuts, model.dataset(), max_duration))
