@@ -22,6 +22,7 @@ from comflp.corpus.prepare import (
     prepare_aishell_cuts,
     prepare_librispeech_cuts,
 )
+from comflp.train.distil import load_distil_config
 
 from .conftest import PYTHON, REPO, decoded_utts, independent_cer, run_cmd, run_sh
 from .corpora import AISHELL_TRANSCRIPT, build_aishell, build_librispeech
@@ -173,6 +174,19 @@ def test_recipe_help_shows_its_settings(tmp_path):
     assert "--train_set train-960" in proc.stdout and "--nbpe 5000" in proc.stdout
     assert "--stop_stage" in proc.stdout  # the driver's own options follow
     assert not (tmp_path / "recipes/librispeech/data").exists()
+
+
+def test_whisper_recipe_passes_its_settings_and_the_user_s_to_the_driver(tmp_path):
+    work = recipe_dir(tmp_path, "whisper")
+    proc = run_recipe(work, "--help")
+    assert "--model_type ctranslate2\n" in proc.stdout and "--model_dir tiny.en\n" in proc.stdout
+    assert "--stop_stage" in proc.stdout  # the driver's own options follow
+    proc = run_recipe(work, "--stage", "4", "--stacks", "decoder", "--scores", "nope", check=False)
+    assert proc.returncode == 1 and "--scores nope: unknown nope" in proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["conf", "run.sh"]  # nothing started
+    cfg, train = load_distil_config(REPO / "egs/whisper/conf/distil.yaml", {})
+    assert (cfg.kl_weight, cfg.ce_weight, cfg.max_pseudo_label_wer) == (0.8, 1.0, 10.0)
+    assert cfg.pseudo_labels and train.num_epochs >= 1
 
 
 @pytest.mark.parametrize("name", ["librispeech", "aishell"])

@@ -14,20 +14,6 @@ set -euo pipefail
 recipe_dir=$(cd "$(dirname "$0")" && pwd)
 comflp_root=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
 
-stage=0
-stop_stage=8
-stacks="encoder decoder"
-args=()
-while [ $# -gt 0 ]; do
-  case $1 in
-    --stage) stage=$2; shift 2 ;;
-    --stop_stage) stop_stage=$2; shift 2 ;;
-    --stacks) stacks=$2; shift 2 ;;
-    --help|-h) sed -n '2,13p' "$0"; echo; exec "$comflp_root/run.sh" --help ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-
 recipe_options=(
   --num_train 2000 --num_dev 100 --num_test 100
   --model_type ctranslate2 --model_dir tiny.en
@@ -38,6 +24,25 @@ recipe_options=(
   --score_metrics "wer cer"
   --finetune_config conf/distil.yaml
 )
+
+stage=0
+stop_stage=8
+stacks="encoder decoder"
+args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --stage) stage=$2; shift 2 ;;
+    --stop_stage) stop_stage=$2; shift 2 ;;
+    --stacks) stacks=$2; shift 2 ;;
+    --help|-h)
+      sed -n '2,13p' "$0"
+      echo "Whisper recipe: these settings replace the driver's defaults listed below:"
+      printf '  %s %s\n' "${recipe_options[@]}"
+      echo
+      exec "$comflp_root/run.sh" --help ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
 
 cd "$recipe_dir"
 driver() { "$comflp_root/run.sh" "${recipe_options[@]}" "$@" "${args[@]}"; }
