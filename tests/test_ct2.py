@@ -76,6 +76,7 @@ def ct2_generate(model_dir, feats: torch.Tensor, beam_size: int = 1) -> list[lis
 
 def test_the_packaged_model_is_found_by_name_and_read_whole(tiny_en):
     assert resolve_model_dir("tiny.en").joinpath("model.bin").is_file()
+    assert str(tiny_en.source) == "tiny.en"  # results name the model, not this machine's path
     assert (tiny_en.num_layers, tiny_en.num_decoder_layers) == (4, 4)
     assert tiny_en.quantization == "float16" and tiny_en.prompt == PROMPT
     assert tiny_en.hf.config.vocab_size == 51864 and tiny_en.hf.config.d_model == 384

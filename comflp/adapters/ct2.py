@@ -348,7 +348,7 @@ class CT2Whisper(WhisperAdapter):
     @classmethod
     def load(cls, model_dir: Path, ct2_quantization: str = "auto") -> CT2Whisper:
         require_ctranslate2()
-        model_dir = resolve_model_dir(model_dir)
+        name, model_dir = Path(model_dir), resolve_model_dir(model_dir)
         if not model_dir.is_dir():
             raise ConfigError(f"--model_dir {model_dir}: no such directory")
         if ct2_quantization not in QUANTIZATIONS:
@@ -362,7 +362,8 @@ class CT2Whisper(WhisperAdapter):
         else:
             hf, processor, read = whisper_from_ct2(model_dir)
         chosen = read if ct2_quantization == "auto" else ct2_quantization
-        return cls(hf, processor, model_dir, chosen)
+        # a packaged model keeps its name as its source: results name it, not this machine's path
+        return cls(hf, processor, name, chosen)
 
     def save(self, out_dir: Path, info: dict | None = None) -> None:
         """A CTranslate2 directory (``self.quantization``) in ``out_dir``, converted by
