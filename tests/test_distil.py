@@ -20,6 +20,7 @@ from comflp.train.distil import (  # noqa: E402
     distil_loss,
     distil_stage,
     encode_batches,
+    prepare,
     pseudo_labelled,
     recover,
 )
@@ -98,7 +99,8 @@ def test_stage_8_with_a_teacher_writes_the_model_and_its_record(setup, tmp_path)
         "train:\n  num_epochs: 2\n  lr: 0.003\n  warmup_steps: 0\n"
     )
     student = teacher.prune_decoder([1, 2])
-    distil_stage(student, teacher, cuts, cuts, config, {}, tmp_path / "out")
+    prepared = prepare(teacher, cuts, cuts, config, {})
+    distil_stage(student, teacher, prepared, tmp_path / "out")
     record = json.loads((tmp_path / "out" / DISTIL_RESULT).read_text())
     assert record["filter"]["kept"] == 4 and record["steps"] == 4
     assert record["dev"]["num_utts"] == 4
@@ -106,5 +108,5 @@ def test_stage_8_with_a_teacher_writes_the_model_and_its_record(setup, tmp_path)
     assert again.num_decoder_layers == 2
     encoder_pruned = teacher.prune([1])
     with pytest.raises(ConfigError, match="must keep the teacher's encoder"):
-        distil_stage(encoder_pruned, teacher, cuts, cuts, config, {}, tmp_path / "bad")
+        distil_stage(encoder_pruned, teacher, prepared, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -37,7 +37,7 @@ from comflp.settings import REQUIRED, option
 from comflp.structured.config import load_structured_config
 from comflp.structured.trainer import structured_prune
 from comflp.subsets import parse_num_prune
-from comflp.train.distil import distil_stage, has_distil_section
+from comflp.train.distil import Prepared, distil_stage, has_distil_section, prepare
 from comflp.train.distributed import Dist, finish_distributed, init_distributed
 from comflp.train.trainer import AdapterTrainer, train
 from comflp.utils import resolve_device
@@ -260,25 +260,14 @@ class FinetuneSettings(ModelSettings):
     nthreads: int = option(0, "torch CPU threads (0: the node's cores shared out among processes)")
 
 
-def distil_one(s: FinetuneSettings, teacher: PrunableModel, pruned: Path, out_dir: Path) -> None:
+def distil_one(
+    s: FinetuneSettings, teacher: PrunableModel, prepared: Prepared, pruned: Path, out_dir: Path
+) -> None:
     """Stage 8 with a teacher (a ``distil:`` section): Distil-Whisper's recovery of ``pruned``
-    from the unpruned model into ``out_dir``; done once (``distil.json`` marks it)."""
-    if s.resume and (out_dir / DISTIL_RESULT).is_file():
-        logging.info(f"{out_dir}: recovered already ({DISTIL_RESULT}); skipping")
-        return
-    if not isinstance(teacher, DecoderModel):
-        raise InputError(f"{s.finetune_config}: distillation needs a model with a decoder")
+    from the unpruned model into ``out_dir``."""
     options = {k: getattr(s, k) for k in MODEL_TYPES[s.model_type].load_options}
     student = load_prunable(s.model_type, pruned, **options).to(teacher.device)
-    distil_stage(
-        student,
-        teacher,
-        load_cuts(s.train_cuts),
-        load_cuts(s.dev_cuts),
-        s.finetune_config,
-        parse_overrides(s.set),
-        out_dir,
-    )
+    distil_stage(student, teacher, prepared, out_dir)
 
 
 def finetune_stage(s: FinetuneSettings) -> None:
@@ -291,11 +280,23 @@ def finetune_stage(s: FinetuneSettings) -> None:
     model = ModelRef(s.model_type, str(s.source), s.stack)
     methods = MethodList()
     distil = has_distil_section(s.finetune_config)
-    teacher = s.load_model() if distil else None
+    teacher, prepared = (s.load_model() if distil else None), None
+    if distil and not isinstance(teacher, DecoderModel):
+        raise InputError(f"{s.finetune_config}: distillation needs a model with a decoder")
     for p in prunes:
         ft_dir = exp.finetune(s.finetune_search, p)
         if distil:
-            distil_one(s, teacher, exp.pruned_model(s.finetune_search, p), ft_dir)
+            if s.resume and (ft_dir / DISTIL_RESULT).is_file():
+                logging.info(f"{ft_dir}: recovered already ({DISTIL_RESULT}); skipping")
+            else:
+                prepared = prepared or prepare(
+                    teacher,
+                    load_cuts(s.train_cuts),
+                    load_cuts(s.dev_cuts),
+                    s.finetune_config,
+                    parse_overrides(s.set),
+                )
+                distil_one(s, teacher, prepared, exp.pruned_model(s.finetune_search, p), ft_dir)
             methods.add(finetuned_method(exp, s.finetune_search, p, ft_dir, model))
             continue
         train_stage(

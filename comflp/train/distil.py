@@ -233,46 +233,63 @@ def same_encoder(a: DecoderModel, b: DecoderModel) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
 
 
-def distil_stage(
-    student: DecoderModel,
-    teacher: DecoderModel,
-    train_cuts: CutSet,
-    dev_cuts: CutSet,
-    config: Path,
-    overrides: dict,
-    out_dir: Path,
-) -> None:
-    """Stage 8 with a teacher: recover ``student`` into ``out_dir`` (its own format), with
-    :data:`DISTIL_RESULT` recording the filter, the loss history and dev error rates."""
+@dataclass
+class Prepared:
+    """What every P of stage 8 shares: the configs, the pseudo-labelled training batches and
+    the dev batches, each encoder output computed once."""
+
+    cfg: DistilConfig
+    train: TrainConfig
+    batches: list[dict]
+    filtered: dict
+    dev: list[dict]
+    seconds: float
+
+
+def prepare(
+    teacher: DecoderModel, train_cuts: CutSet, dev_cuts: CutSet, config: Path, overrides: dict
+) -> Prepared:
+    """The teacher's encoder outputs and pseudo-labels for ``config``'s ``distil:`` section."""
     cfg, train = load_distil_config(config, overrides)
-    if not same_encoder(student, teacher):
-        raise ConfigError(
-            f"{config}: Distil-Whisper's recovery freezes the encoder, so the student must keep "
-            "the teacher's encoder (a decoder-pruned model); this one differs"
-        )
     start = time.perf_counter()
     if cfg.num_utts:
         train_cuts = random_subset(train_cuts, cfg.num_utts, train.seed)
-    batches = encode_batches(teacher, train_cuts, cfg.batch_size)
-    labelled, filtered = pseudo_labelled(teacher, batches, cfg)
+    labelled, filtered = pseudo_labelled(
+        teacher, encode_batches(teacher, train_cuts, cfg.batch_size), cfg
+    )
     logging.info(
         f"pseudo-labels: {filtered['kept']} of {filtered['utterances']} utterances within "
         f"{cfg.max_pseudo_label_wer:g}% WER"
     )
-    history = recover(student, teacher, labelled, cfg, train)
     dev = encode_batches(teacher, dev_cuts, cfg.batch_size)
-    result = cached_error_rates(student, dev)
+    return Prepared(cfg, train, labelled, filtered, dev, time.perf_counter() - start)
+
+
+def distil_stage(
+    student: DecoderModel, teacher: DecoderModel, prepared: Prepared, out_dir: Path
+) -> None:
+    """Stage 8 with a teacher: recover ``student`` into ``out_dir`` (its own format), with
+    :data:`DISTIL_RESULT` recording the filter, the loss history and dev error rates."""
+    if not same_encoder(student, teacher):
+        raise ConfigError(
+            "Distil-Whisper's recovery freezes the encoder, so the student must keep the "
+            "teacher's encoder (a decoder-pruned model); this one differs"
+        )
+    start = time.perf_counter()
+    history = recover(student, teacher, prepared.batches, prepared.cfg, prepared.train)
+    result = cached_error_rates(student, prepared.dev)
     logging.info(f"after recovery: dev WER {result['wer']:.2f}, CER {result['cer']:.2f}")
     student.save(out_dir, {"finetuned_from": str(student.source), "teacher": str(teacher.source)})
     atomic_write_json(
         out_dir / DISTIL_RESULT,
         {
-            "distil": dataclasses.asdict(cfg),
-            "train": dataclasses.asdict(train),
-            "filter": filtered,
+            "distil": dataclasses.asdict(prepared.cfg),
+            "train": dataclasses.asdict(prepared.train),
+            "filter": prepared.filtered,
             "steps": len(history),
             "final_loss": history[-1]["loss"] if history else math.nan,
             "dev": result,
             "seconds": time.perf_counter() - start,
+            "shared_seconds": prepared.seconds,  # encoder outputs and pseudo-labels, once
         },
     )
