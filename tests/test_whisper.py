@@ -5,6 +5,7 @@ config (no download), checked against transformers' own forward, ``from_pretrain
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -26,7 +27,7 @@ from comflp.adapters.whisper import (  # noqa: E402
 from comflp.asr.config import ConfigError  # noqa: E402
 from comflp.asr.data import eval_loader  # noqa: E402
 from comflp.asr.scoring import error_stats  # noqa: E402
-from comflp.expdir import DUMP_INFO, PRUNE_INFO  # noqa: E402
+from comflp.expdir import DISTIL_RESULT, DUMP_INFO, PRUNE_INFO  # noqa: E402
 from comflp.prune.dump import dump_layers, load_layer_feats  # noqa: E402
 from comflp.prune.stacks import DecoderStack, EncoderStack, stack_of  # noqa: E402
 
@@ -379,4 +380,28 @@ def test_stages_4_to_8_prune_both_stacks_of_a_whisper_model(pipeline, tmp_path):
     tuned = load_prunable("hf", exp / "decoder/finetune/comflp_prune2")
     assert (tuned.num_layers, tuned.num_decoder_layers) == (2, 2)
     (row,) = [r for r in rows if r["method"] == "comflp+finetune"]
+    assert (row["stack"], row["num_prune"]) == ("decoder", 2)
+    # stage 8 with a teacher (a distil: section): Distil-Whisper's recovery instead
+    shutil.copytree(exp, pipeline["workdir"] / "exp/whisper_distil")
+    shutil.rmtree(pipeline["workdir"] / "exp/whisper_distil/decoder/finetune")
+    distil = tmp_path / "distil.yaml"
+    distil.write_text(
+        "distil: {max_pseudo_label_wer: 100000.0, num_utts: 0, batch_size: 4}\n"
+        "train: {num_epochs: 1, lr: 0.0005, warmup_steps: 0}\n"
+    )
+    run_sh(
+        pipeline["workdir"],
+        *("--stage", "8", "--stop_stage", "8", "--exp_dir", "exp/whisper_distil"),
+        *("--model_type", "hf", "--model_dir", str(model_dir), "--stack", "encoder decoder"),
+        *("--num_prune", "1", "--decoder_num_prune", "2", "--finetune_config", str(distil)),
+        *("--decoding_method", "attention_greedy_search", "--decode_nj", "1"),
+        *("--test_sets", "test-clean"),
+    )
+    out = pipeline["workdir"] / "exp/whisper_distil/decoder/finetune/comflp_prune2"
+    record = json.loads((out / DISTIL_RESULT).read_text())
+    assert record["filter"]["kept"] == record["filter"]["utterances"] > 0
+    rows = json.loads(
+        (pipeline["workdir"] / "exp/whisper_distil/compare/results.json").read_text()
+    )["rows"]
+    (row,) = [r for r in rows if r["method"] == "comflp+distil"]
     assert (row["stack"], row["num_prune"]) == ("decoder", 2)

@@ -56,6 +56,8 @@ class PrunableModel(ABC):
     stacks: ClassVar[tuple[str, ...]] = ("encoder",)
     # ModelSettings fields that ``load`` takes as keyword arguments (e.g. ct2_quantization).
     load_options: ClassVar[tuple[str, ...]] = ()
+    # Classes ``load`` may return besides this one (hf: Whisper), for checks made before loading.
+    also_loads: ClassVar[tuple[type[PrunableModel], ...]] = ()
 
     def __init__(self, source: Path):
         self.source = Path(source)  # the directory the model was loaded from

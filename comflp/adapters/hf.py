@@ -177,6 +177,7 @@ class HFModel(PrunableModel):
     """A transformers ``*ForCTC`` model and its ``Wav2Vec2Processor``."""
 
     model_type = "hf"
+    also_loads = (WhisperAdapter,)
 
     def __init__(self, hf: torch.nn.Module, processor, source: Path, lm_head_norm: str | None):
         super().__init__(source)

@@ -18,10 +18,15 @@ from comflp.settings import REQUIRED, option
 
 
 def _decoding_methods(model_type: str) -> tuple[str, ...] | None:
-    """What the model type decodes with; None where it depends on the model (ESPnet's),
-    checked when the model is loaded."""
-    declared = MODEL_TYPES[model_type].decoding_methods
-    return declared if isinstance(declared, tuple) else None
+    """What the model type's classes decode with; None where it depends on the model
+    (ESPnet's), checked when the model is loaded."""
+    cls = MODEL_TYPES[model_type]
+    names: list[str] = []
+    for each in (cls, *cls.also_loads):
+        if not isinstance(each.decoding_methods, tuple):
+            return None
+        names += [m for m in each.decoding_methods if m not in names]
+    return tuple(names)
 
 
 # option -> (its choices given the settings, whether it takes several space-separated values);
