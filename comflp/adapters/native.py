@@ -206,3 +206,6 @@ class NativeAEDModel(NativeModel, DecoderModel):
                 else:
                     hyps.append(nbest[0][0])
             return hyps
+
+
+NativeModel.also_loads = (NativeAEDModel,)  # load() returns it for a model with a decoder
