@@ -44,6 +44,8 @@ from comflp.train.distil import (
 )
 from comflp.utils import atomic_write_json, atomic_write_text
 
+LOSSES = ("ref_nll", "pseudo_nll", "kl")  # teacher-forced criteria of an unrecovered student
+
 
 @torch.no_grad()
 def ranking_losses(student, teacher, refs: list[dict], pseudo: list[dict]) -> dict[str, float]:
@@ -144,6 +146,17 @@ def table(result: dict) -> str:
             f"{losses['ref_nll']:.3f} | {losses['pseudo_nll']:.3f} | {losses['kl']:.3f} | "
             f"{after['dev']['wer']:.2f} | {after['test']['wer']:.2f} | {after['test']['cer']:.2f} |"
         )
+    if len(result["proposals"]) > 2:
+        from scipy.stats import spearmanr
+
+        after = [row["after"]["dev"]["wer"] for row in result["proposals"]]
+        lines.append("")
+        lines.append("Spearman against the dev WER after recovery:")
+        for name, values in [
+            ("dev WER before", [row["before"]["wer"] for row in result["proposals"]]),
+            *[(k, [row["losses"][k] for row in result["proposals"]]) for k in LOSSES],
+        ]:
+            lines.append(f"- {name}: {spearmanr(values, after).statistic:+.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +174,12 @@ def main() -> None:
     parser.add_argument("--compare", default="", help="pruned layers of the three-way comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", required=True, help="output path without suffix")
+    parser.add_argument("--table_only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args()
+    if args.table_only:
+        result = json.loads(Path(args.output).with_suffix(".json").read_text())
+        atomic_write_text(Path(args.output).with_suffix(".md"), table(result))
+        return
     result = run(args)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
