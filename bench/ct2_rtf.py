@@ -7,7 +7,7 @@ methods_finetuned.json) is written as a CTranslate2 directory by comflp's own wr
 (``CT2Whisper.save``, CTranslate2's converter) once per quantization, then every utterance of
 --cuts is decoded one at a time (batch 1, as a transcription service takes requests) with
 1 thread: ``ctranslate2.models.Whisper.generate`` and transformers' ``generate`` with
-``num_beams`` 1 and 5. RTF is decoding seconds over the utterances' own audio seconds (Whisper
+``num_beams`` 1 and 5, both with comflp's length bound (:func:`limit`). RTF is decoding seconds over the utterances' own audio seconds (Whisper
 pads each to its 30 s window: the encoder's cost does not shrink with the audio). WER is
 measured on the same outputs, after Whisper's English normaliser. Prints a Markdown table,
 also written to --output.
@@ -28,6 +28,7 @@ import torch
 from common import emit, gpu_note
 from decoder_rtf import models_of
 
+from comflp.adapters.base import Hidden
 from comflp.asr.data import load_cuts, random_subset
 from comflp.asr.scoring import error_stats
 from comflp.cli import add_common_args, run
@@ -35,6 +36,14 @@ from comflp.expdir import ExpDir
 
 BEAMS = (1, 5)
 QUANTIZATIONS = ("float32", "int8")
+
+
+def limit(model, batch: dict) -> int:
+    """comflp's length bound for the utterance (the audio's share of 224 tokens per 30 s):
+    both runtimes get it, so that a decoder that repeats itself is timed as comflp decodes it,
+    not to the 448-token context."""
+    frames = (batch["frames"] - 1) // 2 + 1
+    return int(model.max_new_tokens(Hidden(torch.empty(0), frames))[0])
 
 
 def ct2_runs(model, batches: list[dict], workdir: Path) -> dict[str, tuple[float, list]]:
@@ -54,7 +63,9 @@ def ct2_runs(model, batches: list[dict], workdir: Path) -> dict[str, tuple[float
                     np.ascontiguousarray(batch["input_features"].numpy())
                 )
                 start = time.perf_counter()
-                result = ct2.generate(feats, [model.prompt], beam_size=beam)
+                result = ct2.generate(
+                    feats, [model.prompt], beam_size=beam, max_length=limit(model, batch)
+                )
                 seconds += time.perf_counter() - start
                 hyps.append(result[0].sequences_ids[0])
             out[f"ct2 {quantization} beam {beam}"] = (seconds, hyps)
@@ -68,7 +79,9 @@ def transformers_runs(model, batches: list[dict]) -> dict[str, tuple[float, list
         seconds, hyps = 0.0, []
         for batch in batches:
             start = time.perf_counter()
-            ids = model.hf.generate(batch["input_features"], num_beams=beam)
+            ids = model.hf.generate(
+                batch["input_features"], num_beams=beam, max_new_tokens=limit(model, batch)
+            )
             seconds += time.perf_counter() - start
             hyps.append([t for t in ids[0].tolist() if t < model.eos_id])  # text tokens
         out[f"transformers beam {beam}"] = (seconds, hyps)
