@@ -28,6 +28,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -52,12 +53,11 @@ def ranking_losses(student, teacher, refs: list[dict], pseudo: list[dict]) -> di
     """Teacher-forced criteria of an unrecovered student, means over the batches."""
     ce_only = DistilConfig(kl_weight=0.0, ce_weight=1.0)
     kl_only = DistilConfig(kl_weight=1.0, ce_weight=0.0)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     student.module.eval()
     return {
-        "ref_nll": mean([distil_loss(student, None, b, ce_only)[1]["ce"] for b in refs]),
-        "pseudo_nll": mean([distil_loss(student, None, b, ce_only)[1]["ce"] for b in pseudo]),
-        "kl": mean([distil_loss(student, teacher, b, kl_only)[1]["kl"] for b in pseudo]),
+        "ref_nll": fmean([distil_loss(student, None, b, ce_only)[1]["ce"] for b in refs]),
+        "pseudo_nll": fmean([distil_loss(student, None, b, ce_only)[1]["ce"] for b in pseudo]),
+        "kl": fmean([distil_loss(student, teacher, b, kl_only)[1]["kl"] for b in pseudo]),
     }
 
 

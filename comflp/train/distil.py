@@ -66,6 +66,8 @@ def load_distil_config(path: Path, overrides: dict) -> tuple[DistilConfig, Train
 
 
 def has_distil_section(path: Path) -> bool:
+    """Whether stage 8's config asks for a teacher (its other sections are checked by the
+    loader that reads them: this one or the fine-tuning trainer's)."""
     import yaml
 
     data = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
