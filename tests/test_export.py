@@ -33,7 +33,8 @@ from comflp.decoding import decode_set  # noqa: E402
 from comflp.export import ExportError, export_model  # noqa: E402
 from comflp.export import core as export_core  # noqa: E402
 from comflp.export.runtime import OrtCtc, SherpaCtc, normalise, read_tokens  # noqa: E402
-from comflp.structured.masked import GateSet, gate_name  # noqa: E402
+from comflp.structured.layout import gate_name  # noqa: E402
+from comflp.structured.masked import GateSet  # noqa: E402
 from comflp.structured.physical import physically_prune  # noqa: E402
 
 from .conftest import PYTHON, REPO, run_cmd  # noqa: E402

@@ -15,18 +15,15 @@ from comflp.asr.model import ASRModel
 from comflp.decoding import decode_set
 from comflp.structured.gates import HardConcrete
 from comflp.structured.lagrangian import Lagrangian, target_at
-from comflp.structured.masked import GROUPS, GateSet, Masker, gate_name
+from comflp.structured.layout import GROUPS, gate_name
+from comflp.structured.masked import GateSet, Masker
 from comflp.structured.params import (
     encoder_layer_parameters,
     expected_parameters,
     prunable_parameters,
 )
-from comflp.structured.physical import (
-    kept_parameters,
-    meet_budget,
-    module_plans,
-    physically_prune,
-)
+from comflp.structured.physical import physically_prune
+from comflp.structured.plan import kept_parameters, meet_budget, module_plans
 from tests.conftest import PYTHON, REPO, independent_cer, run_cmd
 
 ENCODERS = ("transformer", "conformer")
@@ -194,7 +191,7 @@ def _prune(pipeline, tiny_data, exp_dir, *extra, check=True, options=SP_OPTIONS)
             REPO / "bin/structured_prune.py",
             "--sp_config",
             REPO / "conf/structured.yaml",
-            "--init_model",
+            "--model_dir",
             pipeline["exp_dir"],
             "--exp_dir",
             exp_dir,

@@ -37,6 +37,7 @@ from comflp import expdir
 from comflp.adapters.base import MODEL_TYPES
 from comflp.adapters.hf_utils import first_line, quiet_transformers
 from comflp.adapters.whisper import WhisperAdapter
+from comflp.adapters.whisper_shapes import compact, uniform
 from comflp.asr.config import ConfigError
 
 BINARY_VERSIONS = (5, 6)  # the model.bin versions read: 6 is CTranslate2 4.x's
@@ -255,7 +256,9 @@ def whisper_from_ct2(model_dir: Path):
     )
     with quiet_transformers(), torch.device("meta"):  # no random initialisation to overwrite
         hf = transformers.WhisperForConditionalGeneration(config)
-    info = hf.load_state_dict(whisper_state_dict(v), strict=False, assign=True)
+    state = whisper_state_dict(v)
+    _fit_feed_forward(hf, state)
+    info = hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     if info.missing_keys or info.unexpected_keys:
         raise ConfigError(
@@ -264,7 +267,19 @@ def whisper_from_ct2(model_dir: Path):
         )
     _generation_config(hf, ct2_config, special)
     processor = _processor(model_dir, config)
-    return hf.eval(), processor, quantization
+    return compact(hf).eval(), processor, quantization
+
+
+def _fit_feed_forward(hf, state: dict[str, torch.Tensor]) -> None:
+    """Each layer's ``fc1``/``fc2`` sized as in ``state`` (a structured model's widths differ
+    by layer; the config holds one per stack)."""
+    for stack in ("encoder", "decoder"):
+        for i, layer in enumerate(getattr(hf.model, stack).layers):
+            units = state[f"model.{stack}.layers.{i}.fc1.weight"].size(0)
+            if units != layer.fc1.out_features:
+                d = layer.fc1.in_features
+                layer.fc1 = torch.nn.Linear(d, units, device="meta")
+                layer.fc2 = torch.nn.Linear(units, d, device="meta")
 
 
 def _generation_config(hf, ct2_config: dict, special: dict[str, int]) -> None:
@@ -310,6 +325,18 @@ def _processor(model_dir: Path, config):
             f"{model_dir}/tokenizer.json: not a tokenizer ({first_line(e)})"
         ) from None
     return transformers.WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+
+
+def _converter(ctranslate2, hf_dir: Path, hf):
+    """CTranslate2's ``TransformersConverter`` reading ``hf_dir``'s config and tokenizer and
+    converting the model ``hf`` in memory (whose layers may differ in feed-forward width, which
+    ``from_pretrained`` would refuse)."""
+
+    class InMemory(ctranslate2.converters.TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            return hf
+
+    return InMemory(str(hf_dir), copy_files=["tokenizer.json"])
 
 
 def resolve_model_dir(model_dir: Path) -> Path:
@@ -367,7 +394,10 @@ class CT2Whisper(WhisperAdapter):
 
     def save(self, out_dir: Path, info: dict | None = None) -> None:
         """A CTranslate2 directory (``self.quantization``) in ``out_dir``, converted by
-        CTranslate2 from the transformers copy written to ``out_dir/transformers``."""
+        CTranslate2 from this model with the transformers copy written to
+        ``out_dir/transformers`` (config, tokenizer). CTranslate2 takes a feed-forward width
+        per layer but one head count per stack: a structured model's layers are padded to the
+        stack's most heads (:func:`~comflp.adapters.whisper_shapes.uniform`, exact)."""
         import ctranslate2
 
         out_dir = Path(out_dir)
@@ -376,9 +406,7 @@ class CT2Whisper(WhisperAdapter):
         super().save(hf_dir, info)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ct2-") as tmp:
             with quiet_transformers():
-                converter = ctranslate2.converters.TransformersConverter(
-                    str(hf_dir), copy_files=["tokenizer.json"]
-                )
+                converter = _converter(ctranslate2, hf_dir, uniform(self.hf, feed_forward=False))
                 converter.convert(f"{tmp}/model", quantization=self.quantization, force=True)
             # faster-whisper reads the feature extractor's settings from this file
             self.processor.feature_extractor.to_json_file(f"{tmp}/model/{PREPROCESSOR}")

@@ -48,6 +48,7 @@ from comflp.adapters.hf_utils import (
     quiet_transformers,
     text_case,
 )
+from comflp.adapters.whisper_shapes import compact, uniform
 from comflp.asr.config import ConfigError
 from comflp.asr.data import transcripts
 from comflp.subsets import checked_kept
@@ -239,7 +240,7 @@ class WhisperAdapter(DecoderModel):
             ) from None
         if info["missing_keys"]:
             raise missing_weights(model_dir, ARCH, list(info["missing_keys"]))
-        return cls(hf.eval(), processor, model_dir)
+        return cls(compact(hf).eval(), processor, model_dir)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -403,7 +404,7 @@ class WhisperAdapter(DecoderModel):
             layer.self_attn.layer_idx = layer.encoder_attn.layer_idx = i
         hf.model.decoder.layers = torch.nn.ModuleList(modules)
         hf.config.decoder_layers = len(kept)
-        _renumber_alignment_heads(hf, kept)
+        renumber_alignment_heads(hf, kept)
         return self._with(hf)
 
     def _with(self, hf: torch.nn.Module) -> WhisperAdapter:
@@ -413,15 +414,18 @@ class WhisperAdapter(DecoderModel):
         return new
 
     def save(self, out_dir: Path, info: dict | None = None) -> None:
+        """``save_pretrained``: a structured model padded to one head count and feed-forward
+        width per stack, as transformers' config takes (:func:`~comflp.adapters.whisper_shapes.uniform`:
+        the same function; :meth:`load` removes the padding)."""
         out_dir = Path(out_dir)
-        self.hf.save_pretrained(out_dir)
+        uniform(self.hf).save_pretrained(out_dir)
         self.processor.save_pretrained(out_dir)
         atomic_write_json(
             out_dir / expdir.PRUNE_INFO, {"model_type": self.model_type, **(info or {})}
         )
 
 
-def _renumber_alignment_heads(hf: torch.nn.Module, kept: list[int]) -> None:
+def renumber_alignment_heads(hf: torch.nn.Module, kept: list[int]) -> None:
     """The generation config's cross-attention heads used for word timestamps, on the kept
     decoder layers (0-indexed, as OpenAI numbers them); when none is kept, every head of the
     last half of the layers (CTranslate2's converter's default)."""

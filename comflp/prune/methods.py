@@ -136,10 +136,10 @@ def finetuned_method(exp: ExpDir, search: str, p: int, ft_dir: Path, model: Mode
     )
 
 
-def structured_method(sp_dir: Path, num_layers: int, kept: list[int]) -> Method:
+def structured_method(sp_dir: Path, num_layers: int, kept: list[int], model: ModelRef) -> Method:
     """The row of one stage-9 experiment directory: P is the number of layers whose parameters
     the pruning removed in total, round(sparsity x L), so that it sits beside the layer-pruning
-    rows of the same size."""
+    rows of the same size; ``kept``: the encoder layers kept, of ``num_layers``."""
     path = sp_dir / STRUCTURE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (stage 9 has not finished in {sp_dir})")
@@ -152,4 +152,6 @@ def structured_method(sp_dir: Path, num_layers: int, kept: list[int]) -> Method:
         str(sp_dir),
         note=f"L0 structured pruning, sparsity {structure['sparsity']:.3f}, {epochs} epochs",
         original_pruned=[k for k in range(1, num_layers + 1) if k not in kept],
+        model_type=model.model_type,
+        stack=model.stack,
     )

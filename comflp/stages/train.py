@@ -3,6 +3,8 @@ pruning): settings and the calls into the trainers."""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from comflp.adapters.base import (
     load_prunable,
 )
 from comflp.adapters.native import NativeModel
+from comflp.adapters.whisper import WhisperAdapter
 from comflp.asr.checkpoint import (
     copy_assets,
     load_checkpoint,
@@ -28,7 +31,7 @@ from comflp.asr.data import ctc_feasible, load_cuts
 from comflp.asr.features import load_cmvn
 from comflp.asr.tokenizer import Tokenizer
 from comflp.errors import InputError, Stopped
-from comflp.expdir import CMVN, DISTIL_RESULT, METHOD_LISTS, MODEL, TOKENIZER, ExpDir
+from comflp.expdir import CMVN, DISTIL_RESULT, METHOD_LISTS, MODEL, STRUCTURE, TOKENIZER, ExpDir
 from comflp.prune.dump import read_dump_info
 from comflp.prune.method_list import MethodList
 from comflp.prune.methods import finetuned_method, structured_method
@@ -36,6 +39,7 @@ from comflp.prune.searches.base import SEARCHES, ModelRef
 from comflp.settings import REQUIRED, option
 from comflp.structured.config import load_structured_config
 from comflp.structured.trainer import structured_prune
+from comflp.structured.whisper_train import load_whisper_structured_config, structured_whisper
 from comflp.subsets import parse_num_prune
 from comflp.train.distil import Prepared, distil_stage, has_distil_section, prepare
 from comflp.train.distributed import Dist, finish_distributed, init_distributed
@@ -171,43 +175,81 @@ def train_native(s: TrainSettings, info: Dist, device: str) -> bool:
 
 
 @dataclass(kw_only=True)
-class StructuredSettings:
-    """Stage 9: L0 structured pruning (Jiang et al. 2023) of a trained native model, for each
-    target sparsity, into exp/structured/sparsity<t>/; then their rows of the table."""
+class StructuredSettings(ModelSettings):
+    """Stage 9: L0 structured pruning (Jiang et al. 2023) of a trained native model (its
+    encoder) or a Whisper model (both stacks), for each target sparsity, into
+    exp/structured/sparsity<t>/; then their rows of the table."""
 
-    sp_config: Path = option(Path("conf/structured.yaml"), "YAML with structured: and train:")
-    exp_dir: Path = option(REQUIRED, "the experiment: structured/sparsity<t>/ and compare/ go here")
-    init_model: Path | None = option(None, "the native model to prune (default: --exp_dir)")
-    teacher: Path | None = option(None, "the model to distil from (default: the pruned one)")
+    sp_config: Path = option(
+        Path("conf/structured.yaml"), "YAML with structured: and train: (Whisper: + distil:)"
+    )
+    teacher: Path | None = option(
+        None, "native: the model to distil from (default: the pruned one)"
+    )
     train_cuts: Path = option(REQUIRED, "training cuts")
     dev_cuts: Path = option(REQUIRED, "dev cuts")
     sp_target_sparsity: list[float] = option(
-        [0.5], "fractions of the encoder layers' parameters to remove, one model each"
+        [0.5], "fractions of the prunable layers' parameters to remove, one model each"
     )
     resume: bool = option(True, "continue from the latest checkpoint")
-    stop_after_steps: int = option(0, "checkpoint and stop after this many steps (time slices)")
+    stop_after_steps: int = option(0, "native: checkpoint and stop after this many steps")
     set: list[str] = option([], "config overrides SECTION.KEY=VALUE")
-    device: str = option("auto", "auto | cpu | cuda")
 
 
 def structured_stage(s: StructuredSettings) -> None:
     if Dist.from_env().world_size > 1:
         raise InputError("structured pruning runs in one process (no torchrun)")
     exp = ExpDir(s.exp_dir)
-    depth = load_experiment_config(s.init_model or s.exp_dir).model.num_layers
+    native = s.model_type == "native"
+    teacher = None if native else s.load_model()
+    if teacher is not None and not isinstance(teacher, WhisperAdapter):
+        raise InputError(f"--model_type {s.model_type}: stage 9 prunes native and Whisper models")
+    depth = load_experiment_config(s.source).model.num_layers if native else teacher.num_layers
+    model = ModelRef(s.model_type, str(s.source), s.stack)
     methods = MethodList()
     for target in s.sp_target_sparsity:
         sp_dir = exp.structured(target)
-        structured_prune_one(s, target, sp_dir)
-        cfg = load_experiment_config(sp_dir).model
-        kept = cfg.kept_layers or list(range(1, cfg.num_layers + 1))
-        methods.add(structured_method(sp_dir, depth, kept))
+        if native:
+            structured_prune_one(s, target, sp_dir)
+            cfg = load_experiment_config(sp_dir).model
+            kept = cfg.kept_layers or list(range(1, cfg.num_layers + 1))
+        else:
+            kept = structured_whisper_one(s, teacher, target, sp_dir)
+        methods.add(structured_method(sp_dir, depth, kept, model))
     methods.save(exp.compare / METHOD_LISTS["structured"])
+
+
+def structured_whisper_one(
+    s: StructuredSettings, teacher: WhisperAdapter, target: float, out_dir: Path
+) -> list[int]:
+    """One target sparsity of a Whisper model into ``out_dir`` (skipped when done); the
+    encoder layers kept."""
+    if s.resume and (out_dir / STRUCTURE).is_file():
+        logging.info(f"{out_dir}: pruned already ({STRUCTURE}); skipping")
+    else:
+        overrides = {**parse_overrides(s.set), "structured.target_sparsity": target}
+        config = load_whisper_structured_config(s.sp_config, overrides)
+        logging.info(
+            f"structured pruning of {s.source} (both stacks) to sparsity {target} "
+            f"(gates: {', '.join(config[0].gates)})"
+        )
+        student = teacher._with(copy.deepcopy(teacher.hf))
+        structured_whisper(
+            student,
+            teacher,
+            load_cuts(s.train_cuts),
+            load_cuts(s.dev_cuts),
+            config,
+            out_dir,
+            s.resume,
+            f"{s.sp_config}: structured",
+        )
+    return json.loads((out_dir / STRUCTURE).read_text())["kept_layers"]["encoder"]
 
 
 def structured_prune_one(s: StructuredSettings, target: float, out_dir: Path) -> None:
     """One target sparsity into ``out_dir`` (:class:`Stopped` when it checkpointed early)."""
-    source = s.init_model or s.exp_dir
+    source = s.source
     overrides = {**parse_overrides(s.set), "structured.target_sparsity": target}
     sp, train_cfg = load_structured_config(s.sp_config, overrides)
     model_cfg = load_experiment_config(source).model

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from comflp.asr.config import ConfigError, ModelConfig, TrainConfig, build_section, read_sections
-from comflp.structured.masked import GROUPS, missing_groups
+from comflp.structured.layout import GROUPS, Layout, encoder_layout, missing_groups
 
 
 @dataclass
@@ -31,6 +31,15 @@ class StructuredConfig:
     distill_weight: float = 1.0
 
     def validate(self, model: ModelConfig, where: str = "structured") -> None:
+        """Checked against a native model's encoder."""
+        self.check(
+            encoder_layout(model), model.num_layers, where, f"the {model.encoder_type} encoder"
+        )
+
+    def check(self, layout: Layout, num_layers: int, where: str, what: str) -> None:
+        """Checked against the gates' ``layout`` (:mod:`.masked`) of ``what``, whose stacks
+        have at most ``num_layers`` layers."""
+
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{where}: '{key}' {why}")
 
@@ -39,11 +48,11 @@ class StructuredConfig:
         unknown = sorted(set(self.gates) - set(GROUPS))
         if unknown or not self.gates:
             raise bad("gates", f"must name some of {', '.join(GROUPS)}, got {self.gates}")
-        lacking = missing_groups(model, self.gates)
+        lacking = missing_groups(layout, self.gates)
         if lacking:
             raise bad(
                 "gates",
-                f"{', '.join(lacking)}: the {model.encoder_type} encoder has no such module "
+                f"{', '.join(lacking)}: {what} has no such module "
                 "(channels are the Conformer's convolution channels)",
             )
         if not 0 <= self.warmup_fraction <= 1:
@@ -53,9 +62,9 @@ class StructuredConfig:
                 raise bad(key, f"must be > 0, got {getattr(self, key)}")
         if self.distill_weight < 0:
             raise bad("distill_weight", f"must be >= 0, got {self.distill_weight}")
-        outside = [k for k in self.distill_layers if not 1 <= k <= model.num_layers]
+        outside = [k for k in self.distill_layers if not 1 <= k <= num_layers]
         if outside:
-            raise bad("distill_layers", f"{outside} outside the layers 1..{model.num_layers}")
+            raise bad("distill_layers", f"{outside} outside the layers 1..{num_layers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
-"""Gates on the encoder of an :class:`~comflp.asr.model.ASRModel`, attached with hooks, so the
-model's own code and weights stay unchanged.
+"""Gates on a stack of layers, attached with hooks, so the model's own code and weights stay
+unchanged: here an :class:`~comflp.asr.model.ASRModel`'s encoder; Whisper's encoder and decoder
+in :mod:`comflp.structured.whisper`.
 
 Gate groups (the names ``structured.gates`` takes):
 
@@ -20,7 +21,7 @@ the masked model computes in eval.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,48 +29,38 @@ import torch.nn as nn
 from comflp.asr.config import ModelConfig
 from comflp.asr.model import ASRModel
 from comflp.structured.gates import HardConcrete
-
-GROUPS = ("heads", "units", "channels", "modules", "layers")
-# The gated modules of a layer, in forward order, and the layer_shape key of each one's size.
-MODULES = {"transformer": ("attn", "ff"), "conformer": ("ff1", "attn", "conv", "ff2")}
-SHAPE_KEY = {"attn": "heads", "ff": "ffn", "ff1": "ffn1", "ff2": "ffn2", "conv": "conv"}
-# The fine-grained gate group of each module.
-FINE_GROUP = {"attn": "heads", "ff": "units", "ff1": "units", "ff2": "units", "conv": "channels"}
+from comflp.structured.layout import FINE_GROUP, GROUPS, Layout, encoder_layout, gate_name
+from comflp.structured.params import unit_sizes
 
 
-def layer_modules(cfg: ModelConfig, k: int) -> dict[str, int]:
-    """The modules layer ``k`` (1-indexed) has, with their sizes (heads, units, channels)."""
-    shape = cfg.layer_shape(k)
-    sizes = {m: shape[SHAPE_KEY[m]] for m in MODULES[cfg.encoder_type]}
-    return {m: n for m, n in sizes.items() if n > 0}
+class Gates(nn.Module):
+    """The hard-concrete gate groups of a stack of layers, keyed by :func:`gate_name`.
 
+    ``layout``: per layer label its gated modules and their sizes; ``sizes``: parameters per
+    entry of each module kind and per module / layer of its own (:func:`params.unit_sizes`);
+    ``empty_layer_is_identity``: whether a layer with no module left passes its input through
+    (pre-LN Transformer layers), so that physical pruning removes it.
+    """
 
-def gate_name(layer: int, module: str | None = None, kind: str = "fine") -> str:
-    """Key of one gate group: ``l3_layer``, ``l3_attn_fine`` (heads), ``l3_attn_module``."""
-    return f"l{layer}_layer" if module is None else f"l{layer}_{module}_{kind}"
-
-
-def missing_groups(cfg: ModelConfig, groups: Sequence[str]) -> list[str]:
-    """The fine-grained gate groups in ``groups`` that no layer of ``cfg`` has a module for."""
-    present = {FINE_GROUP[m] for k in range(1, cfg.num_layers + 1) for m in layer_modules(cfg, k)}
-    fine = {FINE_GROUP[m] for m in FINE_GROUP}
-    return [g for g in groups if g in fine and g not in present]
-
-
-class GateSet(nn.Module):
-    """The hard-concrete gate groups of one encoder, keyed by :func:`gate_name`."""
-
-    def __init__(self, cfg: ModelConfig, groups: Sequence[str], init_log_alpha: float):
+    def __init__(
+        self,
+        layout: Layout,
+        sizes: dict[str, int],
+        groups: Sequence[str],
+        init_log_alpha: float,
+        empty_layer_is_identity: bool = True,
+    ):
         super().__init__()
         unknown = sorted(set(groups) - set(GROUPS))
         if unknown:
             raise ValueError(f"unknown gate groups {unknown}; expected some of {GROUPS}")
-        self.cfg, self.groups = cfg, tuple(groups)
+        self.layout, self.sizes, self.groups = layout, sizes, tuple(groups)
+        self.empty_layer_is_identity = empty_layer_is_identity
         self.gates = nn.ModuleDict()
-        for k in range(1, cfg.num_layers + 1):
+        for k, modules in layout.items():
             if "layers" in groups:
                 self.gates[gate_name(k)] = HardConcrete(1, init_log_alpha)
-            for module, n in layer_modules(cfg, k).items():
+            for module, n in modules.items():
                 if FINE_GROUP[module] in groups:
                     self.gates[gate_name(k, module)] = HardConcrete(n, init_log_alpha)
                 if "modules" in groups:
@@ -85,10 +76,10 @@ class GateSet(nn.Module):
         if training:
             return {name: g.sample() for name, g in self.gates.items()}
         values = {name: g.deterministic() for name, g in self.gates.items()}
-        for k in range(1, self.cfg.num_layers + 1):
+        for k, modules in self.layout.items():
             if gate_name(k) in values:
                 values[gate_name(k)] = (values[gate_name(k)] > 0).to(values[gate_name(k)].dtype)
-            for module in layer_modules(self.cfg, k):
+            for module in modules:
                 fine = values.get(gate_name(k, module))
                 if fine is not None and not bool((fine > 0).any()):
                     values[gate_name(k, module, "module")] = torch.zeros(1, device=fine.device)
@@ -100,14 +91,32 @@ class GateSet(nn.Module):
             g.clamp_()
 
 
-def _fine_target(layer: nn.Module, module: str) -> tuple[nn.Module, int, int]:
+class GateSet(Gates):
+    """The gates of one :class:`ASRModel` encoder (``cfg``)."""
+
+    def __init__(self, cfg: ModelConfig, groups: Sequence[str], init_log_alpha: float):
+        super().__init__(
+            encoder_layout(cfg),
+            unit_sizes(cfg),
+            groups,
+            init_log_alpha,
+            empty_layer_is_identity=cfg.encoder_type == "transformer",
+        )
+        self.cfg = cfg
+
+
+Target = tuple[nn.Module, int, int, nn.Module]  # fine target, repeat, dim, module output
+
+
+def _fine_target(layer: nn.Module, module: str) -> Target:
     """The submodule whose input the fine gates scale, how many input entries each gate
-    covers, and the entry dimension of that input."""
+    covers, the entry dimension of that input, and the module whose output the module gate
+    scales (an :class:`ASRModel` encoder layer)."""
     if module == "attn":
-        return layer.attn.out, layer.attn.head_dim, -1
+        return layer.attn.out, layer.attn.head_dim, -1, layer.attn
     if module == "conv":
-        return layer.conv.pointwise2, 1, 1  # (B, C, T)
-    return getattr(layer, module)[3], 1, -1
+        return layer.conv.pointwise2, 1, 1, layer.conv  # (B, C, T)
+    return getattr(layer, module)[3], 1, -1, getattr(layer, module)
 
 
 def _scale(x: torch.Tensor, z: torch.Tensor, repeat: int, dim: int) -> torch.Tensor:
@@ -117,28 +126,36 @@ def _scale(x: torch.Tensor, z: torch.Tensor, repeat: int, dim: int) -> torch.Ten
     return x * z.view(shape)
 
 
-class Masker:
-    """Applies a :class:`GateSet` to ``model`` through hooks until :meth:`remove`.
+class LayerMasker:
+    """Applies :class:`Gates` through hooks until :meth:`remove`.
 
-    ``capture``: layers (1-indexed) whose gated outputs are kept in ``hidden`` after each
+    ``layers``: per layer label of the gates' layout, the layer module (called with its input
+    first); ``targets(layer, module)``: where a module's gates act (:data:`Target`);
+    ``draw_on``: the module every forward pass runs first, where one pass's gate values are
+    drawn; ``capture``: labels of layers whose gated outputs are kept in ``hidden`` after each
     forward pass (for layerwise distillation).
     """
 
-    def __init__(self, model: ASRModel, gates: GateSet, capture: Sequence[int] = ()):
+    def __init__(
+        self,
+        gates: Gates,
+        layers: dict[int | str, nn.Module],
+        targets: Callable[[nn.Module, str], Target],
+        draw_on: nn.Module,
+        capture: Sequence[int | str] = (),
+    ):
         self.gates = gates
         self.values: dict[str, torch.Tensor] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
-        self._handles = [model.encoder.embed.register_forward_pre_hook(self._draw)]
-        for k, layer in enumerate(model.encoder.layers, start=1):
-            for module in layer_modules(model.cfg, k):
-                target, repeat, dim = _fine_target(layer, module)
+        self.hidden: dict[int | str, torch.Tensor] = {}
+        self._handles = [draw_on.register_forward_pre_hook(self._draw)]
+        for k, layer in layers.items():
+            for module in gates.layout[k]:
+                fine, repeat, dim, whole = targets(layer, module)
                 self._handles += [
-                    target.register_forward_pre_hook(
+                    fine.register_forward_pre_hook(
                         self._fine_hook(gate_name(k, module), repeat, dim)
                     ),
-                    getattr(layer, module).register_forward_hook(
-                        self._module_hook(gate_name(k, module, "module"))
-                    ),
+                    whole.register_forward_hook(self._module_hook(gate_name(k, module, "module"))),
                 ]
             self._handles.append(layer.register_forward_hook(self._layer_hook(k, k in capture)))
 
@@ -155,7 +172,9 @@ class Masker:
     def _module_hook(self, name: str):
         def hook(module, args, output):
             z = self.values.get(name)
-            return None if z is None else output * z
+            if z is None:
+                return None
+            return (output[0] * z, *output[1:]) if isinstance(output, tuple) else output * z
 
         return hook
 
@@ -179,8 +198,16 @@ class Masker:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> Masker:
+    def __enter__(self) -> LayerMasker:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class Masker(LayerMasker):
+    """:class:`GateSet` on an :class:`ASRModel`'s encoder; values drawn when its front end runs."""
+
+    def __init__(self, model: ASRModel, gates: GateSet, capture: Sequence[int] = ()):
+        layers = dict(enumerate(model.encoder.layers, start=1))
+        super().__init__(gates, layers, _fine_target, model.encoder.embed, capture)

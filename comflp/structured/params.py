@@ -24,7 +24,7 @@ import torch
 
 from comflp.asr.config import ModelConfig
 from comflp.asr.model import ASRModel, count_parameters
-from comflp.structured.masked import gate_name, layer_modules
+from comflp.structured.layout import Layout, encoder_layout, gate_name
 
 
 def unit_sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -43,21 +43,30 @@ def unit_sizes(cfg: ModelConfig) -> dict[str, int]:
 
 
 def entry_size(sizes: dict[str, int], module: str) -> int:
-    """Parameters of one head / unit / channel of ``module``."""
-    return sizes["ff"] if module.startswith("ff") else sizes[module]
+    """Parameters of one head / unit / channel of ``module`` (cross-attention heads as
+    self-attention heads)."""
+    if module.startswith("ff"):
+        return sizes["ff"]
+    return sizes["attn"] if module == "cross" else sizes[module]
 
 
 def expected_parameters(cfg: ModelConfig, probs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Expected remaining encoder-layer parameters given P(z != 0) per gate group
-    (:meth:`GateSet.probabilities`); groups missing from ``probs`` count as always kept."""
-    sizes = unit_sizes(cfg)
+    """Expected remaining encoder-layer parameters of ``cfg`` (:func:`layout_parameters`)."""
+    return layout_parameters(encoder_layout(cfg), unit_sizes(cfg), probs)
+
+
+def layout_parameters(
+    layout: Layout, sizes: dict[str, int], probs: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Expected remaining layer parameters of ``layout`` given P(z != 0) per gate group
+    (:meth:`Gates.probabilities`); groups missing from ``probs`` count as always kept."""
     ref = next(iter(probs.values()), torch.ones((), dtype=torch.float64))
     one = torch.ones((), dtype=ref.dtype, device=ref.device)
     total = one * 0
-    for k in range(1, cfg.num_layers + 1):
+    for k, modules in layout.items():
         p_layer = probs.get(gate_name(k), one).sum()
         layer_total = one * sizes["layer"]
-        for module, n in layer_modules(cfg, k).items():
+        for module, n in modules.items():
             p_module = probs.get(gate_name(k, module, "module"), one).sum()
             fine = probs.get(gate_name(k, module))
             kept_units = one * n if fine is None else fine.sum()

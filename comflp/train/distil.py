@@ -103,6 +103,10 @@ def _regroup(rows: list[tuple[dict, int, list[int]]], batch_size: int) -> list[d
             ]
         )
         lens = torch.tensor([len(t) for _, _, t in chunk], dtype=torch.long)
+        audio = {  # the inputs, for a student whose encoder trains (stage 9)
+            key: torch.stack([b[key][r] for b, r, _ in chunk])
+            for key in ("input_features", "frames")
+        }
         targets = torch.zeros(len(chunk), max(1, int(lens.max())), dtype=torch.long)
         for i, (_, _, t) in enumerate(chunk):
             targets[i, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -113,6 +117,7 @@ def _regroup(rows: list[tuple[dict, int, list[int]]], batch_size: int) -> list[d
                 "targets": targets,
                 "target_lens": lens,
                 "memory": Hidden(x, torch.stack([b["memory"].lengths[r] for b, r, _ in chunk])),
+                **audio,
             }
         )
     return out
@@ -152,15 +157,26 @@ def _log_probs(model: DecoderModel, batch: dict) -> tuple[torch.Tensor, torch.Te
 def distil_loss(
     student: DecoderModel, teacher: DecoderModel | None, batch: dict, cfg: DistilConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``kl_weight`` x KL(teacher || student) + ``ce_weight`` x cross-entropy, each the mean
-    over the predicted tokens."""
+    """:func:`token_loss` of ``student`` against ``teacher``, both decoding the batch's cached
+    encoder output."""
     log_probs, outputs = _log_probs(student, batch)
-    valid = outputs != IGNORE
-    ce = torch.nn.functional.nll_loss(log_probs[valid], outputs[valid])
-    loss, parts = cfg.ce_weight * ce, {"ce": ce.item()}
+    target = None
     if cfg.kl_weight > 0 and teacher is not None:
         with torch.no_grad():
             target, _ = _log_probs(teacher, batch)
+    return token_loss(log_probs, target, outputs, cfg)
+
+
+def token_loss(
+    log_probs: torch.Tensor, target: torch.Tensor | None, outputs: torch.Tensor, cfg: DistilConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``kl_weight`` x KL(teacher || student) + ``ce_weight`` x cross-entropy, each the mean
+    over the predicted tokens (``outputs`` other than :data:`IGNORE`); ``target``: the
+    teacher's log-probabilities (None: no KL term)."""
+    valid = outputs != IGNORE
+    ce = torch.nn.functional.nll_loss(log_probs[valid], outputs[valid])
+    loss, parts = cfg.ce_weight * ce, {"ce": ce.item()}
+    if target is not None:
         kl = torch.nn.functional.kl_div(
             log_probs[valid], target[valid], log_target=True, reduction="batchmean"
         )
