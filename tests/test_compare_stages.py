@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from comflp.errors import InputError
-from comflp.prune.method_list import MethodList
+from comflp.prune.method_list import Method, MethodList
 from comflp.prune.rules import RULES, drop_bottom, drop_top, every_other, random_layers, rules_for
+from comflp.stages.compare import drop_stale_finetuned
 
 from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
 
@@ -171,3 +172,23 @@ def test_num_prune_that_does_not_fit_the_model(compared, monkeypatch):
     )
     assert proc.returncode == 1 and "between 1 and 3 for the 4-layer encoder" in proc.stderr
     assert methods.read_text() == before
+
+
+def test_stage_7_keeps_the_fine_tuned_rows_its_searches_still_choose(tmp_path):
+    """A stage-7 run (even one whose decoding then fails) keeps stage 8's rows whose search
+    still chooses the layers they were fine-tuned from, and drops the others."""
+    searched = MethodList(
+        [Method("comflp", 2, [3, 4], "exp"), Method("comflp", 3, [2, 3, 4], "exp")]
+    )
+    path = tmp_path / "methods_finetuned.json"
+    drop_stale_finetuned(path, searched)  # no stage 8 yet: nothing written
+    assert not path.exists()
+    rows = [
+        Method("comflp+finetune", 2, [], "ft2", original_pruned=[3, 4]),
+        Method("comflp+finetune", 3, [], "ft3", original_pruned=[1, 2, 3]),
+    ]
+    MethodList(rows).save(path)
+    drop_stale_finetuned(path, searched)
+    assert [(m.name, m.num_prune) for m in MethodList.load(path).methods] == [
+        ("comflp+finetune", 2)
+    ]

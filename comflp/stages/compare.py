@@ -33,16 +33,36 @@ from comflp.utils import atomic_write_json, atomic_write_text, resolve_device
 
 
 def compare(s: CompareSettings) -> None:
-    """Stage 7's method list (compare/methods.json); drops stage 8's, whose rows were made from
-    the searches this run may have replaced (stage 8 adds them again)."""
+    """Stage 7's method list (compare/methods.json); stage 8's rows whose search now chooses
+    other layers are dropped from its list (stage 8 makes them again), the others kept."""
     exp = ExpDir(s.exp_dir)
     methods = list_methods(s)
     output = exp.compare / METHOD_LISTS["compare"]
     methods.save(output)
-    (exp.compare / METHOD_LISTS["finetune"]).unlink(missing_ok=True)
+    drop_stale_finetuned(exp.compare / METHOD_LISTS["finetune"], methods)
     logging.info(
         f"{output}: {len(methods.methods)} entries, {len(methods.unique())} distinct models to decode"
     )
+
+
+def drop_stale_finetuned(path: Path, searched: MethodList) -> None:
+    """Rewrite stage 8's list at ``path`` without the rows whose search (``<search>+...``)
+    chooses other layers in ``searched`` than the model was fine-tuned from."""
+    if not path.is_file():
+        return
+    chosen = {(m.name, m.num_prune, m.stack): m.pruned for m in searched.methods}
+    finetuned = MethodList.load(path)
+    kept = MethodList(
+        [
+            m
+            for m in finetuned.methods
+            if chosen.get((m.name.split("+")[0], m.num_prune, m.stack)) == m.original_pruned
+        ]
+    )
+    if len(kept.methods) < len(finetuned.methods):
+        stale = [f"{m.name} P={m.num_prune}" for m in finetuned.methods if m not in kept.methods]
+        logging.info(f"{path}: dropped {', '.join(stale)} (the search chose other layers)")
+        kept.save(path)
 
 
 @dataclass(kw_only=True)
