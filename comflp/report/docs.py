@@ -4,10 +4,11 @@ document cannot drift from its results: ``bin/docs.py`` rewrites every generated
 
 Two markers, each naming its source file (relative to the repository):
 
-- a table: ``<!-- table: SOURCE | ROWS -->`` on its own line, then the generated lines, then
+- a table: ``<!-- table: SOURCE :: ROWS -->`` on its own line, then the generated lines, then
   ``<!-- /table -->``; the first markdown table of SOURCE (a ``RESULTS.md``), its header and the
   rows ROWS selects;
-- a figure in a sentence: ``<!-- value: SOURCE | ROW | FIELD [| FORMAT] -->12.68<!-- /value -->``;
+- a figure in a sentence or a table cell:
+  ``<!-- value: SOURCE :: ROW :: FIELD [:: FORMAT] -->12.68<!-- /value -->``;
   from a markdown SOURCE the cell of column FIELD in the one row ROW selects, from a JSON
   SOURCE (ROW ``-``) the value at the dotted path FIELD, formatted with FORMAT (a Python
   format spec, e.g. ``.2f``).
@@ -73,9 +74,9 @@ def _select(table: Table, rows: str, where: str) -> list[int]:
 
 
 def _spec(spec: str, n: int, where: str) -> list[str]:
-    parts = [p.strip() for p in spec.split("|")]
+    parts = [p.strip() for p in spec.split("::")]  # not '|': markers sit in table cells too
     if not n <= len(parts) <= n + 1:
-        raise InputError(f"{where}: marker {spec!r}: expected {n} parts separated by '|'")
+        raise InputError(f"{where}: marker {spec!r}: expected {n} parts separated by '::'")
     return parts
 
 
