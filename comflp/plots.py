@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from comflp.utils import atomic_path  # noqa: E402
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
 
 

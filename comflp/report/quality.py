@@ -26,7 +26,7 @@ def plot_scatter(result: dict, path: Path) -> None:
     for ax, v in zip(axes.flat, variants):
         scores = np.array(v["scores"])
         top = ranking(scores)[: max(TOP_KS)]
-        ax.scatter(scores, cer, s=4, alpha=0.4, color="C0")
+        ax.scatter(scores, cer, s=4, alpha=0.4, color="C0", linewidths=0)
         ax.scatter(scores[top], cer[top], s=8, color="C3")
         ax.set_title(f"{v['name']}\nrho {v['spearman']:.2f}", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -35,7 +35,7 @@ def plot_scatter(result: dict, path: Path) -> None:
     fig.supxlabel("coarse score (higher: prune first)")
     fig.supylabel("dev CER of the pruned model (%)")
     fig.suptitle(f"Coarse score vs dev CER, P = {result['num_prune']} (red: coarse top 10)")
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=80)  # dozens of panels of ~1,000 points: kept under 1 MB
 
 
 def size_lines(result: dict, reference: int) -> list[str]:
