@@ -133,7 +133,7 @@ def pseudo_labelled(
     references of the same utterances); and the filter's counts."""
     kept, total = [], 0
     with eval_mode(teacher.module):
-        for batch in batches:
+        for batch in tqdm(batches, desc="pseudo-labels", leave=False):
             hyps = teacher.greedy_decode(batch["memory"])
             total += len(hyps)
             for r, (ref, hyp) in enumerate(zip(batch["texts"], hyps, strict=True)):
