@@ -39,23 +39,50 @@ class ExportResult:
     info: dict  # the contents of export.json
 
 
-# Exporters by model type (the names of MODEL_TYPES): (model, out_dir, opset) -> export info.
-# Imported on use, so that the model types load without the export's optional dependencies.
-EXPORTERS: Registry[Callable[..., dict]] = Registry("exporter")
+@dataclass(frozen=True)
+class Exporter:
+    """One model type's export: ``export(model, out_dir, opset)`` -> export info;
+    ``detects(model_dir)``: whether a directory holds this type's model (``--model_type auto``),
+    ``expects``: what that is, for the error when no exporter detects a directory."""
+
+    export: Callable[..., dict]
+    detects: Callable[[Path], bool]
+    expects: str
 
 
-@EXPORTERS.register("native")
+# Exporters by model type (the names of MODEL_TYPES), in the order auto-detection asks them.
+# The export code is imported on use, so that the model types load without its dependencies.
+EXPORTERS: Registry[Exporter] = Registry("exporter")
+
+
 def _native(model, out_dir: Path, opset: int) -> dict:
     from comflp.export.native import export_native
 
     return export_native(model, out_dir, opset)
 
 
-@EXPORTERS.register("hf")
 def _hf(model, out_dir: Path, opset: int) -> dict:
     from comflp.export.hf import export_hf
 
     return export_hf(model, out_dir, opset)
+
+
+EXPORTERS.add(
+    "native",
+    Exporter(
+        _native,
+        lambda d: (d / expdir.CONFIG).is_file(),
+        f"{expdir.CONFIG} and {expdir.MODEL} of a comflp model",
+    ),
+)
+EXPORTERS.add(
+    "hf",
+    Exporter(
+        _hf,
+        lambda d: (d / "config.json").is_file() and not (d / "model.bin").is_file(),
+        "config.json of a Hugging Face model",
+    ),
+)
 
 
 REQUIRED = ("onnx", "onnxscript", "onnxruntime")
@@ -68,17 +95,14 @@ def check_dependencies() -> None:
 
 
 def detect_model_type(model_dir: Path) -> str:
-    """``native`` for a comflp model directory, ``hf`` for a ``save_pretrained`` one."""
+    """The first model type whose exporter detects ``model_dir``."""
     if not model_dir.is_dir():
         raise ExportError(f"--model_dir {model_dir}: not a directory")
-    if (model_dir / expdir.CONFIG).is_file():
-        return "native"
-    if (model_dir / "config.json").is_file():
-        return "hf"
-    raise ExportError(
-        f"--model_dir {model_dir}: not a model directory (expected {expdir.CONFIG} and "
-        f"{expdir.MODEL} of a comflp model, or config.json of a Hugging Face model)"
-    )
+    for name in EXPORTERS.names():
+        if EXPORTERS[name].detects(model_dir):
+            return name
+    expected = ", or ".join(EXPORTERS[name].expects for name in EXPORTERS.names())
+    raise ExportError(f"--model_dir {model_dir}: not a model directory (expected {expected})")
 
 
 def load_for_export(model_dir: Path, model_type: str):
@@ -167,7 +191,7 @@ def export_model(
     model, model_type = load_for_export(model_dir, model_type)
     model.module.eval()
     with staged_directory(out_dir) as tmp:
-        info = EXPORTERS[model_type](model, tmp, opset)
+        info = EXPORTERS[model_type].export(model, tmp, opset)
         files = [FLOAT_MODEL]
         if int8:
             quantize_int8(tmp / FLOAT_MODEL, tmp / INT8_MODEL)
