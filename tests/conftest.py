@@ -247,3 +247,14 @@ def english_batch(tiny_en, english_speech):
     from comflp.asr.data import eval_loader
 
     return next(iter(eval_loader(english_speech, tiny_en.dataset(), max_duration=100)))
+
+
+def assert_drawn(path: Path, min_colours: int = 8) -> None:
+    """``path`` is a PNG with something drawn on it: a figure-sized image of several colours
+    (a blank or failed figure has one or two)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 200, (path, image.size)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) >= min_colours, path

@@ -10,7 +10,7 @@ from comflp.prune.method_list import Method, MethodList
 from comflp.prune.rules import RULES, drop_bottom, drop_top, every_other, random_layers, rules_for
 from comflp.stages.compare import drop_stale_finetuned
 
-from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd, run_sh
+from .conftest import PYTHON, REPO, TINY_OPTIONS, assert_drawn, run_cmd, run_sh
 
 
 def test_fixed_rules():
@@ -64,7 +64,7 @@ def test_stages_7_and_8_write_the_table(compared):
     # stage 8 fine-tunes the choice of the merged CoMFLP search
     assert "| comflp+finetune |" in results
     assert "3 seeds" in results and "run.sh --stage 7 --stop_stage 8" in results
-    assert (exp / "compare/error_vs_prune.png").stat().st_size > 1000
+    assert_drawn(exp / "compare/error_vs_prune.png")
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
     by = {(r["method"], r["num_prune"]): r for r in rows}
     assert by[("glp", 2)]["evaluations"] == 4 + 3

@@ -48,7 +48,9 @@ def test_check_fails_in_one_line_and_writes_nothing(tmp_path):
     errors = [line for line in check.stderr.splitlines() if "ERROR" in line]
     assert check.returncode == 1 and len(errors) == 1 and "README.md" in errors[0]
     assert readme.read_text() == edited
-    bad = edited.replace(":: method=unpruned :: dev-clean CER -->", ":: method=unpruned :: dev CER -->")
+    bad = edited.replace(
+        ":: method=unpruned :: dev-clean CER -->", ":: method=unpruned :: dev CER -->"
+    )
     readme.write_text(bad)
     broken = run_cmd([PYTHON, REPO / "bin/docs.py", "--root", tmp_path], check=False)
     errors = [line for line in broken.stderr.splitlines() if "ERROR" in line]

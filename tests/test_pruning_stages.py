@@ -25,7 +25,7 @@ from comflp.prune.scores.residual_sum import ResidualSumScore
 from comflp.prune.search import as_scorer, coarse_search
 from comflp.prune.stacks import EncoderStack
 
-from .conftest import PYTHON, REPO, run_cmd
+from .conftest import PYTHON, REPO, assert_drawn, run_cmd
 
 
 def _tiny_model(tiny_data, num_layers=4) -> NativeModel:
@@ -159,13 +159,13 @@ def test_stages_4_to_6_end_to_end(searched, monkeypatch):
     for name, opts in options.items():
         m = np.load(exp / f"scores/{name}/matrix.npy")
         np.testing.assert_allclose(m, correlation_matrix(feats, name, **opts), rtol=1e-12)
-        assert (exp / f"scores/{name}/heatmap.png").stat().st_size > 1000
+        assert_drawn(exp / f"scores/{name}/heatmap.png")
         settings = json.loads((exp / f"scores/{name}/settings.json").read_text())
         assert settings["score"] == name and settings["options"] == opts
         matrices[name] = m
     stats = ResidualSumScore.read(exp / "scores/residual_sum/stats.npz")
     np.testing.assert_allclose(stats.gram, ResidualSumScore.build(feats).gram, rtol=1e-12)
-    assert (exp / "scores/residual_sum/heatmap.png").stat().st_size > 1000
+    assert_drawn(exp / "scores/residual_sum/heatmap.png")
     scorers = {**matrices, "residual_sum": stats}
     for p in (1, 2):
         out = exp / f"search/comflp_prune{p}"

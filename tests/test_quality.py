@@ -394,4 +394,7 @@ def test_search_quality_bad_measure_is_one_clear_error(pipeline, tmp_path):
         check=False,
     )
     assert proc.returncode == 1
-    assert "--scores: unknown dcor; choose from angular, change, cka" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "--scores: unknown dcor; choose from angular, change, cka" in errors[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
