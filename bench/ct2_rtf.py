@@ -3,7 +3,7 @@
 (float32 and int8, beam 1 and beam 5), next to transformers' ``generate`` on the same model.
 
 Each distinct model of the experiments' method lists (compare/methods.json,
-methods_finetuned.json) is written as a CTranslate2 directory by comflp's own write-back
+methods_finetuned.json, methods_structured.json) is written as a CTranslate2 directory by comflp's own write-back
 (``CT2Whisper.save``, CTranslate2's converter) once per quantization, then every utterance of
 --cuts is decoded one at a time (batch 1, as a transcription service takes requests) with
 1 thread: ``ctranslate2.models.Whisper.generate`` and transformers' ``generate`` with

@@ -38,7 +38,7 @@ from comflp.prune.stacks import stack_of
 
 def models_of(exp: ExpDir) -> dict[str, tuple[Method, PrunableModel]]:
     """Each distinct model of the method lists: a representative row and the model."""
-    lists = [exp.compare / METHOD_LISTS[n] for n in ("compare", "finetune")]
+    lists = [exp.compare / METHOD_LISTS[n] for n in ("compare", "finetune", "structured")]
     methods = MethodList.load(*(p for p in lists if p.is_file()))
     sources: dict[tuple[str, str], PrunableModel] = {}
     out = {}
