@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from comflp.adapters.base import PrunableModel
+from comflp.adapters.base import CTC_WEIGHT, DECODE_BEAM_SIZE, PrunableModel
 
 
 @dataclass
@@ -37,8 +37,8 @@ def decode_set(
     model: PrunableModel,
     batches: Iterable[dict],
     method: str = "ctc_greedy_search",
-    beam_size: int = 10,
-    ctc_weight: float = 0.3,
+    beam_size: int = DECODE_BEAM_SIZE,
+    ctc_weight: float = CTC_WEIGHT,
 ) -> DecodeResult:
     """Decode every batch (of ``model.dataset()``) with ``model.decode``."""
     model.check_decoding(method, beam_size, ctc_weight)

@@ -35,6 +35,8 @@ MODEL_TYPES: Registry[type[PrunableModel]] = Registry("model type", "comflp.adap
 CTC_DECODING = ("ctc_greedy_search", "ctc_prefix_beam_search")
 ATTENTION_DECODING = "attention_greedy_search"
 IGNORE = -100  # a teacher-forced position that predicts nothing (a prompt token, padding)
+DECODE_BEAM_SIZE = 10  # beam of the beam searches (stage 7's --decode_beam_size)
+CTC_WEIGHT = 0.3  # attention rescoring's CTC score weight (--ctc_weight)
 
 
 @dataclass
@@ -160,8 +162,8 @@ class PrunableModel(ABC):
         self,
         batch: dict,
         method: str = "ctc_greedy_search",
-        beam_size: int = 10,
-        ctc_weight: float = 0.3,
+        beam_size: int = DECODE_BEAM_SIZE,
+        ctc_weight: float = CTC_WEIGHT,
     ) -> list[list[int]]:
         """Token ids per utterance of a batch, the encoder run once, in eval mode (restored
         after). ``ctc_prefix_beam_search`` prunes each frame's tokens to the top ``beam_size``;
@@ -312,8 +314,8 @@ class DecoderModel(PrunableModel):
         self,
         batch: dict,
         method: str = "ctc_greedy_search",
-        beam_size: int = 10,
-        ctc_weight: float = 0.3,
+        beam_size: int = DECODE_BEAM_SIZE,
+        ctc_weight: float = CTC_WEIGHT,
     ) -> list[list[int]]:
         """As :meth:`PrunableModel.decode`, and ``attention_greedy_search``: the attention
         decoder alone, greedy, batched (the decoder runs once per output token)."""

@@ -73,7 +73,14 @@ import yaml
 from lhotse import CutSet
 
 from comflp import expdir
-from comflp.adapters.base import CTC_DECODING, MODEL_TYPES, Hidden, PrunableModel
+from comflp.adapters.base import (
+    CTC_DECODING,
+    CTC_WEIGHT,
+    DECODE_BEAM_SIZE,
+    MODEL_TYPES,
+    Hidden,
+    PrunableModel,
+)
 from comflp.asr.config import ConfigError
 from comflp.asr.data import pad_sequences, transcripts
 from comflp.subsets import checked_kept
@@ -507,8 +514,8 @@ class EspnetModel(PrunableModel):
         self,
         batch: dict,
         method: str = "ctc_greedy_search",
-        beam_size: int = 10,
-        ctc_weight: float = 0.3,
+        beam_size: int = DECODE_BEAM_SIZE,
+        ctc_weight: float = CTC_WEIGHT,
     ) -> list[list[int]]:
         """As :meth:`PrunableModel.decode`, and ``espnet_beam_search``: ESPnet's own
         ``Speech2Text`` (joint CTC/attention beam search, CTC weight ``ctc_weight``; CTC only

@@ -14,6 +14,8 @@ from comflp import expdir
 from comflp.adapters.base import (
     ATTENTION_DECODING,
     CTC_DECODING,
+    CTC_WEIGHT,
+    DECODE_BEAM_SIZE,
     MODEL_TYPES,
     DecoderModel,
     Hidden,
@@ -184,8 +186,8 @@ class NativeAEDModel(NativeModel, DecoderModel):
         self,
         batch: dict,
         method: str = "ctc_greedy_search",
-        beam_size: int = 10,
-        ctc_weight: float = 0.3,
+        beam_size: int = DECODE_BEAM_SIZE,
+        ctc_weight: float = CTC_WEIGHT,
     ) -> list[list[int]]:
         """As :meth:`DecoderModel.decode`, and ``attention_rescoring``: the CTC prefix beam
         search's n-best rescored by the attention decoder, weighted by ``ctc_weight``."""

@@ -32,6 +32,8 @@ from comflp.prune.stacks import LayerStack
 from comflp.utils import atomic_write_json, atomic_write_text, eval_mode
 
 POOLINGS = ("mean", "frames")
+POOLING = "frames"  # stage 4's --pooling
+FRAMES_PER_UTT = 25  # frames pooling: rows kept per utterance (--frames_per_utt; 0: all)
 
 
 def layer_file(dump_dir: Path, index: int) -> Path:
@@ -107,8 +109,8 @@ def dump_layers(
     stack: LayerStack,
     batches: Iterable[dict],
     out_dir: Path,
-    pooling: str = "mean",
-    frames_per_utt: int = 0,
+    pooling: str = POOLING,
+    frames_per_utt: int = FRAMES_PER_UTT,
     seed: int = 0,
     extra_info: dict | None = None,
 ) -> dict:

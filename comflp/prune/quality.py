@@ -47,7 +47,13 @@ from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
 from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
-from comflp.prune.search import DEFAULT_MAX_EXHAUSTIVE, coarse_search, score_proposals
+from comflp.prune.search import (
+    COARSE_BEAM_SIZE,
+    COARSE_TOP_K,
+    DEFAULT_MAX_EXHAUSTIVE,
+    coarse_search,
+    score_proposals,
+)
 from comflp.prune.stacks import LayerStack
 from comflp.subsets import kept_layers
 from comflp.utils import atomic_write_json
@@ -372,8 +378,8 @@ def timed_fine_search(
     scorer: Any,
     num_prune: int,
     cache: CerCache,
-    beam_size: int = 10,
-    top_k: int = 10,
+    beam_size: int = COARSE_BEAM_SIZE,
+    top_k: int = COARSE_TOP_K,
 ) -> dict[str, Any]:
     """CoMFLP as stage 6 runs it on one score: the beam search's top ``top_k`` and their fine
     search; seconds of each step, the top ``top_k``, the chosen layers and their CER. The fine search's choice is

@@ -23,7 +23,7 @@ import numpy as np
 
 from comflp.prune.consensus import NAME as CONSENSUS
 from comflp.prune.quality import best_of_top_k_regret, spearman
-from comflp.prune.search import Proposal
+from comflp.prune.search import COARSE_TOP_K, Proposal
 from comflp.prune.searches.comflp import merge
 
 
@@ -73,7 +73,7 @@ def model_summary(
     study: dict,
     num_prune: int,
     defaults: Sequence[str],
-    top_k: int = 10,
+    top_k: int = COARSE_TOP_K,
     score_top_k: int = 1,
     use_consensus: bool = True,
 ) -> dict[str, Any]:

@@ -46,6 +46,8 @@ from comflp.subsets import check_num_prune
 MODES = ("beam", "greedy", "exhaustive")
 AGGREGATIONS = ("mean", "damage")
 DEFAULT_MAX_EXHAUSTIVE = 2_000_000
+COARSE_BEAM_SIZE = 10  # the coarse beam search's width (--beam_size)
+COARSE_TOP_K = 10  # coarse proposals the fine search evaluates (--top_k)
 _CHUNK = 65_536  # proposals scored at once by the exhaustive search
 
 
@@ -355,8 +357,8 @@ def coarse_search(
     matrix: Any,
     num_prune: int,
     mode: str = "beam",
-    beam_size: int = 10,
-    top_k: int = 10,
+    beam_size: int = COARSE_BEAM_SIZE,
+    top_k: int = COARSE_TOP_K,
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     aggregation: str = "mean",
 ) -> list[Proposal]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from comflp.adapters.base import MODEL_TYPES, load_prunable
+from comflp.adapters.base import CTC_WEIGHT, DECODE_BEAM_SIZE, MODEL_TYPES, load_prunable
 from comflp.asr.data import eval_loader, load_cuts, part_of
 from comflp.asr.scoring import write_scores
 from comflp.decoding import decode_set
@@ -80,8 +80,8 @@ class DecodeSettings:
     part: int = option(1, "which part (1-based) of the job array")
     num_parts: int = option(1, "parts of the job array")
     decoding_method: str = option("ctc_greedy_search", "a method the model has (model.decode)")
-    decode_beam_size: int = option(10, "beam of the beam searches")
-    ctc_weight: float = option(0.3, "attention rescoring: CTC score weight")
+    decode_beam_size: int = option(DECODE_BEAM_SIZE, "beam of the beam searches")
+    ctc_weight: float = option(CTC_WEIGHT, "attention rescoring: CTC score weight")
     max_duration: float = option(100.0, "seconds of audio per batch")
     device: str = option("auto", "auto | cpu | cuda[:N]")
 

@@ -10,7 +10,7 @@ from comflp.adapters.base import ModelSettings
 from comflp.asr.data import eval_loader, load_cuts, part_of, random_subset
 from comflp.errors import InputError
 from comflp.expdir import ExpDir
-from comflp.prune.dump import POOLINGS, dump_layers, merge_dumps
+from comflp.prune.dump import FRAMES_PER_UTT, POOLING, POOLINGS, dump_layers, merge_dumps
 from comflp.prune.stacks import stack_of
 from comflp.settings import REQUIRED, option
 
@@ -22,11 +22,13 @@ class DumpSettings(ModelSettings):
     cuts: Path = option(REQUIRED, "cuts the calibration subset is drawn from")
     calib_num_utts: int = option(320, "calibration utterances (CoMFLP: 10 batches of 32)", low=2)
     pooling: str = option(
-        "frames",
+        POOLING,
         "frames, or utterance means (mean, CoMFLP's); residual_sum needs frames",
         choices=POOLINGS,
     )
-    frames_per_utt: int = option(25, "frames pooling: random frames kept per utterance (0: all)")
+    frames_per_utt: int = option(
+        FRAMES_PER_UTT, "frames pooling: random frames kept per utterance (0: all)"
+    )
     seed: int = option(0, "seed of the calibration subset and the frame sample")
     max_duration: float = option(100.0, "seconds of audio per batch")
     part: int = option(1, "which part (1-based) of the job array")

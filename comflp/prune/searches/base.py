@@ -17,7 +17,13 @@ from comflp.prune.evaluator import METRICS
 from comflp.prune.method_list import Method
 from comflp.prune.metric_search import SearchResult
 from comflp.prune.scores.base import ScoreChoice
-from comflp.prune.search import AGGREGATIONS, DEFAULT_MAX_EXHAUSTIVE, MODES
+from comflp.prune.search import (
+    AGGREGATIONS,
+    COARSE_BEAM_SIZE,
+    COARSE_TOP_K,
+    DEFAULT_MAX_EXHAUSTIVE,
+    MODES,
+)
 from comflp.prune.stacks import LayerStack
 from comflp.registry import Registry
 from comflp.settings import option
@@ -30,7 +36,9 @@ class MergeChoice:
     """Which coarse proposals CoMFLP's one fine search evaluates (stage 6 and the study)."""
 
     top_k: int = option(
-        10, "coarse proposals passed to the fine search: the consensus's, else each score's", low=1
+        COARSE_TOP_K,
+        "coarse proposals passed to the fine search: the consensus's, else each score's",
+        low=1,
     )
     consensus: bool = option(
         True, "with several scores, their consensus ranks too and its top K joins the merge"
@@ -61,7 +69,7 @@ class SearchSettings(ModelSettings, ScoreChoice, MergeChoice):
         choices=AGGREGATIONS,
         aliases=("--aggregation",),
     )
-    beam_size: int = option(10, "coarse beam search: beam width", low=1)
+    beam_size: int = option(COARSE_BEAM_SIZE, "coarse beam search: beam width", low=1)
     max_exhaustive: int = option(
         DEFAULT_MAX_EXHAUSTIVE, "refuse an exhaustive coarse search over more proposals", low=1
     )
