@@ -3,12 +3,13 @@
 (float32 and int8, beam 1 and beam 5), next to transformers' ``generate`` on the same model.
 
 Each distinct model of the experiments' method lists (compare/methods.json,
-methods_finetuned.json, methods_structured.json) is written as a CTranslate2 directory by comflp's own write-back
-(``CT2Whisper.save``, CTranslate2's converter) once per quantization, then every utterance of
---cuts is decoded one at a time (batch 1, as a transcription service takes requests) with
-1 thread: ``ctranslate2.models.Whisper.generate`` and transformers' ``generate`` with
-``num_beams`` 1 and 5, both with comflp's length bound (:func:`limit`). RTF is decoding seconds over the utterances' own audio seconds (Whisper
-pads each to its 30 s window: the encoder's cost does not shrink with the audio). WER is
+methods_finetuned.json, methods_structured.json) is written as a CTranslate2 directory by
+comflp's own write-back (``CT2Whisper.save``, CTranslate2's converter) once per quantization,
+then every utterance of --cuts is decoded one at a time (batch 1, as a transcription service
+takes requests) with 1 thread: ``ctranslate2.models.Whisper.generate`` and transformers'
+``generate`` with ``num_beams`` 1 and 5, both with comflp's length bound (:func:`limit`). RTF
+is decoding seconds over the utterances' own audio seconds (Whisper pads each to its 30 s
+window: the encoder's cost does not shrink with the audio). WER is
 measured on the same outputs, after Whisper's English normaliser. Prints a Markdown table,
 also written to --output.
 
