@@ -199,6 +199,20 @@ def test_run_sh_defaults_are_the_settings_defaults():
     assert checked >= 30
 
 
+def test_local_scripts_defaults_are_run_sh_defaults():
+    """The recipe's own scripts (local/) default to what run.sh passes them."""
+    shell = run_sh_defaults()
+    checked = 0
+    for script in sorted((REPO / "local").glob("*.py")):
+        for name, default in re.findall(
+            r'add_argument\("--([a-z_]+)"[^)]*?default=([^,)]+)', script.read_text()
+        ):
+            if name in shell:
+                assert same_value(shell[name], default.strip("\"'")), (script.name, name)
+                checked += 1
+    assert checked >= 4
+
+
 # Options whose run.sh value is not a run.sh option of the same name: job-array plumbing and
 # paths composed by run.sh from its options.
 PLUMBING = {"part", "num_parts", "cuts", "train_cuts", "dev_cuts", "output_dir", "manifest_dir"}
