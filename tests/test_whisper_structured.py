@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from comflp.adapters.ct2 import CT2Whisper, whisper_from_ct2  # noqa: E402
 from comflp.adapters.whisper import WhisperAdapter, char_model, char_processor  # noqa: E402
 from comflp.adapters.whisper_shapes import compact, uniform  # noqa: E402
-from comflp.expdir import FINAL_DEV, METHOD_LISTS, STRUCTURE  # noqa: E402
+from comflp.expdir import FINAL_DEV, LATEST_CHECKPOINT, METHOD_LISTS, STRUCTURE  # noqa: E402
 from comflp.structured.layout import gate_name  # noqa: E402
 from comflp.structured.params import layout_parameters  # noqa: E402
 from comflp.structured.plan import kept_parameters, meet_budget  # noqa: E402
@@ -223,6 +223,7 @@ def test_stage_9_prunes_tiny_en_to_half_and_writes_ctranslate2(english_speech, t
         ("structured_l0_sparsity0.5", "ctranslate2", str(out))
     ]
     ctranslate2.models.Whisper(str(out))  # the written directory loads in CTranslate2
+    assert not (out / LATEST_CHECKPOINT).exists()  # done: only the model stays
     before = (out / STRUCTURE).stat().st_mtime_ns
     again = _stage9(tmp_path, cuts, _config(tmp_path), exp)  # done: skipped, nothing rewritten
     assert again.returncode == 0 and "pruned already" in again.stderr

@@ -290,7 +290,9 @@ def structured_whisper(
         state = {**pruner.state(), "epoch": epoch + 1, "history": history, "settings": settings}
         atomic_save(lambda tmp, state=state: torch.save(state, tmp), checkpoint)
     bar.close()
-    return finish(pruner, dev_cuts, out_dir, history, filtered, time.perf_counter() - start)
+    structure = finish(pruner, dev_cuts, out_dir, history, filtered, time.perf_counter() - start)
+    checkpoint.unlink()  # the model is written: the training state is no longer needed
+    return structure
 
 
 def _mean(rows: list[dict], key: str) -> float:
