@@ -30,6 +30,7 @@ from common import emit, gpu_note
 from decoder_rtf import models_of
 
 from comflp.adapters.base import Hidden
+from comflp.adapters.ct2 import generate_max_length
 from comflp.asr.data import load_cuts, random_subset
 from comflp.asr.scoring import error_stats
 from comflp.cli import add_common_args, run
@@ -64,9 +65,8 @@ def ct2_runs(model, batches: list[dict], workdir: Path) -> dict[str, tuple[float
                     np.ascontiguousarray(batch["input_features"].numpy())
                 )
                 start = time.perf_counter()
-                result = ct2.generate(
-                    feats, [model.prompt], beam_size=beam, max_length=limit(model, batch)
-                )
+                steps = generate_max_length(limit(model, batch))
+                result = ct2.generate(feats, [model.prompt], beam_size=beam, max_length=steps)
                 seconds += time.perf_counter() - start
                 hyps.append(result[0].sequences_ids[0])
             out[f"ct2 {quantization} beam {beam}"] = (seconds, hyps)

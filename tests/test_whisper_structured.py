@@ -13,7 +13,7 @@ import torch
 ctranslate2 = pytest.importorskip("ctranslate2")
 transformers = pytest.importorskip("transformers")
 
-from comflp.adapters.ct2 import CT2Whisper, whisper_from_ct2  # noqa: E402
+from comflp.adapters.ct2 import CT2Whisper, generate_max_length, whisper_from_ct2  # noqa: E402
 from comflp.adapters.whisper import WhisperAdapter, char_model, char_processor  # noqa: E402
 from comflp.adapters.whisper_shapes import compact, uniform  # noqa: E402
 from comflp.expdir import FINAL_DEV, LATEST_CHECKPOINT, METHOD_LISTS, STRUCTURE  # noqa: E402
@@ -143,8 +143,7 @@ def test_structured_tiny_en_runs_alike_in_ctranslate2(tiny_en, english_batch, tm
     assert np.abs(np.array(ct2.encode(storage)) - memory.x.numpy()).max() < 1e-3
     limits = student.max_new_tokens(memory)
     hyps = student.greedy_decode(memory)
-    # CTranslate2 samples at most max_length // 2 new tokens (OpenAI's 224 of 448)
-    room = 2 * (int(limits.max()) + len(PROMPT))
+    room = generate_max_length(int(limits.max()))
     results = ct2.generate(storage, [PROMPT] * len(feats), beam_size=1, max_length=room)
     theirs = [r.sequences_ids[0][: int(n)] for r, n in zip(results, limits, strict=True)]
     assert [h[: int(n)] for h, n in zip(hyps, limits, strict=True)] == theirs

@@ -22,6 +22,7 @@ weights multiplied back by their scales). ``--model_dir tiny.en`` names the tiny
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import re
@@ -327,6 +328,13 @@ def _processor(model_dir: Path, config):
     return transformers.WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)
 
 
+def generate_max_length(new_tokens: int) -> int:
+    """``max_length`` for ``ctranslate2.models.Whisper.generate`` to decode at most
+    ``new_tokens`` steps after the prompt: CTranslate2 decodes at most ``max_length // 2`` steps
+    (and ``max_length`` minus the prompt), OpenAI's 224 of a 448-token context."""
+    return 2 * new_tokens
+
+
 def _converter(ctranslate2, hf_dir: Path, hf):
     """CTranslate2's ``TransformersConverter`` reading ``hf_dir``'s config and tokenizer and
     converting the model ``hf`` in memory (whose layers may differ in feed-forward width, which
@@ -406,7 +414,9 @@ class CT2Whisper(WhisperAdapter):
         super().save(hf_dir, info)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ct2-") as tmp:
             with quiet_transformers():
-                converter = _converter(ctranslate2, hf_dir, uniform(self.hf, feed_forward=False))
+                # a copy: the converter quantises the weights it is given in place
+                padded = copy.deepcopy(uniform(self.hf, feed_forward=False))
+                converter = _converter(ctranslate2, hf_dir, padded)
                 converter.convert(f"{tmp}/model", quantization=self.quantization, force=True)
             # faster-whisper reads the feature extractor's settings from this file
             self.processor.feature_extractor.to_json_file(f"{tmp}/model/{PREPROCESSOR}")
