@@ -192,7 +192,7 @@ def _hooked_encode(asr, batch: dict, layers: list[int]) -> tuple[dict, torch.Ten
 def test_dump_index_0_and_L_are_espnets_own_tensors(kind, models, tiny_data, tmp_path):
     model = EspnetModel.load(models[kind])
     batches = load_eval_batches(model, tiny_data["dev"], max_duration=12)
-    info = dump_layers(EncoderStack(model), batches, tmp_path / "dump")
+    info = dump_layers(EncoderStack(model), batches, tmp_path / "dump", pooling="mean")
     assert info["num_layers"] == 4 and info["d_model"] == 32 and info["num_utts"] == 8
     feats = load_layer_feats(tmp_path / "dump")
     asr = _reference_model(models[kind])

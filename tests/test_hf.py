@@ -126,7 +126,7 @@ def _valid_max_diff(a, b, lengths) -> float:
 def test_dump_index_0_and_L_are_the_libraries_hidden_states(kind, models, tiny_data, tmp_path):
     model = HFModel.load(models[kind])
     batches = load_eval_batches(model, tiny_data["dev"], max_duration=12)
-    info = dump_layers(EncoderStack(model), batches, tmp_path / "dump")
+    info = dump_layers(EncoderStack(model), batches, tmp_path / "dump", pooling="mean")
     assert info["num_layers"] == 4 and info["d_model"] == 32 and info["num_utts"] == 8
     feats = load_layer_feats(tmp_path / "dump")
     row = 0
