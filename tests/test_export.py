@@ -279,7 +279,7 @@ def test_export_command_and_sherpa_onnx_on_the_exported_directory(
     pipeline, tiny_data, test_audio, tmp_path
 ):
     """bin/export.py on the tiny baseline; sherpa-onnx's CER on the test set within 0.3 points
-    of stage 7's decoding (comflp's stored lilcom features, up to 1/64 off lhotse's fbank); a
+    (2 characters at least) of stage 7's decoding (comflp's stored lilcom features, up to 1/64 off lhotse's fbank); a
     directory that is not a model: exit 1 and one error line naming it, nothing written."""
     out = tmp_path / "onnx"
     export = [PYTHON, REPO / "bin/export.py", "--model_dir", pipeline["exp_dir"]]
@@ -293,7 +293,10 @@ def test_export_command_and_sherpa_onnx_on_the_exported_directory(
     refs = [u["ref"] for u in stage7]
     sherpa_cer = error_stats(refs, [by_id[u["id"]] for u in stage7], "char").err
     comflp_cer = error_stats(refs, [u["hyp"] for u in stage7], "char").err
-    assert abs(sherpa_cer - comflp_cer) <= 0.3, (sherpa_cer, comflp_cer)
+    # 0.3 points, but at least 2 characters of the tiny test set (about 230: one character is
+    # 0.44 points, and the two front ends' features differ by up to 1/64)
+    chars = error_stats(refs, refs, "char").wrd  # reference characters, as the CER counts them
+    assert abs(sherpa_cer - comflp_cer) <= max(0.3, 100 * 2 / chars), (sherpa_cer, comflp_cer)
     bad = run_cmd([*export[:2], "--model_dir", tmp_path, "--out_dir", tmp_path / "x"], check=False)
     errors = [line for line in bad.stderr.splitlines() if " ERROR " in line]
     assert bad.returncode == 1 and len(errors) == 1 and f"--model_dir {tmp_path}:" in errors[0]
