@@ -415,7 +415,8 @@ class CT2Whisper(WhisperAdapter):
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ct2-") as tmp:
             with quiet_transformers():
                 # a copy: the converter quantises the weights it is given in place
-                padded = copy.deepcopy(uniform(self.hf, feed_forward=False))
+                padded = uniform(self.hf, feed_forward=False)
+                padded = copy.deepcopy(padded) if padded is self.hf else padded
                 converter = _converter(ctranslate2, hf_dir, padded)
                 converter.convert(f"{tmp}/model", quantization=self.quantization, force=True)
             # faster-whisper reads the feature extractor's settings from this file

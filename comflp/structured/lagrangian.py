@@ -25,6 +25,11 @@ class Lagrangian(nn.Module):
         return self.lambda1 * gap + self.lambda2 * gap * gap
 
 
+def constant_lr(step: int) -> float:
+    """The LambdaLR factor of the gates' and multipliers' groups: their rates stay fixed."""
+    return 1.0
+
+
 def target_at(step: int, warmup_steps: int, target: float) -> float:
     """The target sparsity after ``step`` optimiser steps: 0 -> ``target`` over the warm-up."""
     if warmup_steps <= 0:

@@ -34,7 +34,7 @@ from comflp.expdir import FINAL_DEV, MODEL, STRUCTURE, TRAINING_CURVES
 from comflp.prune.evaluator import evaluate_model
 from comflp.structured.config import StructuredConfig
 from comflp.structured.distill import LayerDistiller, default_layers, teacher_hidden
-from comflp.structured.lagrangian import Lagrangian, target_at
+from comflp.structured.lagrangian import Lagrangian, constant_lr, target_at
 from comflp.structured.masked import GateSet, Masker
 from comflp.structured.params import (
     encoder_layer_parameters,
@@ -102,7 +102,7 @@ class StructuredTrainer(Trainer):
         )
         schedule = lr_lambda(self.tc, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, [schedule, schedule, _constant, _constant]
+            self.optimizer, [schedule, schedule, constant_lr, constant_lr]
         )
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -204,10 +204,6 @@ class StructuredTrainer(Trainer):
             "kept_layers": pruned.cfg.kept_layers,
             "layer_shapes": pruned.cfg.layer_shapes,
         }
-
-
-def _constant(step: int) -> float:
-    return 1.0
 
 
 def structured_prune(

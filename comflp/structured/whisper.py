@@ -109,11 +109,18 @@ def _slice_feed_forward(layer: nn.Module, plan: ModulePlan) -> None:
 
 @torch.no_grad()
 def physically_prune_whisper(
-    hf: nn.Module, gates: Gates, target_sparsity: float | None = None
+    hf: nn.Module,
+    gates: Gates,
+    target_sparsity: float | None = None,
+    values: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """A copy of ``hf`` (eval mode) with what the deterministic gates remove cut out (brought to
-    ``target_sparsity`` when given): its outputs equal the masked model's in eval."""
-    values = gates.values(False) if target_sparsity is None else meet_budget(gates, target_sparsity)
+    ``target_sparsity`` when given; ``values``: gate values a caller already brought there): its
+    outputs equal the masked model's in eval."""
+    if values is None:
+        values = (
+            gates.values(False) if target_sparsity is None else meet_budget(gates, target_sparsity)
+        )
     plans, removed = module_plans(gates, values)
     hf = copy.deepcopy(hf)
     layers = labelled_layers(hf)

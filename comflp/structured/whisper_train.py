@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from comflp.asr.data import random_subset
 from comflp.expdir import FINAL_DEV, HISTORY, LATEST_CHECKPOINT, STRUCTURE
 from comflp.structured.config import StructuredConfig
 from comflp.structured.distill import LayerDistiller, default_layers
-from comflp.structured.lagrangian import Lagrangian, target_at
+from comflp.structured.lagrangian import Lagrangian, constant_lr, target_at
 from comflp.structured.masked import Gates
 from comflp.structured.params import layout_parameters
 from comflp.structured.plan import kept_parameters, meet_budget, module_plans
@@ -144,7 +145,7 @@ class WhisperPruner:
         )
         schedule = lr_lambda(train, total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, [schedule, schedule, _constant, _constant]
+            self.optimizer, [schedule, schedule, constant_lr, constant_lr]
         )
         self.grad_clip = train.grad_clip
         self.step = 0
@@ -208,10 +209,6 @@ class WhisperPruner:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = ckpt["step"]
-
-
-def _constant(step: int) -> float:
-    return 1.0
 
 
 def _settings(sp: StructuredConfig, distil: DistilConfig, train: TrainConfig) -> dict:
@@ -282,7 +279,9 @@ def structured_whisper(
             bar.set_postfix(
                 loss=f"{rows[-1]['loss']:.3f}", s=f"{rows[-1]['expected_sparsity']:.2f}"
             )
-        history.append({"epoch": epoch + 1, **{k: _mean(rows, k) for k in rows[0]}})
+        history.append(
+            {"epoch": epoch + 1, **{k: statistics.fmean(r[k] for r in rows) for k in rows[0]}}
+        )
         logging.info(
             f"epoch {epoch + 1}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "epoch")
@@ -293,10 +292,6 @@ def structured_whisper(
     structure = finish(pruner, dev_cuts, out_dir, history, filtered, time.perf_counter() - start)
     checkpoint.unlink()  # the model is written: the training state is no longer needed
     return structure
-
-
-def _mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
 
 
 def finish(
@@ -311,7 +306,7 @@ def finish(
     pruner.masker.remove()
     sp, student = pruner.sp, pruner.student
     values = meet_budget(pruner.gates, sp.target_sparsity)
-    pruned = student._with(physically_prune_whisper(student.hf, pruner.gates, sp.target_sparsity))
+    pruned = student._with(physically_prune_whisper(student.hf, pruner.gates, values=values))
     dev = cached_error_rates(pruned, encode_batches(pruned, dev_cuts, pruner.distil.batch_size))
     kept = kept_parameters(pruner.gates, values)
     removed = module_plans(pruner.gates, values)[1]
