@@ -52,8 +52,7 @@ pooling=frames          # frames | mean (utterance level, CoMFLP's); residual_su
 frames_per_utt=25       # frames pooling: random frames kept per utterance (0: all)
 # ---- scores (stage 5) ----
 scores="residual_sum dc"  # coarse scores, each built once; stage 6 merges their consensus's top K (docs/SEARCH_QUALITY.md)
-dc_batch_size=32        # dc: mean of DC over batches of this many rows (CoMFLP's setting; 0: one batch)
-svcca_threshold=0.99    # svcca/pwcca: singular-value mass kept
+score_conf=""           # scores' options, SCORE.OPTION=VALUE separated by spaces (dc.batch_size=8); each score's defaults: its Options in comflp/prune/scores/
 # ---- searches (stage 6) ----
 num_prune="6"           # layers to prune: values ("2 4 6"), all (1..L-1) or ranges A:B[:STEP]
 search_methods="comflp glp oracle"  # CoMFLP (coarse searches of every score, one fine search), GLP (greedy), the exhaustive oracle
@@ -122,7 +121,7 @@ if [ "$stop_stage" -ge 4 ]; then  # the closed-set options of stages 4-9, before
     --scores "$scores" --search_methods "$search_methods" --rules "$rules" \
     --fine_metric "$fine_metric" --search_mode "$search_mode" \
     --coarse_aggregation "$coarse_aggregation" --decoding_method "$decoding_method" \
-    --ct2_quantization "$ct2_quantization" 2>&1); then
+    --ct2_quantization "$ct2_quantization" --score_conf "$score_conf" 2>&1); then
     grep -v ' INFO ' <<<"$check" >&2
     exit 1
   fi
@@ -255,7 +254,7 @@ for one_stack in $stacks; do
     log "Stage 5: scores $scores of the $stack dump of $exp_dir"
     $train_cmd "$exp_dir/log/scores$stack_log.log" \
       "$stage_python" "$bin/scores.py" --exp_dir "$exp_dir" --stack "$stack" --scores "$scores" \
-        --dc_batch_size "$dc_batch_size" --svcca_threshold "$svcca_threshold"
+        --score_conf "$score_conf"
   fi
 
   if run_stage 6; then

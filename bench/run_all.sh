@@ -68,7 +68,7 @@ search_models=(--exp12 "$exp_dir")
 [ -n "$exp48" ] && search_models+=(--exp48 "$exp48")
 bench search_cost search_cost.py --workdir "$workdir" --layers "12 24 48" "${search_models[@]}" \
   --train_epochs "$train_epochs" --build_dir "$workdir/exp/bench_search_cost" \
-  --calib_num_utts 320 --dc_batch_size 32 --beam_size 10 --top_k 10 --dev_num_utts "$search_dev_num_utts" \
+  --calib_num_utts 320 --beam_size 10 --top_k 10 --dev_num_utts "$search_dev_num_utts" \
   --oracle_max 1000
 bench decode_speed decode_speed.py --workdir "$workdir" --exp_dir "$exp_dir" \
   --pruned_dir "$pruned_dir" --threads "1 2" --repeats 3 --beam_size 10

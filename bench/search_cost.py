@@ -22,7 +22,7 @@ architecture with num_layers = L and its intermediate-CTC layers scaled, trained
 
     python bench/search_cost.py --workdir . --exp12 exp/baseline --output exp/bench/search_cost.md
     python bench/search_cost.py --workdir /tmp/tiny --layers "4 8" --exp 4=/tmp/tiny/exp/baseline \\
-        --train_epochs 0 --calib_num_utts 16 --dc_batch_size 8 --dev_num_utts 8
+        --train_epochs 0 --calib_num_utts 16 --score_conf dc.batch_size=8 --dev_num_utts 8
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from comflp.prune.metric_search import (
     exhaustive_metric_search,
     greedy_layer_pruning,
 )
-from comflp.prune.scores.base import ScoreChoice, ScoreOptions
+from comflp.prune.scores.base import ScoreChoice, describe_options, score_options
 from comflp.prune.search import blocks_of
 from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
 from comflp.prune.searches.base import MergeChoice
@@ -220,10 +220,13 @@ def comflp_rows(
         )
         feats, load_s = timed(lambda: load_layer_feats(exp.dump))
         info = read_dump_info(exp.dump)
-        options = ScoreOptions(dc_batch_size=args.dc_batch_size)
+        names = list(dict.fromkeys([*args.scores, "residual_sum"]))
+        options = score_options(names, args.score_conf)
         seconds = {}
-        for name in dict.fromkeys([*args.scores, "residual_sum"]):
-            build_score(exp, name, feats, info, options)  # its heatmap is not the search's cost
+        for name in names:
+            build_score(
+                exp, name, feats, info, options[name]
+            )  # its heatmap is not the search's cost
             seconds[name] = json.loads((exp.score(name) / SCORE_SETTINGS).read_text())["seconds"]
         for label, scores in (
             (" ".join(args.scores), args.scores),
@@ -391,7 +394,7 @@ def main(args: argparse.Namespace) -> None:
     notes = [
         f"CPU, {torch.get_num_threads()} torch threads. Calibration: {len(calib)} utterances of "
         f"{args.calib_set or args.train_set} (frame pooling, {args.frames_per_utt} frames each); "
-        f"scores {' '.join(args.scores)} (dc over batches of {args.dc_batch_size} rows); beam "
+        f"scores {' '.join(args.scores)} ({describe_options(score_options(args.scores, args.score_conf))}); beam "
         f"{args.beam_size}; fine search of the consensus's top {args.top_k} and each score's "
         f"first {args.score_top_k} (one score: its top {args.top_k}). Metric searches: "
         f"{METRIC.upper()} (greedy CTC) on {len(dev)} utterances of {args.dev_set} in "
@@ -431,7 +434,7 @@ if __name__ == "__main__":
     parser.add_argument("--calib_num_utts", type=int, default=320)
     parser.add_argument("--frames_per_utt", type=int, default=25)
     parser.add_argument("--scores", nargs="+", default=ScoreChoice().scores)
-    parser.add_argument("--dc_batch_size", type=int, default=ScoreOptions().dc_batch_size)
+    parser.add_argument("--score_conf", nargs="*", default=[], help="as stage 5's")
     parser.add_argument("--beam_size", type=int, default=10)
     merge = MergeChoice()
     parser.add_argument("--top_k", type=int, default=merge.top_k)

@@ -97,8 +97,8 @@ def pipeline(tmp_path_factory) -> dict:
 SEARCH_OPTIONS = [
     "--num_prune",
     "1 2",
-    "--dc_batch_size",
-    "8",
+    "--score_conf",
+    "dc.batch_size=8",
     "--calib_num_utts",
     "24",
     "--fine_num_utts",

@@ -412,7 +412,16 @@ def test_stages_4_to_8_prune_and_finetune_an_espnet_model(pipeline, models, tmp_
             str(finetune),
         ),
         *("--nj", "1", "--decode_nj", "1", "--calib_num_utts", "16", "--fine_num_utts", "8"),
-        *("--dc_batch_size", "8", "--scores", "dc", "--num_prune", "1", "--random_seeds", "1"),
+        *(
+            "--score_conf",
+            "dc.batch_size=8",
+            "--scores",
+            "dc",
+            "--num_prune",
+            "1",
+            "--random_seeds",
+            "1",
+        ),
     )
     info = json.loads((exp / "dump/info.json").read_text())
     assert info["model_type"] == "espnet" and info["num_layers"] == 4 and info["num_utts"] == 16

@@ -282,6 +282,11 @@ def test_slurm_backend_refuses_a_missing_config(tmp_path):
         ),
         ("--fine_metric", "bleu", "--fine_metric bleu: unknown bleu; choose from cer, wer, loss"),
         ("--scores", "residual_sum cka2", "--scores residual_sum cka2: unknown cka2; choose from"),
+        (
+            "--score_conf",
+            "dc.batchsize=8",
+            "--score_conf dc.batchsize=8: score dc takes the options batch_size=32",
+        ),
     ],
 )
 def test_run_sh_checks_closed_set_options_before_any_job(tmp_path, option, value, message):

@@ -181,7 +181,9 @@ def test_study_variants_grid():
     assert "angular/frames/N64/damage" in names and "angular/mean/N8/damage" not in names
     mean_rows = [v for v in variants if v.aggregation == "mean"]
     assert len(mean_rows) == 2 * (3 + 1) + 2 * (3 + 1) - 1
-    assert Variant("dc", "mean", 8, None).to_dict()["options"] == {"batch_size": None}
+    assert Variant("dc", "mean", 8, None).to_dict()["options"] == {
+        "batch_size": 0
+    }  # 0: one batch of all rows
     assert Variant("dc", "mean", 8, 4).to_dict()["options"] == {"batch_size": 4}
     assert (
         Variant("cka", "mean", 8).matrix_key == Variant("cka", "mean", 8, None, "damage").matrix_key

@@ -29,7 +29,7 @@ from .corpora import AISHELL_TRANSCRIPT, build_aishell, build_librispeech
 
 TINY = ["--nj", "1"]  # no process pool
 SEARCH = [
-    "--scores", "dc", "--num_prune", "1", "--calib_num_utts", "16", "--dc_batch_size", "8",
+    "--scores", "dc", "--num_prune", "1", "--calib_num_utts", "16", "--score_conf", "dc.batch_size=8",
     "--fine_num_utts", "6", "--top_k", "2", "--random_seeds", "2", "--search_methods", "comflp",
     "--decode_nj", "1",
 ]  # fmt: skip

@@ -1,24 +1,33 @@
-"""Adding a score is one class and its registration: a score defined here, registered for the
-test only, goes through stage 5 (built from a dump, written, drawn) and stage 6 (CoMFLP ranks by
-it) with nothing else changed (docs/DESIGN.md, "How to add")."""
+"""Adding a score is one class and its registration: a score defined here, with an option of its
+own, registered for the test only, goes through stage 5 (built from a dump with its option set by
+``--score_conf``, written, drawn) and stage 6 (CoMFLP ranks by it) with nothing else changed
+(docs/DESIGN.md, "How to add"); ``--score_conf`` mistakes are one line naming what was expected."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from comflp.errors import InputError
 from comflp.expdir import ExpDir
 from comflp.prune.dump import dump_layers
-from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+from comflp.prune.scores.base import SCORES, ProposalScore, score_options
 from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
+from comflp.settings import option
 from comflp.stages.scores import ScoreSettings, build_scores
 
 from .conftest import PYTHON, REPO, run_cmd
 from .test_searches import KnownStack, additive_cer
+
+
+@dataclass(kw_only=True)
+class UpdateNormOptions:
+    scale: float = option(1.0, "multiplies every norm", low=0)
 
 
 class UpdateNorm(ProposalScore):
@@ -26,14 +35,15 @@ class UpdateNorm(ProposalScore):
 
     name = "update_norm"
     file_name = "norms.json"
+    Options = UpdateNormOptions
 
     def __init__(self, norms: list[float]):
         self.norms = np.asarray(norms, dtype=np.float64)
 
     @classmethod
-    def build(cls, layer_feats, options: ScoreOptions) -> UpdateNorm:
+    def build(cls, layer_feats, options: UpdateNormOptions) -> UpdateNorm:
         steps = zip(layer_feats[:-1], layer_feats[1:], strict=True)
-        return cls([float(np.linalg.norm(b - a, axis=1).mean()) for a, b in steps])
+        return cls([options.scale * float(np.linalg.norm(b - a, axis=1).mean()) for a, b in steps])
 
     @classmethod
     def read(cls, path: Path) -> UpdateNorm:
@@ -86,9 +96,12 @@ def test_a_new_score_goes_through_stages_5_and_6(registered, tmp_path):
     exp = ExpDir(tmp_path / "exp")
     sizes = [9.0, 1.0, 4.0, 2.0, 7.0, 3.0]  # the same order as additive_cer's costs
     dump_layers(StatesOnly(sizes), [{"ids": ["u1"]}], exp.dump, pooling="frames")
-    build_scores(ScoreSettings(exp_dir=exp.root, scores=["update_norm"]))
+    conf = ["update_norm.scale=2"]
+    build_scores(ScoreSettings(exp_dir=exp.root, scores=["update_norm"], score_conf=conf))
     stored = json.loads((exp.score("update_norm") / "norms.json").read_text())
-    assert stored == pytest.approx(sizes)
+    assert stored == pytest.approx([2 * s for s in sizes])
+    recorded = json.loads((exp.score("update_norm") / "settings.json").read_text())
+    assert recorded["options"] == {"scale": 2.0}
     assert (exp.score("update_norm") / "heatmap.png").stat().st_size > 0
     settings = SearchSettings(exp_dir=exp.root, scores=["update_norm"], top_k=3)
     context = SearchContext(settings, KnownStack(additive_cer), [], exp)
@@ -96,6 +109,38 @@ def test_a_new_score_goes_through_stages_5_and_6(registered, tmp_path):
     # summed sizes 3, 4, then a tie at 5 that keeps the beam's generation order: (2, 3) first
     assert [r["layers"] for r in result.candidates] == [[2, 4], [2, 6], [2, 3]]
     assert result.best_layers == (2, 4)  # the two smallest updates, and the lowest CER
+
+
+def test_each_score_takes_its_own_options_with_its_defaults():
+    options = score_options(["dc", "pwcca", "svcca", "cka", "residual_sum"], ["dc.batch_size=8"])
+    assert options["dc"].batch_size == 8
+    assert options["pwcca"].threshold == options["svcca"].threshold == 0.99
+    assert not vars(options["cka"]) and not vars(options["residual_sum"])
+    assert score_options(["dc"], [])["dc"].batch_size == 32  # CoMFLP's batched dc
+    # a matrix score's options are its measure's, so the two cannot drift apart
+    from comflp.prune.correlation import MEASURES
+
+    for name, measure in MEASURES.items():
+        assert set(vars(SCORES[name].Options())) == set(measure.options)
+
+
+@pytest.mark.parametrize(
+    ("conf", "expected"),
+    [
+        (["dc=8"], "--score_conf dc=8: expected SCORE.OPTION=VALUE, e.g. dc.batch_size=8"),
+        (["cka.batch_size=8"], "'cka' is not one of --scores (dc)"),
+        (["dc.threshold=0.9"], "score dc takes the options batch_size=32"),
+        (
+            ["dc.batch_size=many"],
+            "--score_conf dc.batch_size=many: expected an integer, got 'many'",
+        ),
+        (["dc.batch_size=-1"], "must be >= 0"),
+    ],
+)
+def test_score_conf_mistakes_are_one_line(conf: list[str], expected: str):
+    with pytest.raises(InputError) as e:
+        score_options(["dc"], conf)
+    assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_damaged_dump_is_one_line_that_says_to_rerun_stage_4(tmp_path):

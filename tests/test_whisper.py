@@ -348,7 +348,7 @@ def test_stages_4_to_8_prune_both_stacks_of_a_whisper_model(pipeline, tmp_path):
         *("--num_prune", "1", "--decoder_num_prune", "2", "--scores", "dc residual_sum"),
         *("--decoding_method", "attention_greedy_search", "--finetune_config", str(finetune)),
         *("--nj", "1", "--decode_nj", "1", "--calib_num_utts", "8", "--fine_num_utts", "4"),
-        *("--dc_batch_size", "8", "--random_seeds", "1", "--test_sets", "test-clean"),
+        *("--score_conf", "dc.batch_size=8", "--random_seeds", "1", "--test_sets", "test-clean"),
     )
     exp = pipeline["workdir"] / "exp/whisper"
     chained = "exp/whisper/search/comflp_prune1/pruned"

@@ -7,7 +7,7 @@ Every measure compares two representations of the same N samples (rows): ``x`` (
 | --- | --- | --- |
 | ``dc`` | distance correlation dCor^2 of L2-normalised rows, in [0, 1] | ``batch_size`` (None) |
 | ``svcca`` | mean canonical correlation after SVD reduction, in [0, 1] | ``threshold`` (0.99) |
-| ``pwcca`` | projection-weighted CCA, weighted by x's neurons, in [0, 1] | ``threshold`` (1.0) |
+| ``pwcca`` | projection-weighted CCA, weighted by x's neurons, in [0, 1] | ``threshold`` (0.99) |
 | ``cka`` | linear CKA, in [0, 1] | none |
 | ``cosine`` | mean cosine similarity of paired rows (D1 == D2), in [-1, 1] | none |
 | ``angular`` | mean of 1 - angle(x_r, y_r) / pi over paired rows (D1 == D2), in [0, 1] | none |
@@ -22,8 +22,7 @@ B, which is dCov^2 / sqrt(dVar^2(x) dVar^2(y)) = dCor^2 (Szekely et al. 2007). W
 
 ``svcca`` keeps, per input, the fewest top singular directions of the column-centred data
 whose singular values hold ``threshold`` of their sum; ``pwcca`` (Morcos et al. 2018) uses the
-same reduction, by default none (``threshold=1.0``: plain CCA on the numerical rank), and is
-not symmetric. Both need N well above the kept dimensions: when the two kept subspaces fill
+same reduction (``threshold=1.0``: plain CCA on the numerical rank) and is not symmetric. Both need N well above the kept dimensions: when the two kept subspaces fill
 most of the (N-1)-dimensional centred sample space, the correlations tend to 1 whatever the
 data. With D = 1, the L2-normalised rows of ``dc`` are just the signs of the values.
 
@@ -44,26 +43,15 @@ contributes similarity 0, not NaN.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
 
-MEASURES = ("dc", "svcca", "pwcca", "cka", "cosine", "angular", "change")
-# Measures that compare paired rows coordinate by coordinate (need D1 == D2).
-PAIRED_MEASURES = ("cosine", "angular", "change")
-
-# Default value of every option each measure accepts.
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dc": {"batch_size": None},
-    "svcca": {"threshold": 0.99},
-    "pwcca": {"threshold": 1.0},
-    "cka": {},
-    "cosine": {},
-    "angular": {},
-    "change": {},
-}
+# svcca/pwcca: the singular-value mass each input keeps (Raghu et al. 2017's SVCCA keeps 99%).
+SUBSPACE_THRESHOLD = 0.99
 
 # Working memory for the N x N kernel rows that correlation_matrix stacks over all layers.
 _CHUNK_BYTES = 256 * 2**20
@@ -74,9 +62,9 @@ _CHUNK_BYTES = 256 * 2**20
 
 def _resolve_options(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     """Check ``measure`` and its options; return the options with defaults filled in."""
-    if measure not in _DEFAULTS:
+    if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; valid measures: {', '.join(MEASURES)}")
-    allowed = _DEFAULTS[measure]
+    allowed = MEASURES[measure].options
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         valid = ", ".join(allowed) if allowed else "none"
@@ -145,7 +133,7 @@ def _prepare(feats: Sequence[Any], names: Sequence[str]) -> list[torch.Tensor]:
 
 
 def _check_same_dims(measure: str, feats: Sequence[torch.Tensor], names: Sequence[str]) -> None:
-    if measure not in PAIRED_MEASURES:
+    if not MEASURES[measure].paired:
         return
     dims = {t.shape[1] for t in feats}
     if len(dims) > 1:
@@ -308,17 +296,6 @@ def _change_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(_change_rows(x, y[None]).mean())
 
 
-_PAIR: dict[str, Callable[..., float]] = {
-    "dc": _dc_similarity,
-    "svcca": _svcca_similarity,
-    "pwcca": _pwcca_similarity,
-    "cka": _cka_similarity,
-    "cosine": _cosine_similarity,
-    "angular": _angular_similarity,
-    "change": _change_similarity,
-}
-
-
 def similarity(x: Any, y: Any, measure: str, **options: Any) -> float:
     """Similarity of two representations ``x`` (N, D1) and ``y`` (N, D2) of the same N samples.
 
@@ -332,7 +309,7 @@ def similarity(x: Any, y: Any, measure: str, **options: Any) -> float:
     opts = _resolve_options(measure, options)
     x, y = _prepare([x, y], ["x", "y"])
     _check_same_dims(measure, [x, y], ["x", "y"])
-    return _PAIR[measure](x, y, **opts)
+    return MEASURES[measure].pair(x, y, **opts)
 
 
 # ----------------------------------------------------------------------------- all pairs
@@ -443,14 +420,29 @@ def _paired_rows_matrix(
     return out
 
 
-_MATRIX: dict[str, Callable[..., torch.Tensor]] = {
-    "dc": _dc_matrix,
-    "svcca": _svcca_matrix,
-    "pwcca": _pwcca_matrix,
-    "cka": _cka_matrix,
-    "cosine": _cosine_matrix,
-    "angular": lambda feats: _paired_rows_matrix(_angular_rows, feats),
-    "change": lambda feats: _paired_rows_matrix(_change_rows, feats),
+@dataclass(frozen=True)
+class Measure:
+    """One measure, all in one place: the similarity of a pair, the all-pairs matrix, the
+    options it takes with their defaults, and whether it compares coordinates (D1 == D2)."""
+
+    pair: Callable[..., float]
+    matrix: Callable[..., torch.Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+    paired: bool = False
+
+
+MEASURES: dict[str, Measure] = {
+    "dc": Measure(_dc_similarity, _dc_matrix, {"batch_size": None}),
+    "svcca": Measure(_svcca_similarity, _svcca_matrix, {"threshold": SUBSPACE_THRESHOLD}),
+    "pwcca": Measure(_pwcca_similarity, _pwcca_matrix, {"threshold": SUBSPACE_THRESHOLD}),
+    "cka": Measure(_cka_similarity, _cka_matrix),
+    "cosine": Measure(_cosine_similarity, _cosine_matrix, paired=True),
+    "angular": Measure(
+        _angular_similarity, lambda feats: _paired_rows_matrix(_angular_rows, feats), paired=True
+    ),
+    "change": Measure(
+        _change_similarity, lambda feats: _paired_rows_matrix(_change_rows, feats), paired=True
+    ),
 }
 
 
@@ -469,7 +461,7 @@ def correlation_matrix(layer_feats: Sequence[Any], measure: str, **options: Any)
     names = [f"layer_feats[{i}]" for i in range(len(layer_feats))]
     feats = _prepare(layer_feats, names)
     _check_same_dims(measure, feats, names)
-    return _MATRIX[measure](feats, **opts).cpu().numpy().astype(np.float64)
+    return MEASURES[measure].matrix(feats, **opts).cpu().numpy().astype(np.float64)
 
 
-__all__ = ["MEASURES", "PAIRED_MEASURES", "correlation_matrix", "similarity"]
+__all__ = ["MEASURES", "Measure", "correlation_matrix", "similarity"]

@@ -35,7 +35,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
-from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+from comflp.prune.scores.base import SCORES, ProposalScore
 from comflp.prune.search import (
     COARSE_BEAM_SIZE,
     COARSE_TOP_K,
@@ -171,8 +171,11 @@ class Variant:
         return f"{self.label}/{self.pooling}/N{self.num_utts}{agg}"
 
     @property
-    def options(self) -> ScoreOptions:
-        return ScoreOptions(dc_batch_size=self.batch_size or 0)
+    def options(self) -> Any:
+        """The score's options: its defaults, with the variant's dc batch size."""
+        if self.score != "dc":
+            return SCORES[self.score].Options()
+        return SCORES["dc"].Options(batch_size=self.batch_size or 0)
 
     @property
     def matrix_key(self) -> tuple:
@@ -183,7 +186,7 @@ class Variant:
         return {
             "name": self.name,
             "score": self.score,
-            "options": SCORES[self.score].options(self.options),
+            "options": asdict(self.options),
             "pooling": self.pooling,
             "num_utts": self.num_utts,
             "aggregation": self.aggregation,

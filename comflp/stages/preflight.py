@@ -11,7 +11,7 @@ from comflp.adapters.base import MODEL_TYPES
 from comflp.errors import InputError
 from comflp.prune.evaluator import METRICS
 from comflp.prune.rules import RULES
-from comflp.prune.scores.base import SCORES
+from comflp.prune.scores.base import SCORES, score_options
 from comflp.prune.search import AGGREGATIONS, MODES
 from comflp.prune.searches.base import SEARCHES
 from comflp.settings import REQUIRED, option
@@ -57,10 +57,12 @@ class PreflightSettings:
     coarse_aggregation: str = option(REQUIRED, "as run.sh's")
     decoding_method: str = option(REQUIRED, "as run.sh's")
     ct2_quantization: str = option(REQUIRED, "as run.sh's")
+    score_conf: str = option("", "as run.sh's: checked against the scores' own options")
 
 
 def preflight(s: PreflightSettings) -> None:
-    """InputError for the first option whose value is not among its choices."""
+    """InputError for the first option whose value is not among its choices, then for a
+    --score_conf item the scores do not take."""
     for name, (choices, several) in CHOICES.items():
         allowed = choices(s)
         value = getattr(s, name)
@@ -71,3 +73,4 @@ def preflight(s: PreflightSettings) -> None:
                 f"--{name} {value}: unknown {' '.join(bad)}{whose}; "
                 f"choose from {', '.join(allowed)}"
             )
+    score_options(s.scores.split(), s.score_conf.split())

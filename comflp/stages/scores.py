@@ -5,26 +5,33 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from comflp.errors import InputError
 from comflp.expdir import HEATMAP, SCORE_SETTINGS, ExpDir
 from comflp.prune.dump import load_layer_feats, read_dump_info
-from comflp.prune.scores.base import SCORES, ScoreChoice, ScoreOptions
+from comflp.prune.scores.base import SCORES, ScoreChoice, score_options
 from comflp.settings import REQUIRED, option
 from comflp.utils import atomic_path, atomic_write_json
 
 
 @dataclass(kw_only=True)
-class ScoreSettings(ScoreChoice, ScoreOptions):
+class ScoreSettings(ScoreChoice):
     """Stage 5: which scores, with which options, from which dump."""
 
     exp_dir: Path = option(REQUIRED, "the experiment whose dump the scores are built from")
+    score_conf: list[str] = option(
+        [],
+        "a score's option as SCORE.OPTION=VALUE (e.g. dc.batch_size=8); each score declares "
+        "its options and defaults in its own Options (comflp/prune/scores/)",
+    )
     stack: str = option("encoder", "the stack dumped", choices=("encoder", "decoder"))
 
 
 def build_scores(s: ScoreSettings) -> None:
+    options = score_options(s.scores, s.score_conf)
     exp = ExpDir(s.exp_dir).stack(s.stack)
     info = read_dump_info(exp.dump)
     for name in s.scores:
@@ -36,10 +43,10 @@ def build_scores(s: ScoreSettings) -> None:
             )
     feats = load_layer_feats(exp.dump)
     for name in s.scores:
-        build_score(exp, name, feats, info, s)
+        build_score(exp, name, feats, info, options[name])
 
 
-def build_score(exp: ExpDir, name: str, feats: list, info: dict, options: ScoreOptions) -> None:
+def build_score(exp: ExpDir, name: str, feats: list, info: dict, options: Any) -> None:
     """One score into scores/<name>/, timed."""
     cls = SCORES[name]
     start = time.perf_counter()
@@ -51,7 +58,7 @@ def build_score(exp: ExpDir, name: str, feats: list, info: dict, options: ScoreO
     out_dir = exp.score(name)
     with atomic_path(out_dir / cls.file_name) as tmp:
         score.write(tmp)
-    used = cls.options(options)
+    used = asdict(options)
     score.heatmap(
         out_dir / HEATMAP,
         f"{name}{f' {used}' if used else ''}\n({info['pooling']} pooling, {info['num_utts']} utterances)",

@@ -9,29 +9,27 @@ module in this package (docs/DESIGN.md, "Adding a score").
 
 from __future__ import annotations
 
+import argparse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
+from comflp.errors import InputError
 from comflp.prune.search import ProposalScorer
 from comflp.registry import Registry
-from comflp.settings import option
+from comflp.settings import add_settings, from_args, option
 
 SCORES: Registry[type[ProposalScore]] = Registry("score", "comflp.prune.scores")
 
 
 @dataclass(kw_only=True)
-class ScoreOptions:
-    """Options of the scores that take any (stage 5)."""
-
-    dc_batch_size: int = option(
-        32, "dc: mean of DC over batches of this many rows (CoMFLP's setting; 0: one batch)"
-    )
-    svcca_threshold: float = option(0.99, "svcca/pwcca: singular-value mass kept")
+class NoOptions:
+    """The options of a score that takes none; a score with options declares its own dataclass
+    of :func:`~comflp.settings.option` fields as its ``Options``, which ``--score_conf`` sets."""
 
 
 @dataclass(kw_only=True)
@@ -50,14 +48,15 @@ class ProposalScore(ABC):
 
     name: ClassVar[str]  # its registry name
     file_name: ClassVar[str]  # what it stores in scores/<name>/
+    Options: ClassVar[type] = NoOptions  # its options, set by --score_conf
     needs_frames: ClassVar[bool] = False  # refuses a dump of utterance means
     aggregates: ClassVar[bool] = False  # scores blocks, so --coarse_aggregation applies
 
     @classmethod
     @abstractmethod
-    def build(cls, layer_feats: Sequence[np.ndarray], options: ScoreOptions) -> ProposalScore:
-        """The score of L+1 (rows, D) arrays in layer-index order (the dump); ValueError when
-        they cannot be used."""
+    def build(cls, layer_feats: Sequence[np.ndarray], options: Any) -> ProposalScore:
+        """The score of L+1 (rows, D) arrays in layer-index order (the dump), with ``options``
+        an instance of its :attr:`Options`; ValueError when they cannot be used."""
 
     @classmethod
     @abstractmethod
@@ -80,16 +79,56 @@ class ProposalScore(ABC):
     def heatmap(self, path: Path, title: str) -> None:
         """Draw the score as a layer-by-layer heatmap PNG."""
 
-    @classmethod
-    def options(cls, options: ScoreOptions) -> dict:
-        """The options this score uses, as stage 5 records them."""
-        return {}
+
+def score_options(names: Sequence[str], conf: Sequence[str]) -> dict[str, Any]:
+    """Each score of ``names`` with its :attr:`ProposalScore.Options`, defaults overridden by
+    ``conf``'s ``SCORE.OPTION=VALUE`` items; InputError naming ``--score_conf`` and what was
+    expected for an item that does not parse or names another score or option."""
+    values: dict[str, dict[str, str]] = {name: {} for name in names}
+    for item in conf:
+        key, sep, value = item.partition("=")
+        name, dot, field_name = key.partition(".")
+        if not (sep and dot and field_name):
+            raise InputError(
+                f"--score_conf {item}: expected SCORE.OPTION=VALUE, e.g. dc.batch_size=8"
+            )
+        if name not in values:
+            raise InputError(
+                f"--score_conf {item}: {name!r} is not one of --scores ({' '.join(names)})"
+            )
+        allowed = {f.name: f for f in fields(SCORES[name].Options)}
+        if field_name not in allowed:
+            takes = ", ".join(f"{f}={_show(SCORES[name].Options, f)}" for f in allowed)
+            what = f"the options {takes}" if takes else "no options"
+            raise InputError(f"--score_conf {item}: score {name} takes {what}")
+        values[name][field_name] = value
+    return {name: _parse_options(SCORES[name].Options, name, v) for name, v in values.items()}
 
 
-def build_score(
-    name: str, layer_feats: Sequence[np.ndarray], options: ScoreOptions
-) -> ProposalScore:
-    return SCORES[name].build(layer_feats, options)
+def describe_options(options: dict[str, Any]) -> str:
+    """``score_options``' result in one line, e.g. ``dc batch_size=32``."""
+    said = [
+        f"{name} " + " ".join(f"{k}={v}" for k, v in asdict(o).items())
+        for name, o in options.items()
+        if fields(o)
+    ]
+    return "; ".join(said) or "no options"
+
+
+def _show(options_type: type, field_name: str) -> str:
+    return str(getattr(options_type(), field_name))
+
+
+def _parse_options(options_type: type, name: str, values: dict[str, str]) -> Any:
+    """An ``options_type`` from text values, each checked as its field's type and bounds."""
+    parser = argparse.ArgumentParser(exit_on_error=False, add_help=False)
+    add_settings(parser, options_type)
+    argv = [w for k, v in values.items() for w in (f"--{k}", v)]
+    try:
+        return from_args(options_type, parser.parse_args(argv))
+    except (argparse.ArgumentError, argparse.ArgumentTypeError) as e:
+        given = " ".join(f"{name}.{k}={v}" for k, v in values.items())
+        raise InputError(f"--score_conf {given}: {getattr(e, 'message', e)}") from None
 
 
 def read_score_file(path: Path) -> ProposalScore:

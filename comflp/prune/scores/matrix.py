@@ -1,19 +1,43 @@
 """CoMFLP's scores: a layer-to-layer correlation matrix per measure of
 :mod:`comflp.prune.correlation` (dc, svcca, pwcca, cka, cosine, angular, change); a proposal
-scores its blocks' ``M[a-1][b]`` (:class:`~comflp.prune.search.BlockScorer`)."""
+scores its blocks' ``M[a-1][b]`` (:class:`~comflp.prune.search.BlockScorer`). A matrix score
+takes its measure's options, with the measure's defaults, except dc's batch size
+(:class:`DcOptions`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, make_dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from comflp.plots import plot_matrix
 from comflp.prune.correlation import MEASURES, correlation_matrix
-from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+from comflp.prune.scores.base import SCORES, ProposalScore
 from comflp.prune.search import BlockScorer, validate_matrix
+from comflp.settings import option
+
+
+@dataclass(kw_only=True)
+class DcOptions:
+    """CoMFLP's batched estimate: its published matrices average dCor^2 over batches of rows.
+    The measure itself defaults to one batch of all rows, which over a dump's thousands of
+    frame rows costs N^2 per layer and is not what the paper computed."""
+
+    batch_size: int = option(
+        32, "mean of dCor^2 over batches of this many rows (CoMFLP's; 0: one batch)", low=0
+    )
+
+
+def _options_type(measure: str) -> type:
+    """The measure's options as a dataclass with the measure's defaults (dc: :class:`DcOptions`)."""
+    if measure == "dc":
+        return DcOptions
+    defaults = MEASURES[measure].options
+    spec = [(k, type(v), option(v, f"{measure}'s {k}")) for k, v in defaults.items()]
+    return make_dataclass(f"{measure.capitalize()}Options", spec, kw_only=True)
 
 
 class MatrixScore(ProposalScore):
@@ -27,16 +51,11 @@ class MatrixScore(ProposalScore):
         self.matrix = validate_matrix(matrix)
 
     @classmethod
-    def options(cls, options: ScoreOptions) -> dict:
-        if cls.measure == "dc":
-            return {"batch_size": options.dc_batch_size or None}
-        if cls.measure in ("svcca", "pwcca"):
-            return {"threshold": options.svcca_threshold}
-        return {}
-
-    @classmethod
-    def build(cls, layer_feats: Sequence[np.ndarray], options: ScoreOptions) -> MatrixScore:
-        return cls(correlation_matrix(layer_feats, cls.measure, **cls.options(options)))
+    def build(cls, layer_feats: Sequence[np.ndarray], options: Any) -> MatrixScore:
+        kwargs = asdict(options)
+        if "batch_size" in kwargs:
+            kwargs["batch_size"] = kwargs["batch_size"] or None  # 0: one batch of all rows
+        return cls(correlation_matrix(layer_feats, cls.measure, **kwargs))
 
     @classmethod
     def read(cls, path: Path) -> MatrixScore:
@@ -67,6 +86,8 @@ for _measure in MEASURES:
     SCORES.add(
         _measure,
         type(
-            f"{_measure.capitalize()}Score", (MatrixScore,), {"measure": _measure, "name": _measure}
+            f"{_measure.capitalize()}Score",
+            (MatrixScore,),
+            {"measure": _measure, "name": _measure, "Options": _options_type(_measure)},
         ),
     )

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from comflp.plots import plot_matrix
-from comflp.prune.scores.base import SCORES, ProposalScore, ScoreOptions
+from comflp.prune.scores.base import SCORES, ProposalScore
 
 # Proposal-row products gathered at once (bounds the (proposals, rows) working arrays).
 _CHUNK_ELEMENTS = 2**22
@@ -68,9 +68,7 @@ class ResidualSumScore(ProposalScore):
                 raise ValueError(f"residual-sum statistics: {key} has non-finite entries")
 
     @classmethod
-    def build(
-        cls, layer_feats: Sequence[Any], options: ScoreOptions | None = None
-    ) -> ResidualSumScore:
+    def build(cls, layer_feats: Sequence[Any], options: Any = None) -> ResidualSumScore:
         """The statistics of L+1 same-shape (R, D) arrays: the encoder input, then each layer's
         output (the stage-4 dump's order)."""
         if len(layer_feats) < 3:
