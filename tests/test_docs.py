@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
+from comflp.errors import InputError
 from comflp.report.docs import regenerate, stale
 
 from .conftest import PYTHON, REPO, run_cmd
@@ -57,3 +60,30 @@ def test_check_fails_in_one_line_and_writes_nothing(tmp_path):
     assert broken.returncode == 1 and len(errors) == 1, broken.stderr
     assert "README.md:" in errors[0] and "'dev CER' missing" in errors[0]
     assert readme.read_text() == bad
+
+
+def test_a_table_is_chosen_by_number_or_heading_and_its_columns_by_name(tmp_path):
+    (tmp_path / "r.md").write_text(
+        "# r\n\n| a | b |\n| --- | ---: |\n| x | 1 |\n\n## P = 6\n\ntext\n\n"
+        "| a | b | c |\n| --- | --- | ---: |\n| x | 2 | 3 |\n| y | 4 | 5 |\n"
+    )
+    doc = tmp_path / "docs" / "d.md"
+    doc.parent.mkdir()
+    doc.write_text(
+        "<!-- table: r.md#P = 6 :: a=y :: c, a -->\n<!-- /table -->\n"
+        "<!-- value: r.md#2 :: a=x :: b -->?<!-- /value --> and "
+        "<!-- value: r.md :: a=x :: b -->?<!-- /value -->\n"
+    )
+    assert regenerate(tmp_path, doc) == (
+        "<!-- table: r.md#P = 6 :: a=y :: c, a -->\n| c | a |\n| ---: | --- |\n| 5 | y |\n"
+        "<!-- /table -->\n<!-- value: r.md#2 :: a=x :: b -->2<!-- /value --> and "
+        "<!-- value: r.md :: a=x :: b -->1<!-- /value -->\n"
+    )
+    for marker, error in (
+        ("r.md#P = 4 :: - :: a", "no heading 'P = 4'"),
+        ("r.md#3 :: - :: a", "no markdown table 3"),
+        ("r.md#2 :: - :: a, d", "no column 'd' in r.md#2"),
+    ):
+        doc.write_text(f"<!-- table: {marker} -->\n<!-- /table -->\n")
+        with pytest.raises(InputError, match=error):
+            regenerate(tmp_path, doc)

@@ -4,9 +4,10 @@ document cannot drift from its results: ``bin/docs.py`` rewrites every generated
 
 Two markers, each naming its source file (relative to the repository):
 
-- a table: ``<!-- table: SOURCE :: ROWS -->`` on its own line, then the generated lines, then
-  ``<!-- /table -->``; the first markdown table of SOURCE (a ``RESULTS.md``), its header and the
-  rows ROWS selects;
+- a table: ``<!-- table: SOURCE :: ROWS [:: COLUMNS] -->`` on its own line, then the generated
+  lines, then ``<!-- /table -->``; the first markdown table of SOURCE (a ``RESULTS.md``), its
+  header and the rows ROWS selects, in SOURCE's order, with every column or the COLUMNS named
+  (``,``-separated);
 - a figure in a sentence or a table cell:
   ``<!-- value: SOURCE :: ROW :: FIELD [:: FORMAT] -->12.68<!-- /value -->``;
   from a markdown SOURCE the cell of column FIELD in the one row ROW selects, from a JSON
@@ -15,6 +16,9 @@ Two markers, each naming its source file (relative to the repository):
 
 ROWS / ROW: ``-`` (every row) or ``column=value; column=value2, column=value`` (``,`` joins
 conditions, ``;`` separates the values one column may take).
+
+A markdown SOURCE may name which of its tables: ``path#3`` (the third), ``path#P = 6`` (the first
+table after the heading ``P = 6``, of any level).
 """
 
 from __future__ import annotations
@@ -45,18 +49,35 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def first_table(path: Path) -> Table:
-    """The first markdown table of ``path``."""
-    lines = path.read_text().splitlines()
+def tables(lines: list[str]) -> list[Table]:
+    """Every markdown table of ``lines``, in order."""
+    out = []
     for i, line in enumerate(lines[:-1]):
-        if line.startswith("|") and re.match(r"^\|[\s\-:|]+\|$", lines[i + 1]):
+        starts = i == 0 or not lines[i - 1].startswith("|")
+        if starts and line.startswith("|") and re.match(r"^\|[\s\-:|]+\|$", lines[i + 1]):
             body = []
             for row in lines[i + 2 :]:
                 if not row.startswith("|"):
                     break
                 body.append(row)
-            return Table(_cells(line), [_cells(r) for r in body], [line, lines[i + 1], *body])
-    raise InputError(f"{path}: no markdown table")
+            out.append(Table(_cells(line), [_cells(r) for r in body], [line, lines[i + 1], *body]))
+    return out
+
+
+def first_table(path: Path, which: str = "") -> Table:
+    """The first markdown table of ``path``, or the one ``which`` names: ``N`` (the Nth) or a
+    heading's text (the first table after it)."""
+    lines = path.read_text().splitlines()
+    if which and not which.isdigit():
+        heads = [i for i, line in enumerate(lines) if re.fullmatch(rf"#+ {re.escape(which)}", line)]
+        if not heads:
+            raise InputError(f"{path}: no heading {which!r}")
+        lines = lines[heads[0] :]
+    found = tables(lines)
+    index = int(which) - 1 if which.isdigit() else 0
+    if not 0 <= index < len(found):
+        raise InputError(f"{path}: no markdown table{f' {which}' if which else ''}")
+    return found[index]
 
 
 def _select(table: Table, rows: str, where: str) -> list[int]:
@@ -81,19 +102,34 @@ def _spec(spec: str, n: int, where: str) -> list[str]:
 
 
 def render_table(root: Path, spec: str, where: str) -> str:
-    source, rows = _spec(spec, 2, where)[:2]
-    table = first_table(_source(root, source, where))
+    parts = _spec(spec, 2, where)
+    source, rows = parts[:2]
+    table = _table(root, source, where)
     keep = _select(table, rows, where)
     if not keep:
         raise InputError(f"{where}: no row of {source} matches {rows!r}")
-    return "\n".join(table.lines[:2] + [table.lines[2 + i] for i in keep]) + "\n"
+    if len(parts) == 2:
+        return "\n".join(table.lines[:2] + [table.lines[2 + i] for i in keep]) + "\n"
+    names = [c.strip() for c in parts[2].split(",")]
+    missing = [c for c in names if c not in table.header]
+    if missing:
+        raise InputError(f"{where}: no column {', '.join(map(repr, missing))} in {source}")
+    cols = [table.header.index(c) for c in names]
+    align = _cells(table.lines[1])
+    lines = [names, [align[c] for c in cols], *([table.rows[i][c] for c in cols] for i in keep)]
+    return "".join(f"| {' | '.join(cells)} |\n" for cells in lines)
+
+
+def _table(root: Path, source: str, where: str) -> Table:
+    path, _, which = source.partition("#")
+    return first_table(_source(root, path, where), which.strip())
 
 
 def render_value(root: Path, spec: str, where: str) -> str:
     parts = _spec(spec, 3, where)
     source, row, field = parts[:3]
     fmt = parts[3] if len(parts) == 4 else ""
-    path = _source(root, source, where)
+    path = _source(root, source.partition("#")[0], where)
     if path.suffix == ".json":
         value = json.loads(path.read_text())
         for key in field.split("."):
@@ -102,7 +138,7 @@ def render_value(root: Path, spec: str, where: str) -> str:
             except (KeyError, IndexError, ValueError, TypeError):
                 raise InputError(f"{where}: {source} has no {field!r}") from None
         return format(value, fmt)
-    table = first_table(path)
+    table = _table(root, source, where)
     keep = _select(table, row, where)
     if len(keep) != 1 or field not in table.header:
         raise InputError(
