@@ -4,7 +4,7 @@ regret over several models' studies (bin/search_quality.py), the default pipelin
 each, and how rankings move with another calibration subset (docs/SEARCH_QUALITY.md)."""
 
 from comflp.cli import main
-from comflp.stages.quality import SummarySettings, summarize
+from comflp.quality.stage import SummarySettings, summarize
 
 if __name__ == "__main__":
     main(SummarySettings, summarize, __doc__)

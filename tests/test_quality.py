@@ -15,7 +15,9 @@ from comflp.expdir import DUMP_INFO, ExpDir
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import layer_file
 from comflp.prune.evaluator import SubsetResult
-from comflp.prune.quality import (
+from comflp.prune.search import BlockScorer, coarse_search, score_proposal, score_proposals
+from comflp.quality.stage import reuse_oracle
+from comflp.quality.study import (
     CerCache,
     StudyFeatures,
     Variant,
@@ -30,8 +32,6 @@ from comflp.prune.quality import (
     top1_percentile,
     variant_quality,
 )
-from comflp.prune.search import BlockScorer, coarse_search, score_proposal, score_proposals
-from comflp.stages.quality import reuse_oracle
 
 from .conftest import PYTHON, REPO, run_cmd
 

@@ -1,4 +1,4 @@
-"""The study across models (comflp/prune/robustness.py) on hand-made studies with known answers."""
+"""The study across models (comflp/quality/robustness.py) on hand-made studies with known answers."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from comflp.prune.robustness import (
+from comflp.quality.robustness import (
     across_models,
     calibration_shift,
     consensus,
     model_summary,
     variant_name,
 )
-from comflp.stages.quality import SummarySettings, summarize
+from comflp.quality.stage import SummarySettings, summarize
 
 PROPOSALS = [list(c) for c in combinations(range(1, 5), 2)]  # 6 proposals of 4 layers
 DEFAULTS = ["residual_sum", "dc"]

@@ -2,7 +2,7 @@
 how the default pipeline (the consensus's top K and each score's first few, one fine search)
 does.
 
-Input: the ``quality.json`` of :mod:`comflp.stages.quality` for several models (all proposals
+Input: the ``quality.json`` of :mod:`comflp.quality.stage` for several models (all proposals
 of one P evaluated on each). Per model and score: Spearman against the dev CER and the relative
 regret of the best of its top 10 against the oracle; then per score the median and the worst
 over the models. ``consensus`` is the mean of the default scores' standardised values, a rank
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from comflp.prune.consensus import NAME as CONSENSUS
-from comflp.prune.quality import best_of_top_k_regret, spearman
 from comflp.prune.search import COARSE_TOP_K, Proposal
 from comflp.prune.searches.comflp import merge
+from comflp.quality.study import best_of_top_k_regret, spearman
 
 
 def result_for(study: dict, num_prune: int) -> dict:

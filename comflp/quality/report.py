@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from comflp.plots import plt, save_figure
-from comflp.prune.quality import TOP_KS, format_table, ranking, smallest_matching_size
+from comflp.quality.study import TOP_KS, format_table, ranking, smallest_matching_size
 
 
 def plot_scatter(result: dict, path: Path) -> None:

@@ -1,6 +1,6 @@
 """The search-quality study: how well each scoring variant ranks pruning proposals by the dev
-CER of their pruned models (method: :mod:`comflp.prune.quality`; report:
-:mod:`comflp.report.quality`).
+CER of their pruned models (method: :mod:`comflp.quality.study`; report:
+:mod:`comflp.quality.report`).
 
 One forward pass dumps ``--calib_num_utts`` calibration utterances (frames pooling, at most
 ``--frames_per_utt`` frames each) into OUTPUT/dump; every variant (score, dc batch size,
@@ -21,7 +21,12 @@ from comflp.asr.data import eval_loader, load_cuts, load_eval_batches, random_su
 from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, ExpDir
 from comflp.prune.dump import POOLINGS, dump_layers
-from comflp.prune.quality import (
+from comflp.prune.scores.base import SCORES, ScoreChoice
+from comflp.prune.searches.base import MergeChoice
+from comflp.prune.stacks import LayerStack, stack_of
+from comflp.quality.report import plot_scatter, report, robustness_report
+from comflp.quality.robustness import across_models, calibration_shift, model_summary, variant_name
+from comflp.quality.study import (
     CALIB_SIZES,
     REFERENCE_NUM_UTTS,
     CerCache,
@@ -31,11 +36,6 @@ from comflp.prune.quality import (
     study_variants,
     variant_scores,
 )
-from comflp.prune.robustness import across_models, calibration_shift, model_summary, variant_name
-from comflp.prune.scores.base import SCORES, ScoreChoice
-from comflp.prune.searches.base import MergeChoice
-from comflp.prune.stacks import LayerStack, stack_of
-from comflp.report.quality import plot_scatter, report, robustness_report
 from comflp.settings import REQUIRED, option
 from comflp.subsets import parse_num_prune
 from comflp.utils import atomic_write_json, atomic_write_text
