@@ -51,7 +51,7 @@ calib_num_utts=320      # calibration utterances (CoMFLP: 10 batches of 32)
 pooling=frames          # frames | mean (utterance level, CoMFLP's); residual_sum needs frames
 frames_per_utt=25       # frames pooling: random frames kept per utterance (0: all)
 # ---- scores (stage 5) ----
-scores="residual_sum dc"  # coarse scores, each built once; stage 6 merges their consensus's top K (docs/SEARCH_QUALITY.md)
+scores="residual_sum dc consensus"  # coarse scores, each built once (consensus: of the others); stage 6 merges the consensus's top K and each other score's first score_top_k (docs/SEARCH_QUALITY.md)
 score_conf=""           # scores' options, SCORE.OPTION=VALUE separated by spaces (dc.batch_size=8); each score's defaults: its Options in comflp/prune/scores/
 # ---- searches (stage 6) ----
 num_prune="6"           # layers to prune: values ("2 4 6"), all (1..L-1) or ranges A:B[:STEP]
@@ -60,8 +60,7 @@ search_mode=beam        # coarse search: beam | greedy | exhaustive
 coarse_aggregation=mean  # matrix scores: mean (CoMFLP: mean block correlation) | damage (minus summed 1 - correlation)
 beam_size=10            # coarse beam search: beam width
 top_k=10                # coarse proposals passed to the fine search: the consensus's, else each score's
-consensus=true          # with several scores, their consensus ranks too and its top K joins the merge
-score_top_k=1           # with a consensus, each score's own coarse proposals joining the merge
+score_top_k=1           # with the consensus among the scores, each other score's own coarse proposals joining the merge
 fine_metric=cer         # cer | wer | loss (the model's own: CTC, or cross-entropy without CTC)
 fine_num_utts=320       # dev utterances the metric is measured on (at most the dev set's)
 prefix_cache=true       # metric searches: compute the layers candidates share once
@@ -234,7 +233,7 @@ set_stack() {  # set_stack STACK: the options of the stages that work on one sta
     --stack "$stack" --device "$device" --ct2_quantization "$ct2_quantization")
   search_args=(--num_prune "$stack_prunes" --scores "$scores" --search_mode "$search_mode"
     --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
-    --consensus "$consensus" --score_top_k "$score_top_k" --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
+    --score_top_k "$score_top_k" --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
     --oracle_max_evaluations "$oracle_max_evaluations" --dev_cuts "$dev_cuts")
 }
 

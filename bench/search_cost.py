@@ -62,7 +62,7 @@ from comflp.prune.search import blocks_of
 from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
 from comflp.prune.searches.base import MergeChoice
 from comflp.prune.stacks import EncoderStack
-from comflp.stages.scores import build_score
+from comflp.stages.scores import build_all
 from comflp.subsets import kept_layers
 from comflp.train.trainer import train
 
@@ -222,12 +222,10 @@ def comflp_rows(
         info = read_dump_info(exp.dump)
         names = list(dict.fromkeys([*args.scores, "residual_sum"]))
         options = score_options(names, args.score_conf)
-        seconds = {}
-        for name in names:
-            build_score(
-                exp, name, feats, info, options[name]
-            )  # its heatmap is not the search's cost
-            seconds[name] = json.loads((exp.score(name) / SCORE_SETTINGS).read_text())["seconds"]
+        build_all(exp, names, feats, info, options)  # the heatmaps are not the search's cost
+        seconds = {
+            n: json.loads((exp.score(n) / SCORE_SETTINGS).read_text())["seconds"] for n in names
+        }
         for label, scores in (
             (" ".join(args.scores), args.scores),
             ("residual_sum", ["residual_sum"]),

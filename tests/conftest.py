@@ -104,7 +104,7 @@ SEARCH_OPTIONS = [
     "--fine_num_utts",
     "8",
     "--scores",
-    "dc svcca cka residual_sum",
+    "dc svcca cka residual_sum consensus",
 ]
 
 

@@ -378,7 +378,14 @@ def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
         *("--stage", "4", "--stop_stage", "7", "--exp_dir", "exp/aed", "--stack", "decoder"),
         *("--num_prune", "1", "--decoding_method", "attention_greedy_search", "--nj", "1"),
         *("--decode_nj", "1", "--calib_num_utts", "16", "--fine_num_utts", "8"),
-        *("--scores", "dc residual_sum", "--score_conf", "dc.batch_size=8", "--random_seeds", "1"),
+        *(
+            "--scores",
+            "dc residual_sum consensus",
+            "--score_conf",
+            "dc.batch_size=8",
+            "--random_seeds",
+            "1",
+        ),
     )
     exp = ExpDir(work / "exp/aed")
     info = json.loads((exp.stack("decoder").dump / DUMP_INFO).read_text())

@@ -16,11 +16,11 @@ from comflp.asr.data import load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
-from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import dump_layers, load_layer_feats
 from comflp.prune.evaluator import evaluate_subsets, layer_evaluations
 from comflp.prune.metric_search import best_row, fine_search
+from comflp.prune.scores.consensus import ConsensusScorer
 from comflp.prune.scores.residual_sum import ResidualSumScore
 from comflp.prune.search import as_scorer, coarse_search
 from comflp.prune.stacks import EncoderStack

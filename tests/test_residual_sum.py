@@ -10,7 +10,7 @@ import pytest
 
 from comflp.prune.scores import residual_sum
 from comflp.prune.scores.residual_sum import ResidualSumScore
-from comflp.prune.search import coarse_search, score_proposals
+from comflp.prune.search import coarse_search, pair_matrix, score_proposals
 
 
 def residual_stream(scales: list[float], rows: int = 64, dim: int = 8) -> list[np.ndarray]:
@@ -112,7 +112,7 @@ def test_coarse_search_on_the_scorer_is_the_brute_force_best():
 def test_pair_matrix_save_load_and_bad_inputs(tmp_path):
     feats = residual_stream([0.3, 1.5, 0.2])
     scorer = ResidualSumScore.build(feats)
-    pairs = scorer.pair_matrix()
+    pairs = pair_matrix(scorer)
     assert pairs.shape == (3, 3) and np.allclose(pairs, pairs.T)
     assert pairs[0, 2] == pytest.approx(direct_cosine(feats, (1, 3)))
     assert pairs[1, 1] == pytest.approx(direct_cosine(feats, (2,)))

@@ -121,7 +121,7 @@ def test_summary_report_and_its_errors(tmp_path):
             studies=[f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
             calibration=[f"a={tmp_path / 'b'}"],
             num_prune=2,
-            scores=DEFAULTS,
+            scores=[*DEFAULTS, "consensus"],
             top_k=1,
             output=out,
         )

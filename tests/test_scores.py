@@ -111,6 +111,23 @@ def test_a_new_score_goes_through_stages_5_and_6(registered, tmp_path):
     assert result.best_layers == (2, 4)  # the two smallest updates, and the lowest CER
 
 
+def test_the_consensus_is_composed_of_the_other_scores(tmp_path):
+    exp = ExpDir(tmp_path / "exp")
+    sizes = [9.0, 1.0, 4.0, 2.0, 7.0, 3.0]
+    dump_layers(StatesOnly(sizes), [{"ids": ["u1"]}], exp.dump, pooling="frames")
+    build_scores(ScoreSettings(exp_dir=exp.root, scores=["residual_sum", "cosine", "consensus"]))
+    stored = json.loads((exp.score("consensus") / "members.json").read_text())
+    assert stored == {"members": ["residual_sum", "cosine"], "num_layers": 6}
+    assert (exp.score("consensus") / "heatmap.png").stat().st_size > 0
+    with pytest.raises(InputError, match="consensus needs 2 or more other scores, got 1"):
+        build_scores(ScoreSettings(exp_dir=exp.root, scores=["cosine", "consensus"]))
+    # stage 6 binds it to its members' scores: they must be among --scores there too
+    settings = SearchSettings(exp_dir=exp.root, scores=["cosine", "consensus"], top_k=3)
+    context = SearchContext(settings, KnownStack(additive_cer), [], exp)
+    with pytest.raises(InputError, match="consensus of residual_sum cosine: residual_sum not"):
+        SEARCHES["comflp"]().run(context, [2])
+
+
 def test_each_score_takes_its_own_options_with_its_defaults():
     options = score_options(["dc", "pwcca", "svcca", "cka", "residual_sum"], ["dc.batch_size=8"])
     assert options["dc"].batch_size == 8

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS, ExpDir
-from comflp.prune import consensus as consensus_module
-from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.evaluator import SubsetResult
 from comflp.prune.metric_search import exhaustive_metric_search, greedy_layer_pruning
+from comflp.prune.scores import consensus as consensus_module
+from comflp.prune.scores.consensus import ConsensusScore, ConsensusScorer
 from comflp.prune.scores.matrix import MatrixScore
 from comflp.prune.search import BlockScorer, Proposal, coarse_search
 from comflp.prune.searches import SEARCHES, ModelRef, SearchContext, SearchSettings
@@ -85,19 +85,17 @@ def test_merge_interleaves_the_rankings_and_drops_repeats():
     a = [Proposal((1, 2), 0.9), Proposal((3, 4), 0.8), Proposal((5, 6), 0.7)]
     b = [Proposal((3, 4), 0.5), Proposal((1, 6), 0.4)]
     assert merge({"a": a, "b": b}, score_top_k=1) == [(1, 2), (3, 4), (1, 6), (5, 6)]
-    # with a consensus: its whole ranking, each score's first score_top_k
+    # with a composite score (the consensus): its whole ranking, each score's first score_top_k
     c = [Proposal((5, 6), 1.0), Proposal((2, 3), 0.9)]
-    assert merge({"a": a, "b": b, "consensus": c}, score_top_k=1) == [
-        (1, 2),
-        (3, 4),
-        (5, 6),
-        (2, 3),
-    ]
-    assert merge({"a": a, "b": b, "consensus": c}, score_top_k=0) == [(5, 6), (2, 3)]
+    with_c = {"a": a, "b": b, "consensus": c}
+    assert merge(with_c, 1, {"consensus"}) == [(1, 2), (3, 4), (5, 6), (2, 3)]
+    assert merge(with_c, 0, {"consensus"}) == [(5, 6), (2, 3)]
+    assert merge(with_c, 1) == [(1, 2), (3, 4), (5, 6), (1, 6), (2, 3)]  # a name is not enough
 
 
-def _experiment(tmp_path: Path, matrices: dict[str, np.ndarray]) -> ExpDir:
-    """An experiment with a dump record and stage-5 scores written as stage 5 writes them."""
+def _experiment(tmp_path: Path, matrices: dict[str, np.ndarray], consensus: bool = False) -> ExpDir:
+    """An experiment with a dump record and stage-5 scores written as stage 5 writes them
+    (``consensus``: their consensus too, composed in 0.5 s)."""
     exp = ExpDir(tmp_path / "exp")
     exp.dump.mkdir(parents=True)
     (exp.dump / DUMP_INFO).write_text(json.dumps({"seconds": 4.0}))
@@ -105,6 +103,11 @@ def _experiment(tmp_path: Path, matrices: dict[str, np.ndarray]) -> ExpDir:
         exp.score(name).mkdir(parents=True)
         MatrixScore(m).write(exp.score(name) / "matrix.npy")
         (exp.score(name) / SCORE_SETTINGS).write_text(json.dumps({"seconds": 1.0 + i}))
+    if consensus:
+        depth = next(iter(matrices.values())).shape[0] - 1
+        exp.score("consensus").mkdir(parents=True)
+        ConsensusScore(list(matrices), depth).write(exp.score("consensus") / "members.json")
+        (exp.score("consensus") / SCORE_SETTINGS).write_text(json.dumps({"seconds": 0.5}))
     return exp
 
 
@@ -113,7 +116,7 @@ def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
     exp = _experiment(tmp_path, matrices)
     stack = KnownStack(additive_cer)
-    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4, consensus=False)
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4)
     search = SEARCHES["comflp"]()
     (result,) = search.run(SearchContext(settings, stack, [], exp), [2]).values()
     tops = {n: [p.layers for p in _coarse(m, 2, 4)] for n, m in matrices.items()}
@@ -147,8 +150,9 @@ def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
 def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
     rng = np.random.default_rng(4)
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
-    exp = _experiment(tmp_path, matrices)
-    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=3, score_top_k=1)
+    exp = _experiment(tmp_path, matrices, consensus=True)
+    scores = ["dc", "cka", "consensus"]
+    settings = SearchSettings(exp_dir=exp.root, scores=scores, top_k=3, score_top_k=1)
     context = SearchContext(settings, KnownStack(additive_cer), [], exp)
     search = SEARCHES["comflp"]()
     (result,) = search.run(context, [2]).values()
@@ -167,6 +171,11 @@ def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
         best = min(evaluated, key=lambda c: additive_cer(c.layers)).layers
         assert rows[f"comflp_{name}_fine"].pruned == list(best)
         assert rows[f"comflp_{name}_fine"].evaluations == len(evaluated)
+    # the consensus's coarse row costs its members' scores, its own and its coarse search
+    extra = result.extra
+    assert extra["composites"] == {"consensus": ["dc", "cka"]}
+    cost = 4.0 + 1.0 + 2.0 + 0.5 + extra["coarse_seconds"]["consensus"]
+    assert rows["comflp_consensus_coarse"].search_seconds == pytest.approx(cost)
     # every pair of 6 layers is the reference set: each score standardised over all 15
     pairs = np.array(list(combinations(range(1, 7), 2)))
     z = [

@@ -345,7 +345,7 @@ def test_stages_4_to_8_prune_both_stacks_of_a_whisper_model(pipeline, tmp_path):
         pipeline["workdir"],
         *("--stage", "4", "--stop_stage", "8", "--exp_dir", "exp/whisper"),
         *("--model_type", "hf", "--model_dir", str(model_dir), "--stack", "encoder decoder"),
-        *("--num_prune", "1", "--decoder_num_prune", "2", "--scores", "dc residual_sum"),
+        *("--num_prune", "1", "--decoder_num_prune", "2", "--scores", "dc residual_sum consensus"),
         *("--decoding_method", "attention_greedy_search", "--finetune_config", str(finetune)),
         *("--nj", "1", "--decode_nj", "1", "--calib_num_utts", "8", "--fine_num_utts", "4"),
         *("--score_conf", "dc.batch_size=8", "--random_seeds", "1", "--test_sets", "test-clean"),

@@ -189,6 +189,17 @@ class ProposalScorer(Protocol):
     def scores(self, combos: np.ndarray) -> np.ndarray: ...
 
 
+def pair_matrix(scorer: ProposalScorer) -> np.ndarray:
+    """(L, L) scores of pruning the layers {i, j} (the diagonal: layer i alone): what a score
+    that belongs to whole proposals draws as its heatmap."""
+    n = scorer.num_layers
+    i, j = np.meshgrid(np.arange(1, n + 1), np.arange(1, n + 1), indexing="ij")
+    pairs = np.diag(scorer.scores(np.arange(1, n + 1)[:, None]))
+    off = i != j
+    pairs[off] = scorer.scores(np.stack([i[off], j[off]], axis=1))
+    return pairs
+
+
 @dataclass(frozen=True)
 class BlockScorer:
     """CoMFLP's score on a correlation matrix: its blocks' ``M[a-1][b]``, aggregated."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from comflp.prune.consensus import NAME as CONSENSUS
+from comflp.prune.scores.consensus import ConsensusScore
 from comflp.prune.search import COARSE_TOP_K, Proposal
 from comflp.prune.searches.comflp import merge
 from comflp.quality.study import best_of_top_k_regret, spearman
@@ -93,8 +93,8 @@ def model_summary(
     }
     if use_consensus and len(names) > 1:
         order = np.argsort(-agreed, kind="stable")[:top_k]
-        rankings[CONSENSUS] = [Proposal(layers[i], float(agreed[i])) for i in order]
-    merged = merge(rankings, score_top_k)  # what stage 6 would evaluate
+        rankings[ConsensusScore.name] = [Proposal(layers[i], float(agreed[i])) for i in order]
+    merged = merge(rankings, score_top_k, {ConsensusScore.name})  # what stage 6 would evaluate
     cer_of = dict(zip(layers, cer.tolist(), strict=True))
     best = min(cer_of[m] for m in merged)
     oracle = result["oracle_cer"]

@@ -21,7 +21,7 @@ from comflp.asr.data import eval_loader, load_cuts, load_eval_batches, random_su
 from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, ExpDir
 from comflp.prune.dump import POOLINGS, dump_layers
-from comflp.prune.scores.base import SCORES, ScoreChoice
+from comflp.prune.scores.base import SCORES, ScoreChoice, is_composite, split_scores
 from comflp.prune.searches.base import MergeChoice
 from comflp.prune.stacks import LayerStack, stack_of
 from comflp.quality.report import plot_scatter, report, robustness_report
@@ -53,8 +53,8 @@ class QualitySettings(ModelSettings):
     output_dir: Path = option(REQUIRED, "the study's directory")
     scores: list[str] = option(
         ["dc", "svcca", "pwcca", "cka", "cosine", "angular", "change", "residual_sum"],
-        "scores studied",
-        choices=lambda: SCORES.names(),
+        "scores studied (the consensus of the defaults is added to every study)",
+        choices=lambda: tuple(n for n in SCORES.names() if not is_composite(n)),
     )
     poolings: list[str] = option(list(POOLINGS), "poolings studied", choices=POOLINGS)
     calib_cuts: Path = option(
@@ -109,7 +109,7 @@ def calibration_dump(s: QualitySettings, model: PrunableModel, stack: LayerStack
 def default_variants(variants: list, reference: int) -> list:
     """The variants of stage 5's default scores as stage 6 searches them (frames, N =
     reference, dc over batches of 32, mean aggregation); empty unless all are studied."""
-    want = [variant_name(name, reference) for name in ScoreChoice().scores]
+    want = [variant_name(name, reference) for name in split_scores(ScoreChoice().scores)[0]]
     by_name = {v.name: v for v in variants}
     return [by_name[n] for n in want] if all(n in by_name for n in want) else []
 
@@ -270,22 +270,23 @@ def summarize(s: SummarySettings) -> None:
     unknown = sorted(set(again) - set(studies))
     if unknown:
         raise InputError(f"--calibration {', '.join(unknown)}: no study of that label")
+    members, composites = split_scores(s.scores)
     try:
         models = {
-            k: model_summary(v, s.num_prune, s.scores, s.top_k, s.score_top_k, s.consensus)
+            k: model_summary(v, s.num_prune, members, s.top_k, s.score_top_k, bool(composites))
             for k, v in studies.items()
         }
         shifts = {
-            k: calibration_shift(studies[k], v, s.num_prune, s.scores) for k, v in again.items()
+            k: calibration_shift(studies[k], v, s.num_prune, members) for k, v in again.items()
         }
     except ValueError as e:
         raise InputError(str(e)) from None
     summary = {
         "num_prune": s.num_prune,
-        "scores": s.scores,
+        "scores": members,
         "top_k": s.top_k,
         "score_top_k": s.score_top_k,
-        "consensus": s.consensus,
+        "consensus": bool(composites),
         "models": models,
         "across": across_models(models),
         "calibration": shifts,

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
 from comflp.prune.scores.base import SCORES, ProposalScore
+from comflp.prune.scores.consensus import ConsensusScorer
 from comflp.prune.search import (
     COARSE_BEAM_SIZE,
     COARSE_TOP_K,
@@ -471,7 +471,7 @@ def study_entries(
     consensus_of: Sequence[Variant] = (),
 ) -> list[Entry]:
     """Every variant's row, and the consensus of ``consensus_of`` (stage 6's consensus of the
-    default scores, :mod:`comflp.prune.consensus`) when it names two or more variants."""
+    default scores, :mod:`comflp.prune.scores.consensus`) when it names two or more variants."""
     entries = [
         Entry(v.to_dict(), built[v.matrix_key][0].scorer(v.aggregation), built[v.matrix_key][1])
         for v in variants

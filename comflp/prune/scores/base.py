@@ -37,8 +37,9 @@ class ScoreChoice:
     """The scores stages 5-8 build, rank proposals by and report (docs/SEARCH_QUALITY.md)."""
 
     scores: list[str] = option(
-        ["residual_sum", "dc"],
-        "coarse scores: each built once by stage 5; stage 6 merges their consensus's top K",
+        ["residual_sum", "dc", "consensus"],
+        "coarse scores: each built once by stage 5 (a composite one, the consensus, of the "
+        "others); stage 6 merges the composite's top K and each other score's first few",
         choices=lambda: SCORES.names(),
     )
 
@@ -78,6 +79,47 @@ class ProposalScore(ABC):
     @abstractmethod
     def heatmap(self, path: Path, title: str) -> None:
         """Draw the score as a layer-by-layer heatmap PNG."""
+
+
+class CompositeScore(ProposalScore):
+    """A score made of the other scores of ``--scores``: stage 5 composes it from their built
+    scores (nothing of the dump), stage 6 binds it to their loaded ones. Its coarse ranking joins
+    the fine search whole; its members' only their first ``--score_top_k``."""
+
+    min_members: ClassVar[int] = 2
+    members: tuple[str, ...]
+
+    @classmethod
+    def build(cls, layer_feats: Sequence[np.ndarray], options: Any) -> ProposalScore:
+        raise ValueError(f"{cls.name} is composed of the other scores of --scores, not built")
+
+    @classmethod
+    @abstractmethod
+    def compose(cls, scores: dict[str, ProposalScore], options: Any) -> CompositeScore:
+        """The score of the members ``scores`` (name -> built score, in --scores order)."""
+
+    @abstractmethod
+    def bind(self, scores: dict[str, ProposalScore], max_size: int) -> CompositeScore:
+        """This score with its members' loaded scores, for proposals of up to ``max_size``
+        layers; ValueError naming a member that ``scores`` lacks."""
+
+
+def is_composite(name: str) -> bool:
+    return issubclass(SCORES[name], CompositeScore)
+
+
+def split_scores(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the scores built from the dump, the composites of them) among ``names``; InputError
+    for a composite with too few members."""
+    built = [n for n in names if not is_composite(n)]
+    composites = [n for n in names if is_composite(n)]
+    for name in composites:
+        if len(built) < SCORES[name].min_members:
+            raise InputError(
+                f"--scores {' '.join(names)}: {name} needs {SCORES[name].min_members} or more "
+                f"other scores, got {len(built)}"
+            )
+    return built, composites
 
 
 def score_options(names: Sequence[str], conf: Sequence[str]) -> dict[str, Any]:

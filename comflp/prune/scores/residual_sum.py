@@ -30,6 +30,7 @@ import numpy as np
 
 from comflp.plots import plot_matrix
 from comflp.prune.scores.base import SCORES, ProposalScore
+from comflp.prune.search import pair_matrix
 
 # Proposal-row products gathered at once (bounds the (proposals, rows) working arrays).
 _CHUNK_ELEMENTS = 2**22
@@ -183,21 +184,11 @@ class ResidualSumScore(ProposalScore):
         removed[~ok] = 0.0
         return removed.mean(axis=1)
 
-    def pair_matrix(self) -> np.ndarray:
-        """(L, L) scores of pruning the layers {i, j} (the diagonal: layer i alone)."""
-        n = self.num_layers
-        i, j = np.meshgrid(np.arange(1, n + 1), np.arange(1, n + 1), indexing="ij")
-        singles = self.scores(np.arange(1, n + 1)[:, None])
-        off = i != j
-        pairs = np.diag(singles)
-        pairs[off] = self.scores(np.stack([i[off], j[off]], axis=1))
-        return pairs
-
     def scorer(self, aggregation: str = "mean") -> ResidualSumScore:
         return self  # scores whole proposals: no blocks to aggregate
 
     def heatmap(self, path: Path, title: str) -> None:
-        plot_matrix(self.pair_matrix(), path, title, pairs=True)
+        plot_matrix(pair_matrix(self), path, title, pairs=True)
 
     def write(self, path: Path) -> None:
         """The statistics as one ``.npz`` archive (``np.savez`` on an open file)."""

@@ -37,15 +37,14 @@ class MergeChoice:
 
     top_k: int = option(
         COARSE_TOP_K,
-        "coarse proposals passed to the fine search: the consensus's, else each score's",
+        "coarse proposals passed to the fine search: the composite scores' (the consensus's), "
+        "else each score's",
         low=1,
-    )
-    consensus: bool = option(
-        True, "with several scores, their consensus ranks too and its top K joins the merge"
     )
     score_top_k: int = option(
         1,
-        "with a consensus, each score's own coarse proposals joining the merge (at most --top_k)",
+        "with a composite score among --scores, each other score's own coarse proposals "
+        "joining the merge (at most --top_k)",
         low=0,
     )
 

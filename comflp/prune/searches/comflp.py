@@ -1,10 +1,10 @@
 """CoMFLP (Liu, Peng, Lee 2023): coarse search on each score, then one fine search.
 
 For every P and every score of ``--scores`` (each built once by stage 5 from the one stage-4
-dump), the coarse search ranks proposals and keeps the top K (each ranking is kept in
-``search.json``). With several scores, their consensus (:mod:`comflp.prune.consensus`, the mean
-of the scores standardised over proposals of the same size) ranks too; its top K and each
-score's first ``--score_top_k`` join the merge (without a consensus: each score's top K). The
+dump, or composed of the others: the consensus, :mod:`comflp.prune.scores.consensus`, the mean
+of the scores standardised over proposals of the same size), the coarse search ranks proposals
+and keeps the top K (each ranking is kept in ``search.json``). A composite score's top K and each
+other score's first ``--score_top_k`` join the merge (without a composite: each score's top K). The
 merged proposals of all P are evaluated once each in one prefix-cached pass, and the lowest dev
 metric wins (ties: the proposal that comes first when the rankings are interleaved rank by
 rank). The search's cost is the dump, every score, every coarse search and the fine pass, each
@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS
-from comflp.prune.consensus import NAME as CONSENSUS
-from comflp.prune.consensus import ConsensusScorer
 from comflp.prune.method_list import Method
 from comflp.prune.metric_search import SearchResult, best_row, fine_search
-from comflp.prune.scores.base import SCORES, ProposalScore, read_score_file
+from comflp.prune.scores.base import SCORES, CompositeScore, ProposalScore, read_score_file
 from comflp.prune.search import Proposal, ProposalScorer, coarse_search
 from comflp.prune.searches.base import SEARCHES, ModelRef, Search, SearchContext
 
@@ -73,12 +72,14 @@ def _read(reader, path: Path) -> ProposalScore:
         raise InputError(str(e)) from None
 
 
-def merge(rankings: dict[str, list[Proposal]], score_top_k: int) -> list[tuple[int, ...]]:
+def merge(
+    rankings: dict[str, list[Proposal]], score_top_k: int, composites: Collection[str] = ()
+) -> list[tuple[int, ...]]:
     """The distinct proposals the fine search evaluates, interleaved rank by rank: the
-    consensus's whole ranking and each score's first ``score_top_k``, or, without a consensus,
-    every ranking whole."""
-    if CONSENSUS in rankings:
-        rankings = {n: r if n == CONSENSUS else r[:score_top_k] for n, r in rankings.items()}
+    composite scores' whole rankings and each other score's first ``score_top_k``, or, without
+    a composite among ``rankings``, every ranking whole."""
+    if any(n in composites for n in rankings):
+        rankings = {n: r if n in composites else r[:score_top_k] for n, r in rankings.items()}
     depth = max(len(r) for r in rankings.values())
     ordered = [r[i].layers for i in range(depth) for r in rankings.values() if i < len(r)]
     return list(dict.fromkeys(ordered))
@@ -101,12 +102,17 @@ class CoMFLP(Search):
     def scorers(
         self, ctx: SearchContext, scores: dict[str, tuple[ProposalScore, float]], max_prune: int
     ) -> dict[str, ProposalScorer]:
-        """What ranks proposals: each score, and their consensus when there are several."""
-        s = ctx.settings
-        scorers = {name: score.scorer(s.coarse_aggregation) for name, (score, _) in scores.items()}
-        if s.consensus and len(scorers) > 1:
-            scorers[CONSENSUS] = ConsensusScorer(list(scorers.values()), max_size=max_prune)
-        return scorers
+        """What ranks proposals: each score, a composite one bound to its members' loaded scores."""
+        loaded = {name: score for name, (score, _) in scores.items()}
+        out = {}
+        for name, score in loaded.items():
+            if isinstance(score, CompositeScore):
+                try:
+                    score = score.bind(loaded, max_prune)
+                except ValueError as e:
+                    raise InputError(f"--scores {' '.join(loaded)}: {e}") from None
+            out[name] = score.scorer(ctx.settings.coarse_aggregation)
+        return out
 
     def coarse(
         self, ctx: SearchContext, scorers: dict[str, ProposalScorer], p: int
@@ -128,7 +134,8 @@ class CoMFLP(Search):
         dump_seconds = json.loads((ctx.exp.dump / DUMP_INFO).read_text()).get("seconds", 0.0)
         scorers = self.scorers(ctx, scores, max(prunes))
         coarse = {p: self.coarse(ctx, scorers, p) for p in prunes}
-        merged = {p: merge(coarse[p][0], s.score_top_k) for p in prunes}
+        composites = _composites(scores)
+        merged = {p: merge(coarse[p][0], s.score_top_k, composites) for p in prunes}
         rows, wall = fine_search(
             ctx.stack,
             ctx.batches,
@@ -180,15 +187,22 @@ class CoMFLP(Search):
         return rows
 
 
+def _composites(scores: dict[str, tuple[ProposalScore, float]]) -> dict[str, list[str]]:
+    """Each composite score's members."""
+    return {n: list(s.members) for n, (s, _) in scores.items() if isinstance(s, CompositeScore)}
+
+
 def _settings(ctx: SearchContext, scores: dict) -> dict:
     s = ctx.settings
+    composites = _composites(scores)
     return {
         "scores": list(scores),
+        "composites": composites,
         "mode": s.search_mode,
         "aggregation": s.coarse_aggregation,
         "beam_size": s.beam_size,
         "top_k": s.top_k,
-        "score_top_k": s.score_top_k if s.consensus and len(scores) > 1 else s.top_k,
+        "score_top_k": s.score_top_k if composites else s.top_k,
     }
 
 
@@ -202,7 +216,8 @@ def _score_methods(search: dict, name: str, model: ModelRef) -> list[Method]:
     p = search["num_prune"]
     ranking = search["rankings"][name]
     built = search["score_seconds"]
-    score_seconds = built[name] if name in built else sum(built.values())  # the consensus
+    members = search.get("composites", {}).get(name, [])
+    score_seconds = built.get(name, 0.0) + sum(built[m] for m in members)
     base = search["dump_seconds"] + score_seconds + search["coarse_seconds"][name]
     rows = [
         model.method(

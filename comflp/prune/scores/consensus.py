@@ -1,4 +1,4 @@
-"""Rank aggregation of several proposal scores: the consensus of the scores CoMFLP searches with.
+"""The consensus score: rank aggregation of the other scores of ``--scores`` (a composite score).
 
 The scores live on different scales (a mean block correlation, a mean cosine), so each is
 standardised over a reference set of proposals of the same size and the consensus is the mean
@@ -8,22 +8,36 @@ up to :data:`REFERENCE_PROPOSALS` of them, else the first k layers of each of
 :data:`SAMPLED_PROPOSALS` seeded random orderings of the layers (a uniform sample of k-sets for
 every k, nested so that a score computes all sizes in one pass: :func:`prefix_scores`). Its
 cost is the members' (already built) plus scoring the reference sets.
+
+Stage 5 writes only which scores it is made of (``scores/consensus/members.json``) and draws the
+consensus of pruning each pair of layers; stage 6 ranks with it like any score, and its top K
+joins the fine search whole (:class:`~comflp.prune.scores.base.CompositeScore`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from comflp.prune.search import ProposalScorer, all_proposals, extension_scores, prefix_scores
+from comflp.plots import plot_matrix
+from comflp.prune.scores.base import SCORES, CompositeScore, ProposalScore
+from comflp.prune.search import (
+    ProposalScorer,
+    all_proposals,
+    extension_scores,
+    pair_matrix,
+    prefix_scores,
+)
 
 REFERENCE_PROPOSALS = 2000
 # Within one size only the ratio of the members' standard deviations moves the ranking; from 256
 # uniform proposals each is within about 4.4% (1 / sqrt(2 n)) of the whole population's.
 SAMPLED_PROPOSALS = 256
-NAME = "consensus"
 
 
 def reference_chains(num_layers: int, seed: int = 0) -> np.ndarray:
@@ -85,3 +99,68 @@ class ConsensusScorer:
 
 def _moments(values: Sequence[np.ndarray]) -> list[tuple[float, float]]:
     return [(float(v.mean()), float(v.std()) or 1.0) for v in values]
+
+
+@SCORES.register("consensus")
+class ConsensusScore(CompositeScore):
+    """The consensus of ``members`` (registry names) on a stack of ``num_layers``; ``scores``:
+    their scores, once composed or bound."""
+
+    name = "consensus"
+    file_name = "members.json"
+
+    def __init__(
+        self,
+        members: Sequence[str],
+        num_layers: int,
+        scores: Sequence[ProposalScore] = (),
+        max_size: int | None = None,
+    ):
+        self.members = tuple(members)
+        self._num_layers = num_layers
+        self.member_scores = list(scores)
+        self.max_size = max_size
+
+    @classmethod
+    def compose(cls, scores: dict[str, ProposalScore], options: Any) -> ConsensusScore:
+        depths = {s.num_layers for s in scores.values()}
+        if len(depths) != 1:
+            raise ValueError(f"a consensus needs scores of one depth, got {sorted(depths)}")
+        return cls(list(scores), depths.pop(), list(scores.values()))
+
+    def bind(self, scores: dict[str, ProposalScore], max_size: int) -> ConsensusScore:
+        missing = [m for m in self.members if m not in scores]
+        if missing:
+            raise ValueError(
+                f"consensus of {' '.join(self.members)}: {' '.join(missing)} not among --scores"
+            )
+        return ConsensusScore(
+            self.members, self._num_layers, [scores[m] for m in self.members], max_size
+        )
+
+    @classmethod
+    def read(cls, path: Path) -> ConsensusScore:
+        try:
+            stored = json.loads(Path(path).read_text())
+            return cls(stored["members"], int(stored["num_layers"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f'{path}: expected {{"members": [...], "num_layers": L}}') from None
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(
+            json.dumps({"members": list(self.members), "num_layers": self._num_layers}) + "\n"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    def scorer(self, aggregation: str = "mean") -> ConsensusScorer:
+        if not self.member_scores:
+            raise ValueError(f"consensus of {' '.join(self.members)}: not bound to its members")
+        return ConsensusScorer(
+            [s.scorer(aggregation) for s in self.member_scores], max_size=self.max_size
+        )
+
+    def heatmap(self, path: Path, title: str) -> None:
+        plot_matrix(pair_matrix(self.scorer()), path, title, pairs=True)
