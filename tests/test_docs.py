@@ -87,3 +87,22 @@ def test_a_table_is_chosen_by_number_or_heading_and_its_columns_by_name(tmp_path
         doc.write_text(f"<!-- table: {marker} -->\n<!-- /table -->\n")
         with pytest.raises(InputError, match=error):
             regenerate(tmp_path, doc)
+
+
+def test_the_module_list_follows_the_package(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text('"""Does a (Smith et al. 2020). More here."""\n')
+    (pkg / "sub" / "__init__.py").write_text('"""The sub package.\n\nDetails."""\n')
+    (pkg / "sub" / "b.py").write_text("x = 1\n")
+    doc = tmp_path / "d.md"
+    doc.write_text("<!-- modules: pkg -->\nstale\n<!-- /modules -->\n")
+    assert regenerate(tmp_path, doc) == (
+        "<!-- modules: pkg -->\n- `pkg/a.py`: Does a (Smith et al. 2020).\n"
+        "- `pkg/sub`: The sub package.\n- `pkg/sub/b.py`: (no docstring)\n<!-- /modules -->\n"
+    )
+    doc.write_text(regenerate(tmp_path, doc))
+    (pkg / "c.py").write_text('"""A new module."""\n')  # a module added: the list is stale
+    again = regenerate(tmp_path, doc)
+    assert again != doc.read_text() and "- `pkg/c.py`: A new module." in again

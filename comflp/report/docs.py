@@ -19,10 +19,14 @@ conditions, ``;`` separates the values one column may take).
 
 A markdown SOURCE may name which of its tables: ``path#3`` (the third), ``path#P = 6`` (the first
 table after the heading ``P = 6``, of any level).
+
+A third marker lists a package's modules, one line each, with the first sentence of each
+module's docstring: ``<!-- modules: comflp -->`` ... ``<!-- /modules -->`` (DESIGN.md's tree).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -33,6 +37,9 @@ from comflp.errors import InputError
 from comflp.settings import option
 from comflp.utils import atomic_write_text
 
+MODULES = re.compile(
+    r"^<!-- modules: (?P<spec>\S+) -->\n(?P<body>.*?)^<!-- /modules -->$", re.M | re.S
+)
 TABLE = re.compile(r"^<!-- table: (?P<spec>.+?) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
 VALUE = re.compile(r"<!-- value: (?P<spec>.+?) -->(?P<body>.*?)<!-- /value -->", re.S)
 DOCUMENTS = ("README.md", "docs/*.md", "docs/results/**/*.md", "egs/*/README.md")
@@ -148,6 +155,30 @@ def render_value(root: Path, spec: str, where: str) -> str:
     return table.rows[keep[0]][table.header.index(field)]
 
 
+def first_sentence(path: Path) -> str:
+    """The first sentence of a module's docstring, on one line ("" without one)."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    text = " ".join(doc.split("\n\n")[0].split())
+    match = re.search(r"(?<!\bet al)(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", text)
+    return text[: match.start() + 1] if match else text
+
+
+def render_modules(root: Path, package: str, where: str) -> str:
+    """One line per module of ``package`` (a directory under ``root``), packages first."""
+    base = root / package
+    if not (base / "__init__.py").is_file():
+        raise InputError(f"{where}: {package} is not a package")
+    lines = []
+    for path in sorted(
+        base.rglob("*.py"), key=lambda p: (p.parent.relative_to(base).parts, p.name)
+    ):
+        if path.name == "__init__.py" and not first_sentence(path):
+            continue
+        name = path.parent if path.name == "__init__.py" else path
+        lines.append(f"- `{name.relative_to(root)}`: {first_sentence(path) or '(no docstring)'}")
+    return "\n".join(lines) + "\n"
+
+
 def _source(root: Path, source: str, where: str) -> Path:
     path = root / source
     if not path.is_file():
@@ -163,6 +194,13 @@ def regenerate(root: Path, path: Path) -> str:
         return f"{name}:{text.count(chr(10), 0, pos) + 1}"
 
     text = path.read_text()
+    text = MODULES.sub(
+        lambda m: (
+            f"<!-- modules: {m['spec']} -->\n"
+            f"{render_modules(root, m['spec'], where(text, m.start()))}<!-- /modules -->"
+        ),
+        text,
+    )
     text = TABLE.sub(
         lambda m: (
             f"<!-- table: {m['spec']} -->\n"
