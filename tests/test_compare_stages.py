@@ -121,6 +121,13 @@ def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
     )
     results = (exp / "RESULTS.md").read_text()
     assert "| comflp | 2 |" in results and "| comflp_dc_fine | 2 |" in results
+    # the row decodes the search's choice, and its dev CER is what the fine search measured
+    # on the same 8 dev utterances
+    search = json.loads((exp / "search/comflp_prune2/search.json").read_text())
+    rows = json.loads((exp / "compare/results.json").read_text())["rows"]
+    comflp = next(r for r in rows if (r["method"], r["num_prune"]) == ("comflp", 2))
+    assert comflp["pruned"] == search["best_layers"]
+    assert comflp["errors"]["dev-clean"]["cer"] == pytest.approx(search["best_metric"])
 
 
 def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 import itertools
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,11 @@ def test_attention_rescoring_of_a_ctc_nbest():
     enc, log_probs = encode_one(model)
     nbest = ctc_prefix_beam_search(log_probs, beam_size=4)
     assert len(nbest) == 4
+    # the scores computed here, one hypothesis at a time, not the function's own
+    want = [0.5 * c + 0.5 * teacher_forced_score(model, enc, tokens) for tokens, c in nbest]
     best, scores = attention_rescoring(model, enc, nbest, ctc_weight=0.5)
-    assert best in [tokens for tokens, _ in nbest]
-    assert best == nbest[max(range(4), key=scores.__getitem__)][0]
+    assert scores == pytest.approx(want, abs=1e-4)
+    assert best == nbest[max(range(4), key=want.__getitem__)][0]
     best, scores = attention_rescoring(model, enc, nbest, ctc_weight=1.0)
     assert best == nbest[0][0]
     assert scores == pytest.approx([s for _, s in nbest])
@@ -278,17 +281,20 @@ def test_decode_set():
                 "seconds": 0.01 * sum(lengths),
             }
         )
+    start = time.perf_counter()
     result = decode_set(native(model), batches, "ctc_prefix_beam_search", beam_size=3)
+    wall = time.perf_counter() - start
     assert [u["id"] for u in result.utts] == ["b1u0", "b1u1", "b2u0"]
     assert [u["ref"] for u in result.utts] == ["1 2"] * 3
-    expected = [
-        DigitTokenizer().decode(h)
-        for b in batches
-        for h in decode_batch(native(model), b, "ctc_prefix_beam_search", 3)
-    ]
+    expected = []  # the prefix beam search on each utterance's own log-probabilities
+    for b in batches:
+        log_probs, enc_lens = batch_log_probs(model, b["feats"], b["feat_lens"])
+        for i, n in enumerate(enc_lens.tolist()):
+            tokens = ctc_prefix_beam_search(log_probs[i, :n], 3, top_k=3)[0][0]
+            expected.append(DigitTokenizer().decode(tokens))
     assert [u["hyp"] for u in result.utts] == expected
-    assert result.audio_seconds == pytest.approx(1.25)
-    assert result.decode_seconds > 0
+    assert result.audio_seconds == pytest.approx(1.25)  # the batches' seconds, summed
+    assert 0 < result.decode_seconds <= wall  # timed inside the call
     assert result.rtf == pytest.approx(result.decode_seconds / 1.25)
     assert result.timing() == {
         "num_utts": 3,

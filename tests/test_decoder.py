@@ -18,6 +18,7 @@ from comflp.asr.checkpoint import save_model
 from comflp.asr.config import ExperimentConfig, ModelConfig
 from comflp.asr.features import load_cmvn, save_cmvn
 from comflp.asr.model import ASRModel, prune_decoder_layers
+from comflp.asr.scoring import error_stats
 from comflp.asr.tokenizer import Tokenizer, train_tokenizer
 from comflp.errors import InputError
 from comflp.expdir import CMVN, DUMP_INFO, TOKENIZER, ExpDir
@@ -186,6 +187,8 @@ def test_decoder_subset_equals_the_pruned_model_saved_and_reloaded(assets, tmp_p
     texts = [model.decode_ids(h) for h in model.greedy_decode(memory, kept)]
     again = [reloaded.decode_ids(h) for h in reloaded.decode(b, "attention_greedy_search")]
     assert texts == again and any(texts)
+    # the evaluator's CER is the reloaded model's transcripts scored against the references
+    assert result.cer == pytest.approx(error_stats(b["texts"], again, "char").err)
     nll = reloaded.decoder_nll(
         reloaded.decoder_forward_layers(reloaded.decoder_embed(memory, inputs, lengths)), outputs
     )
@@ -341,9 +344,12 @@ def test_search_quality_ranks_the_teacher_forced_loss_against_decoding(tmp_path)
     cer = proposal_cers(stack, [b], proposals, cache)
     uniform = np.ones(4, dtype=bool)
     tf = teacher_forced_quality(stack, [b], proposals, cer, uniform, cache)
-    results = stack.evaluate([b], [(2, 3, 4), (1, 3, 4), (1, 2, 4), (1, 2, 3)])
+    kept = [(2, 3, 4), (1, 3, 4), (1, 2, 4), (1, 2, 3)]
+    results = stack.evaluate([b], kept)
     losses = [r.loss for r in results]
-    assert cer.tolist() == [r.cer for r in results]
+    memory = model.encode(b)  # each proposal decoded and scored here, not by the evaluator
+    decoded = [[model.decode_ids(h) for h in model.greedy_decode(memory, k)] for k in kept]
+    assert cer.tolist() == pytest.approx([error_stats(b["texts"], t, "char").err for t in decoded])
     assert tf["spearman"] == pytest.approx(spearman([-x for x in losses], cer))
     assert tf["best_layers"] == list(proposals[int(np.argmin(losses))])
     assert (

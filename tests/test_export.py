@@ -155,7 +155,9 @@ def test_sherpa_onnx_transcribes_as_comflp(name, model_dirs, exported, test_audi
 
 def test_int8_model(exported, test_audio):
     """model.int8.onnx: the float32 graph with every weight matrix product in int8
-    (MatMulInteger), the same metadata, and sherpa-onnx decodes it."""
+    (MatMulInteger), the same metadata, and sherpa-onnx decodes it as it decodes float32: the
+    transcripts differ in at most 5% of their characters and the test CER by at most a point
+    (3 characters at least; docs/BENCHMARKS.md measures 0.2 points on the full-size model)."""
     import onnx
 
     graphs = {k: onnx.load(exported("conformer") / f"model{k}.onnx") for k in ("", ".int8")}
@@ -168,8 +170,18 @@ def test_int8_model(exported, test_audio):
     assert ops[".int8"].count("MatMul") == ops[""].count("MatMul") - weight_matmuls
     meta = {k: {p.key: p.value for p in g.metadata_props} for k, g in graphs.items()}
     assert {k: v for k, v in meta[".int8"].items() if k in meta[""]} == meta[""]
-    sherpa = SherpaCtc(exported("conformer"), int8=True)
-    assert sum(len(sherpa.transcribe(s)) for _, s, _ in test_audio) > 0
+    hyps = {
+        precision: [
+            SherpaCtc(exported("conformer"), int8=int8).transcribe(s) for _, s, _ in test_audio
+        ]
+        for precision, int8 in (("float32", False), ("int8", True))
+    }
+    assert sum(map(len, hyps["float32"])) > 100
+    assert error_stats(hyps["float32"], hyps["int8"], "char").err <= 5.0
+    refs = [normalise(ref) for _, _, ref in test_audio]
+    cer = {k: error_stats(refs, h, "char").err for k, h in hyps.items()}
+    chars = error_stats(refs, refs, "char").wrd
+    assert abs(cer["int8"] - cer["float32"]) <= max(1.0, 100 * 3 / chars), cer
 
 
 # group-norm front end without a mask, unpruned; WavLM without its first layer (the relative
