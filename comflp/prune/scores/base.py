@@ -179,6 +179,8 @@ def read_score_file(path: Path) -> ProposalScore:
     readers: dict[str, type[ProposalScore]] = {}
     for name in SCORES:
         cls = SCORES[name]
+        if issubclass(cls, CompositeScore):  # made of other scores: nothing to search alone
+            continue
         owner = next(c for c in cls.__mro__ if "read" in vars(c))  # the file format's class
         readers.setdefault(Path(cls.file_name).suffix, owner)
     suffix = Path(path).suffix
