@@ -3,6 +3,7 @@ caught, regenerated from its results file."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -20,7 +21,11 @@ def test_every_generated_figure_matches_its_results_file():
 
 
 def _copy(tmp_path):
-    for name in ("README.md", SOURCE):
+    """README.md and every results file its markers read, in a scratch repository."""
+    text = (REPO / "README.md").read_text()
+    sources = {m.split("#")[0] for m in re.findall(r"<!-- (?:table|value): (.+?) ::", text)}
+    assert SOURCE in sources
+    for name in ("README.md", *sources):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
     return tmp_path / "README.md"
