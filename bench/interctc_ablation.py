@@ -42,6 +42,20 @@ VARIANTS = {
 }
 
 
+def format_rows(rows: list[tuple[str, float, dict[str, float]]]) -> str:
+    """The Markdown table: one row per variant, its dev CER per subset and training seconds."""
+    columns = list(rows[0][2])
+    lines = [
+        "| model | " + " | ".join(f"dev CER, {c}" for c in columns) + " | training (s) |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, seconds, cers in rows:
+        lines.append(
+            f"| {name} | " + " | ".join(f"{cers[c]:.2f}" for c in columns) + f" | {seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(args: argparse.Namespace) -> None:
     w = args.workdir
     lang = w / args.lang_dir
@@ -86,16 +100,7 @@ def main(args: argparse.Namespace) -> None:
         results = evaluate_subsets(model, batches, list(subsets.values()))
         rows.append((name, seconds, {k: r.cer for k, r in zip(subsets, results)}))
         logging.info(f"{name}: {rows[-1][2]}")
-    columns = list(rows[0][2])
-    lines = [
-        "| model | " + " | ".join(f"dev CER, {c}" for c in columns) + " | training (s) |",
-        "|---|" + "---|" * (len(columns) + 1),
-    ]
-    for name, seconds, cers in rows:
-        lines.append(
-            f"| {name} | " + " | ".join(f"{cers[c]:.2f}" for c in columns) + f" | {seconds:.0f} |"
-        )
-    table = "\n".join(lines) + "\n"
+    table = format_rows(rows)
     print(table)
     if args.output:
         atomic_write_text(

@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import torch
+from budget_training import Evaluator, train_for_budget
 
-from comflp import expdir
 from comflp.adapters.hf import HFModel
 from comflp.asr.ctc import ctc_loss
 from comflp.asr.data import cut_text, load_cuts, load_eval_batches, random_subset, train_sampler
 from comflp.cli import UsageError, add_common_args, positive_int, run
-from comflp.prune.evaluator import evaluate_model
-from comflp.utils import atomic_write_json, seed_everything
+from comflp.utils import seed_everything
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "|"]
 
@@ -101,13 +98,6 @@ def build_model(args: argparse.Namespace, processor) -> HFModel:
     return HFModel(hf, processor, args.out_dir, norm)
 
 
-def learning_rate(args: argparse.Namespace, step: int, elapsed: float, budget: float) -> float:
-    """Linear warm-up over ``--warmup_steps``, then cosine decay over the wall-time left."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
-
-
 def main(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     manifests = args.workdir / args.manifest_dir
@@ -125,69 +115,22 @@ def main(args: argparse.Namespace) -> None:
         f"{len(train_cuts)} training utterances, {len(dev_cuts)} dev"
     )
     dev_batches = load_eval_batches(model, dev_cuts, args.max_duration)
-    optimizer = torch.optim.AdamW(
-        model.module.parameters(), lr=args.lr, weight_decay=args.weight_decay
-    )
-    budget = args.minutes * 60
-    start = time.time()
-    history: list[dict] = []
-    best = math.inf
-    step = epoch = 0
-
-    def evaluate(reason: str) -> None:
-        nonlocal best
-        result = evaluate_model(model, dev_batches)
-        minutes = (time.time() - start) / 60
-        row = {"epoch": epoch, "step": step, "minutes": minutes, "reason": reason}
-        history.append({**row, **result.to_dict()})
-        atomic_write_json(args.out_dir / expdir.HISTORY, history)
-        logging.info(
-            f"dev after {minutes:.1f} min (epoch {epoch}, step {step}, {reason}): "
-            f"CER {result.cer:.2f}, WER {result.wer:.2f}, CTC loss {result.loss:.2f}"
-        )
-        if result.cer < best:
-            best = result.cer
-            model.save(args.out_dir, {**row, "dev_cer": result.cer, "dev_wer": result.wer})
-            logging.info(f"best so far: saved to {args.out_dir}")
-
+    evaluate = Evaluator(model, dev_batches, args, "CTC loss")
     dataset = model.dataset()
-    out_of_time = False
-    while not out_of_time:
-        epoch += 1
+
+    def loss_of(batch: dict) -> tuple[torch.Tensor, str]:
+        log_probs, lengths = model.log_probs(batch)
+        loss = ctc_loss(log_probs, lengths, batch["targets"], batch["target_lens"], model.blank_id)
+        per_utt = loss / len(batch["ids"])
+        return per_utt, f"loss/utt {per_utt.item():.3f}"
+
+    def epoch_batches(epoch: int):
         sampler = train_sampler(train_cuts, args.max_duration, args.num_buckets, args.seed)
         sampler.set_epoch(epoch)
-        model.module.train()
-        for cuts in sampler:
-            batch = dataset[cuts]
-            elapsed = time.time() - start
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, step, elapsed, budget)
-            log_probs, lengths = model.log_probs(batch)
-            loss = ctc_loss(
-                log_probs, lengths, batch["targets"], batch["target_lens"], model.blank_id
-            )
-            optimizer.zero_grad()
-            (loss / len(batch["ids"])).backward()
-            torch.nn.utils.clip_grad_norm_(model.module.parameters(), args.grad_clip)
-            optimizer.step()
-            step += 1
-            if step % args.log_every == 0:
-                logging.info(
-                    f"epoch {epoch} step {step}: loss/utt {loss.item() / len(batch['ids']):.3f}, "
-                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {elapsed / 60:.1f} min"
-                )
-            out_of_time = time.time() - start >= budget
-            if out_of_time or (args.eval_every and step % args.eval_every == 0):
-                evaluate("time budget spent" if out_of_time else f"every {args.eval_every} steps")
-                model.module.train()
-            if out_of_time:
-                break
-        else:
-            evaluate(f"end of epoch {epoch}")
-    logging.info(
-        f"done: {step} steps, {epoch} epoch(s) in {(time.time() - start) / 60:.1f} min; "
-        f"best dev CER {best:.2f}, model in {args.out_dir}"
-    )
+        return (dataset[cuts] for cuts in sampler)
+
+    params = list(model.module.parameters())
+    train_for_budget(args, evaluate, params, epoch_batches, loss_of, eval_each_epoch=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

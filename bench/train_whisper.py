@@ -32,20 +32,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import random
-import time
 from pathlib import Path
 
 import torch
+from budget_training import Evaluator, train_for_budget
 from lhotse import CutSet
 
-from comflp import expdir
 from comflp.adapters.whisper import WhisperAdapter, char_model, char_processor
 from comflp.asr.data import cut_text, eval_loader, load_cuts, random_subset
 from comflp.cli import add_common_args, positive_int, run
-from comflp.prune.evaluator import evaluate_model
-from comflp.utils import atomic_write_json, seed_everything
+from comflp.utils import seed_everything
 
 
 def packed_batches(cuts: CutSet, args: argparse.Namespace, rng: random.Random):
@@ -64,13 +61,6 @@ def packed_batches(cuts: CutSet, args: argparse.Namespace, rng: random.Random):
         examples.append(pack)
     for start in range(0, len(examples), args.batch_size):
         yield CutSet.from_cuts(examples[start : start + args.batch_size])
-
-
-def learning_rate(args: argparse.Namespace, step: int, elapsed: float, budget: float) -> float:
-    """Linear warm-up over ``--warmup_steps``, then cosine decay over the wall time left."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
 
 
 def build(args: argparse.Namespace, texts: list[str]) -> tuple[WhisperAdapter, torch.nn.Linear]:
@@ -115,35 +105,6 @@ def joint_loss(model: WhisperAdapter, ctc_head, batch: dict, ctc_weight: float):
     return (1 - ctc_weight) * att + ctc_weight * ctc, att.item(), ctc.item()
 
 
-class Evaluator:
-    """Dev CER of the model now; the best one saved."""
-
-    def __init__(self, model: WhisperAdapter, dev: CutSet, args: argparse.Namespace):
-        self.model, self.args = model, args
-        self.batches = list(eval_loader(dev, model.dataset(), args.eval_max_duration))
-        self.history: list[dict] = []
-        self.best = math.inf
-        self.start = time.time()
-
-    def __call__(self, epoch: int, step: int, reason: str) -> None:
-        result = evaluate_model(self.model, self.batches)
-        minutes = (time.time() - self.start) / 60
-        row = {"epoch": epoch, "step": step, "minutes": minutes, "reason": reason}
-        self.history.append({**row, **result.to_dict()})
-        atomic_write_json(self.args.out_dir / expdir.HISTORY, self.history)
-        logging.info(
-            f"dev after {minutes:.1f} min (epoch {epoch}, step {step}, {reason}): "
-            f"CER {result.cer:.2f}, WER {result.wer:.2f}, NLL/utt {result.loss:.2f}"
-        )
-        if result.cer < self.best:
-            self.best = result.cer
-            self.model.save(
-                self.args.out_dir, {**row, "dev_cer": result.cer, "dev_wer": result.wer}
-            )
-            logging.info(f"best so far: saved to {self.args.out_dir}")
-        self.model.module.train()
-
-
 def main(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     rng = random.Random(args.seed)
@@ -162,37 +123,18 @@ def main(args: argparse.Namespace) -> None:
         f"utterances, {len(dev_cuts)} dev"
     )
     params = list(model.module.parameters()) + list(ctc_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    evaluate = Evaluator(model, dev_cuts, args)
-    budget, dataset = args.minutes * 60, model.dataset()
-    step = epoch = 0
-    model.module.train()
-    while time.time() - evaluate.start < budget:
-        epoch += 1
-        for cuts in packed_batches(train_cuts, args, rng):
-            elapsed = time.time() - evaluate.start
-            if elapsed >= budget:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, step, elapsed, budget)
-            loss, att, ctc = joint_loss(model, ctc_head, dataset[cuts], args.ctc_weight)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            step += 1
-            if step % args.log_every == 0:
-                logging.info(
-                    f"epoch {epoch} step {step}: attention {att:.2f}, CTC {ctc:.2f} per utterance, "
-                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {elapsed / 60:.1f} min"
-                )
-            if args.eval_every and step % args.eval_every == 0:
-                evaluate(epoch, step, f"every {args.eval_every} steps")
-    evaluate(epoch, step, "time budget spent")
-    logging.info(
-        f"done: {step} steps, {epoch} epoch(s) in {(time.time() - evaluate.start) / 60:.1f} min; "
-        f"best dev CER {evaluate.best:.2f}, model in {args.out_dir}"
-    )
+    dev_batches = list(eval_loader(dev_cuts, model.dataset(), args.eval_max_duration))
+    evaluate = Evaluator(model, dev_batches, args, "NLL/utt")
+    dataset = model.dataset()
+
+    def loss_of(batch: dict) -> tuple[torch.Tensor, str]:
+        loss, att, ctc = joint_loss(model, ctc_head, batch, args.ctc_weight)
+        return loss, f"attention {att:.2f}, CTC {ctc:.2f} per utterance"
+
+    def epoch_batches(epoch: int):
+        return (dataset[cuts] for cuts in packed_batches(train_cuts, args, rng))
+
+    train_for_budget(args, evaluate, params, epoch_batches, loss_of)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,34 @@ def ranking_losses(student, teacher, refs: list[dict], pseudo: list[dict]) -> di
     }
 
 
+def compare_recoveries(teacher, chosen, batches, refs, cfg, train, sets: dict) -> dict:
+    """At the same budget: plain fine-tuning of ``chosen``'s student on the references, the
+    unpruned model fine-tuned the same way (the fair teacher), and Distil-Whisper's recovery
+    again from the fair teacher (its own pseudo-labels)."""
+    plain_cfg = dataclasses.replace(cfg, kl_weight=0.0, pseudo_labels=False)
+    plain = teacher.prune_decoder(chosen)
+    recover(plain, None, refs, plain_cfg, train)
+    fair = copy.deepcopy(teacher)
+    recover(fair, None, refs, plain_cfg, train)
+    student = teacher.prune_decoder(chosen)
+    fair_pseudo, fair_filter = pseudo_labelled(fair, batches, cfg)
+    recover(student, fair, fair_pseudo, cfg, train)
+
+    def rates(model) -> dict:
+        return {name: cached_error_rates(model, data) for name, data in sets.items()}
+
+    return {
+        "distil_from_fair_teacher": {
+            "filter": fair_filter,
+            "steps": train.num_epochs * len(fair_pseudo),
+            **rates(student),
+        },
+        "pruned": chosen,
+        "plain_finetune": rates(plain),
+        "fair_teacher": rates(fair),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
@@ -106,31 +134,9 @@ def run(args: argparse.Namespace) -> dict:
         print(json.dumps(row), flush=True)
     if args.compare:
         chosen = [int(x) for x in args.compare.split()]
-        plain = teacher.prune_decoder(chosen)
-        recover(plain, None, refs, plain_cfg, train)
-        fair = copy.deepcopy(teacher)
-        recover(fair, None, refs, plain_cfg, train)
-        # Distil-Whisper's recovery again, from the fine-tuned teacher (its own pseudo-labels)
-        student = teacher.prune_decoder(chosen)
-        fair_pseudo, fair_filter = pseudo_labelled(fair, batches, cfg)
-        recover(student, fair, fair_pseudo, cfg, train)
-        result["compare"] = {
-            "distil_from_fair_teacher": {
-                "filter": fair_filter,
-                "steps": train.num_epochs * len(fair_pseudo),
-                "dev": cached_error_rates(student, dev),
-                "test": cached_error_rates(student, test),
-            },
-            "pruned": chosen,
-            "plain_finetune": {
-                "dev": cached_error_rates(plain, dev),
-                "test": cached_error_rates(plain, test),
-            },
-            "fair_teacher": {
-                "dev": cached_error_rates(fair, dev),
-                "test": cached_error_rates(fair, test),
-            },
-        }
+        result["compare"] = compare_recoveries(
+            teacher, chosen, batches, refs, cfg, train, {"dev": dev, "test": test}
+        )
     return result
 
 
