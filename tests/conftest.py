@@ -94,6 +94,13 @@ def pipeline(tmp_path_factory) -> dict:
     return {"workdir": workdir, "exp_dir": workdir / "exp/baseline", "times": times}
 
 
+# stages 4-8 of another library's model at the smallest size that still searches: dc alone, P = 1
+ONE_LAYER_SEARCH = [
+    *("--nj", "1", "--decode_nj", "1", "--calib_num_utts", "16", "--fine_num_utts", "8"),
+    *("--score_conf", "dc.batch_size=8", "--scores", "dc", "--num_prune", "1"),
+    *("--random_seeds", "1"),
+]
+
 SEARCH_OPTIONS = [
     "--num_prune",
     "1 2",

@@ -29,7 +29,7 @@ from comflp.asr.data import load_eval_batches  # noqa: E402
 from comflp.prune.dump import dump_layers, load_layer_feats  # noqa: E402
 from comflp.prune.stacks import EncoderStack  # noqa: E402
 
-from .conftest import PYTHON, REPO, run_cmd, run_sh  # noqa: E402
+from .conftest import ONE_LAYER_SEARCH, PYTHON, REPO, run_cmd, run_sh  # noqa: E402
 
 pytestmark = pytest.mark.espnet
 ASRTask = espnet_asr.ASRTask
@@ -411,17 +411,7 @@ def test_stages_4_to_8_prune_and_finetune_an_espnet_model(pipeline, models, tmp_
             "--finetune_config",
             str(finetune),
         ),
-        *("--nj", "1", "--decode_nj", "1", "--calib_num_utts", "16", "--fine_num_utts", "8"),
-        *(
-            "--score_conf",
-            "dc.batch_size=8",
-            "--scores",
-            "dc",
-            "--num_prune",
-            "1",
-            "--random_seeds",
-            "1",
-        ),
+        *ONE_LAYER_SEARCH,
     )
     info = json.loads((exp / "dump/info.json").read_text())
     assert info["model_type"] == "espnet" and info["num_layers"] == 4 and info["num_utts"] == 16

@@ -24,7 +24,14 @@ from comflp.prune.method_list import MethodList  # noqa: E402
 from comflp.prune.stacks import EncoderStack  # noqa: E402
 from comflp.train.trainer import AdapterTrainer  # noqa: E402
 
-from .conftest import PYTHON, REPO, decoded_utts, independent_cer, run_sh  # noqa: E402
+from .conftest import (  # noqa: E402
+    ONE_LAYER_SEARCH,
+    PYTHON,
+    REPO,
+    decoded_utts,
+    independent_cer,
+    run_sh,
+)
 
 CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
 TINY = dict(
@@ -365,22 +372,7 @@ def test_stages_4_to_8_prune_and_finetune_an_hf_model(pipeline, models, tmp_path
         str(models["wav2vec2_lm_head_norm"]),
         "--exp_dir",
         "exp/hf",
-        "--nj",
-        "1",
-        "--decode_nj",
-        "1",
-        "--calib_num_utts",
-        "16",
-        "--fine_num_utts",
-        "8",
-        "--score_conf",
-        "dc.batch_size=8",
-        "--scores",
-        "dc",
-        "--num_prune",
-        "1",
-        "--random_seeds",
-        "1",
+        *ONE_LAYER_SEARCH,
         "--test_sets",
         "test-clean",
     )
