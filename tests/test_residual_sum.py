@@ -49,7 +49,7 @@ def test_scorer_equals_a_direct_computation_in_chunks(monkeypatch):
 def test_extension_and_prefix_scores_equal_scoring_each_set(monkeypatch):
     feats = residual_stream([0.5, 0.7, 0.9, 0.3, 1.2, 0.6], rows=30)
     scorer = ResidualSumScore.build(feats)
-    monkeypatch.setattr(residual_sum, "_CHUNK_ELEMENTS", 200)  # a proposal or an entry per chunk
+    monkeypatch.setattr(residual_sum, "_CHUNK_ELEMENTS", 200)  # a proposal per chunk
     beam = np.array([[1, 4], [2, 3], [5, 6]])
     grid = scorer.extension_scores(beam)
     for entry, row in zip(beam, grid, strict=True):
@@ -58,6 +58,14 @@ def test_extension_and_prefix_scores_equal_scoring_each_set(monkeypatch):
             assert row[layer - 1] == pytest.approx(want, abs=1e-9)
     first = scorer.extension_scores(np.zeros((1, 0), dtype=np.int64))[0]
     np.testing.assert_allclose(first, [direct_cosine(feats, [k]) for k in range(1, 7)], atol=1e-9)
+    # the next step of a beam search: entries one layer larger, extended from the cached sums
+    # of the previous call's entries (one of them, [2, 4, 5], from scratch: no parent cached)
+    after = np.array([[1, 4, 6], [2, 3, 5], [5, 6, 1], [2, 4, 5]])
+    grid = scorer.extension_scores(np.array([[1, 4], [2, 3], [5, 6]]))
+    grid = scorer.extension_scores(after)
+    for entry, row in zip(after, grid, strict=True):
+        for layer in sorted(set(range(1, 7)) - set(entry)):
+            assert row[layer - 1] == pytest.approx(direct_cosine(feats, [*entry, layer]), abs=1e-9)
     chains = np.array([[3, 1, 6, 2], [5, 4, 1, 3], [2, 6, 5, 4]])
     want = [[direct_cosine(feats, c[:k]) for k in range(1, 5)] for c in chains]
     np.testing.assert_allclose(scorer.prefix_scores(chains), want, atol=1e-9)

@@ -22,7 +22,7 @@ samples). A row whose top state or approximation is zero contributes 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class ResidualSumScore(ProposalScore):
     top_sq: np.ndarray
     proj: np.ndarray
     gram: np.ndarray
+    # the last beam's entries -> their sums (a, q, c), so that the next step extends them
+    _sums: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rows = self.top_sq.shape
@@ -125,26 +127,38 @@ class ResidualSumScore(ProposalScore):
 
     def extension_scores(self, beam: np.ndarray) -> np.ndarray:
         """(b, L) scores of each row of ``beam`` ((b, s) pruned layer numbers) with one more
-        layer l at column l - 1 (meaningless where l is in the row): the row's sums ``a`` and
-        ``q`` and ``c[l] = sum_{k in S} gram[l, k]`` from one matrix product, then for each l
-        ``a + proj[l]`` and ``q + 2 c[l] + gram[l, l]``."""
+        layer l at column l - 1 (meaningless where l is in the row), from the row's sums ``a``,
+        ``q`` and ``c[l] = sum_{k in S} gram[l, k]``: ``a + proj[l]`` and ``q + 2 c[l] +
+        gram[l, l]``. A row one layer k larger than a row of the previous call (a beam search's
+        next step) gets its sums from that row's in O(L R): ``c += gram[k]``, ``a += proj[k]``,
+        ``q += 2 c[k] + gram[k, k]``; any other from scratch."""
         beam = np.asarray(beam, dtype=np.int64) - 1
-        num_layers, rows = self.num_layers, self.num_rows
-        step = max(1, _CHUNK_ELEMENTS // (num_layers * rows))
+        num_layers = self.num_layers
         diag = self.gram[np.arange(num_layers), np.arange(num_layers)]  # (L, R)
-        grids = []
-        for start in range(0, len(beam), step):
-            idx = beam[start : start + step]
-            member = _membership(idx, num_layers)
-            sums = (member @ self.gram.reshape(num_layers, -1)).reshape(len(idx), num_layers, rows)
-            quad = np.einsum("bl,blr->br", member, sums)[:, None, :] + 2 * sums + diag
-            removed = (member @ self.proj)[:, None, :] + self.proj
-            grids.append(
-                self._cosines(removed.reshape(-1, rows), quad.reshape(-1, rows)).reshape(
-                    len(idx), num_layers
-                )
-            )
-        return np.concatenate(grids) if grids else np.zeros((0, num_layers))
+        grid = np.zeros((len(beam), num_layers))
+        sums = {}
+        for i, row in enumerate(beam):
+            key = tuple(sorted(row.tolist()))
+            a, q, c = sums[key] = self._sums.get(key) or self._entry_sums(key)
+            removed = a + self.proj
+            grid[i] = self._cosines(removed, q + 2 * c + diag)
+        self._sums.clear()
+        self._sums.update(sums)
+        return grid
+
+    def _entry_sums(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, q, c) of the set ``key`` (0-based layers): from a cached subset one layer smaller
+        when there is one, else from scratch."""
+        for k in key:
+            parent = self._sums.get(tuple(x for x in key if x != k))
+            if parent is not None:
+                a, q, c = parent
+                return a + self.proj[k], q + 2 * c[k] + self.gram[k, k], c + self.gram[k]
+        rows = self.num_rows
+        if not key:
+            return np.zeros(rows), np.zeros(rows), np.zeros((self.num_layers, rows))
+        c = self.gram[list(key)].sum(axis=0)  # (L, R)
+        return self.proj[list(key)].sum(axis=0), c[list(key)].sum(axis=0), c
 
     def prefix_scores(self, chains: np.ndarray) -> np.ndarray:
         """(n, K) scores of the first 1..K layers of each row of ``chains``: each step adds one
