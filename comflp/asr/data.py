@@ -16,6 +16,9 @@ from torch.utils.data import DataLoader
 from comflp.asr.layers import subsampled_lengths
 from comflp.asr.tokenizer import Tokenizer
 
+# seconds of audio per evaluation batch (dump, searches, decoding, the study): --max_duration
+EVAL_MAX_DURATION = 100.0
+
 
 def load_cuts(path: str | Path) -> CutSet:
     path = Path(path)
@@ -158,7 +161,7 @@ def eval_loader(
 def load_eval_batches(
     model,
     cuts: CutSet | str | Path,
-    max_duration: float = 100.0,
+    max_duration: float = EVAL_MAX_DURATION,
     num_utts: int | None = None,
     seed: int = 0,
 ) -> list[dict]:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comflp.adapters.base import ModelSettings, PrunableModel
-from comflp.asr.data import eval_loader, load_cuts, load_eval_batches, random_subset
+from comflp.asr.data import (
+    EVAL_MAX_DURATION,
+    eval_loader,
+    load_cuts,
+    load_eval_batches,
+    random_subset,
+)
 from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, ExpDir
 from comflp.prune.dump import POOLINGS, dump_layers
@@ -75,7 +81,7 @@ class QualitySettings(ModelSettings):
     )
     sample_size: int = option(300, "uniform proposals of a sample")
     seed: int = option(0, "seed of the dev subset, the proposal sample and the frame rows")
-    max_duration: float = option(100.0, "seconds of audio per batch")
+    max_duration: float = option(EVAL_MAX_DURATION, "seconds of audio per batch")
 
 
 def calibration_dump(s: QualitySettings, model: PrunableModel, stack: LayerStack) -> Path:

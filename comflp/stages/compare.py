@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comflp.adapters.base import CTC_WEIGHT, DECODE_BEAM_SIZE, MODEL_TYPES, load_prunable
-from comflp.asr.data import eval_loader, load_cuts, part_of
+from comflp.asr.data import EVAL_MAX_DURATION, eval_loader, load_cuts, part_of
 from comflp.asr.scoring import write_scores
 from comflp.decoding import decode_set
 from comflp.errors import InputError
@@ -82,7 +82,7 @@ class DecodeSettings:
     decoding_method: str = option("ctc_greedy_search", "a method the model has (model.decode)")
     decode_beam_size: int = option(DECODE_BEAM_SIZE, "beam of the beam searches")
     ctc_weight: float = option(CTC_WEIGHT, "attention rescoring: CTC score weight")
-    max_duration: float = option(100.0, "seconds of audio per batch")
+    max_duration: float = option(EVAL_MAX_DURATION, "seconds of audio per batch")
     device: str = option("auto", "auto | cpu | cuda[:N]")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comflp.adapters.base import ModelSettings
-from comflp.asr.data import eval_loader, load_cuts, part_of, random_subset
+from comflp.asr.data import EVAL_MAX_DURATION, eval_loader, load_cuts, part_of, random_subset
 from comflp.errors import InputError
 from comflp.expdir import ExpDir
 from comflp.prune.dump import FRAMES_PER_UTT, POOLING, POOLINGS, dump_layers, merge_dumps
@@ -30,7 +30,7 @@ class DumpSettings(ModelSettings):
         FRAMES_PER_UTT, "frames pooling: random frames kept per utterance (0: all)"
     )
     seed: int = option(0, "seed of the calibration subset and the frame sample")
-    max_duration: float = option(100.0, "seconds of audio per batch")
+    max_duration: float = option(EVAL_MAX_DURATION, "seconds of audio per batch")
     part: int = option(1, "which part (1-based) of the job array")
     num_parts: int = option(1, "parts of the job array")
 

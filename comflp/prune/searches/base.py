@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from comflp.adapters.base import ModelSettings
+from comflp.asr.data import EVAL_MAX_DURATION
 from comflp.expdir import ExpDir
 from comflp.prune.evaluator import METRICS
 from comflp.prune.method_list import Method
@@ -85,7 +86,7 @@ class SearchSettings(ModelSettings, ScoreChoice, MergeChoice):
     oracle_max_evaluations: int = option(1000, "oracle: skip (and say so) above this many C(L, P)")
     dev_cuts: Path | None = option(None, "cuts of the dev set (with --exp_dir)")
     seed: int = option(0, "seed of the random dev subset")
-    max_duration: float = option(100.0, "seconds of audio per evaluation batch")
+    max_duration: float = option(EVAL_MAX_DURATION, "seconds of audio per evaluation batch")
     matrix: Path | None = option(
         None, "a score file (matrix .npy, residual-sum .npz) instead of stage 5's scores"
     )
