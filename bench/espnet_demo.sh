@@ -29,4 +29,4 @@ timed "$root/run.sh" --stage 4 --stop_stage 8 --model_type espnet --model_dir "$
 timed "$py" "$root/bench/espnet_speech2text_rows.py" --exp_dir exp/espnet --set test-clean --beam_size 5
 timed "$py" "$root/bin/search_quality.py" --exp_dir exp/espnet --model_type espnet --model_dir "$model" \
   --num_prune 6 --calib_num_utts 320 --calib_sizes 320 --scores residual_sum dc svcca cka \
-  --poolings frames --output_dir exp/espnet/search_quality
+  --poolings frames --frames_per_utt 50 --output_dir exp/espnet/search_quality

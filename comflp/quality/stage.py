@@ -26,7 +26,7 @@ from comflp.asr.data import (
 )
 from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, ExpDir
-from comflp.prune.dump import POOLINGS, dump_layers
+from comflp.prune.dump import FRAMES_PER_UTT, POOLINGS, dump_layers
 from comflp.prune.scores.base import SCORES, ScoreChoice, is_composite, split_scores
 from comflp.prune.searches.base import MergeChoice
 from comflp.prune.stacks import LayerStack, stack_of
@@ -74,7 +74,7 @@ class QualitySettings(ModelSettings):
     reference_num_utts: int = option(REFERENCE_NUM_UTTS, "the N the other sizes are compared with")
     dev_cuts: Path = option(Path("data/fbank/cuts_dev-clean.jsonl.gz"), "cuts of the dev set")
     dev_num_utts: int = option(320, "dev utterances the CERs are measured on")
-    frames_per_utt: int = option(50, "frames dumped per utterance (0: all)")
+    frames_per_utt: int = option(FRAMES_PER_UTT, "frames dumped per utterance (0: all)")
     frame_rows: int = option(8192, "frame pooling: rows kept at most")
     max_proposals: int = option(
         1000, "evaluate all C(L, P) proposals up to this many, else a sample"
