@@ -126,7 +126,7 @@ def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
     search = json.loads((exp / "search/comflp_prune2/search.json").read_text())
     rows = json.loads((exp / "compare/results.json").read_text())["rows"]
     comflp = next(r for r in rows if (r["method"], r["num_prune"]) == ("comflp", 2))
-    assert comflp["pruned"] == search["best_layers"]
+    assert comflp["pruned"] == " ".join(map(str, search["best_layers"]))
     assert comflp["errors"]["dev-clean"]["cer"] == pytest.approx(search["best_metric"])
 
 

@@ -156,8 +156,9 @@ def test_sherpa_onnx_transcribes_as_comflp(name, model_dirs, exported, test_audi
 def test_int8_model(exported, test_audio):
     """model.int8.onnx: the float32 graph with every weight matrix product in int8
     (MatMulInteger), the same metadata, and sherpa-onnx decodes it as it decodes float32: the
-    transcripts differ in at most 5% of their characters and the test CER by at most a point
-    (3 characters at least; docs/BENCHMARKS.md measures 0.2 points on the full-size model)."""
+    transcripts differ in at most 5% of their characters (the test's Conformer is not trained,
+    so its CER against the references says nothing; docs/BENCHMARKS.md compares the CERs of
+    the full-size model's int8 and float32 exports: within 0.2 points)."""
     import onnx
 
     graphs = {k: onnx.load(exported("conformer") / f"model{k}.onnx") for k in ("", ".int8")}
@@ -178,10 +179,6 @@ def test_int8_model(exported, test_audio):
     }
     assert sum(map(len, hyps["float32"])) > 100
     assert error_stats(hyps["float32"], hyps["int8"], "char").err <= 5.0
-    refs = [normalise(ref) for _, _, ref in test_audio]
-    cer = {k: error_stats(refs, h, "char").err for k, h in hyps.items()}
-    chars = error_stats(refs, refs, "char").wrd
-    assert abs(cer["int8"] - cer["float32"]) <= max(1.0, 100 * 3 / chars), cer
 
 
 # group-norm front end without a mask, unpruned; WavLM without its first layer (the relative
