@@ -13,7 +13,7 @@ from comflp.report.docs import regenerate, stale
 
 from .conftest import PYTHON, REPO, run_cmd
 
-SOURCE = "docs/results/builtin/RESULTS_consensus.md"
+SOURCE = "docs/results/builtin/RESULTS.md"
 
 
 def test_every_generated_figure_matches_its_results_file():
@@ -34,21 +34,21 @@ def _copy(tmp_path):
 def test_an_edited_figure_is_caught_and_regenerated(tmp_path):
     readme = _copy(tmp_path)
     text = readme.read_text()
-    row = "| oracle | 6 | 7 8 9 10 11 12 | 54.82 | 14.64 |"
-    assert row in text and "the oracle's <!-- value:" in text
-    readme.write_text(text.replace(row, row.replace("14.64", "14.46")))
+    row = "| oracle | 6 | 5 7 8 10 11 12 | 53.72 | 14.22 |"
+    assert row in text and "took <!-- value: docs/results/builtin/RESULTS.md :: method=oracle" in text
+    readme.write_text(text.replace(row, row.replace("14.22", "14.46")))
     assert stale(tmp_path) == ["README.md"]
     assert regenerate(tmp_path, readme) == text
     source = tmp_path / SOURCE  # a new sitting: the document follows it
-    source.write_text(source.read_text().replace("| 54.82 | 14.64 |", "| 54.82 | 14.61 |"))
+    source.write_text(source.read_text().replace("| 314.1 | 924 |", "| 314.9 | 924 |"))
     regenerated = regenerate(tmp_path, tmp_path / "README.md")
-    assert "the oracle's <!-- value: " in regenerated and "-->14.61<!-- /value -->" in regenerated
-    assert "| oracle | 6 | 7 8 9 10 11 12 | 54.82 | 14.61 |" in regenerated
+    assert "took <!-- value: " in regenerated and "-->314.9<!-- /value -->" in regenerated
+    assert "| 0.0033 | 314.9 | 924 |" in regenerated
 
 
 def test_check_fails_in_one_line_and_writes_nothing(tmp_path):
     readme = _copy(tmp_path)
-    edited = readme.read_text().replace("-->12.68<!-- /value -->", "-->12.86<!-- /value -->")
+    edited = readme.read_text().replace("-->12.30<!-- /value -->", "-->12.03<!-- /value -->")
     readme.write_text(edited)
     check = run_cmd(
         [PYTHON, REPO / "bin/docs.py", "--check", "true", "--root", tmp_path], check=False
