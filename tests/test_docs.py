@@ -35,7 +35,9 @@ def test_an_edited_figure_is_caught_and_regenerated(tmp_path):
     readme = _copy(tmp_path)
     text = readme.read_text()
     row = "| oracle | 6 | 5 7 8 10 11 12 | 53.72 | 14.22 |"
-    assert row in text and "took <!-- value: docs/results/builtin/RESULTS.md :: method=oracle" in text
+    assert (
+        row in text and "took <!-- value: docs/results/builtin/RESULTS.md :: method=oracle" in text
+    )
     readme.write_text(text.replace(row, row.replace("14.22", "14.46")))
     assert stale(tmp_path) == ["README.md"]
     assert regenerate(tmp_path, readme) == text

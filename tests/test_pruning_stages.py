@@ -134,8 +134,22 @@ def test_fine_search_evaluates_each_distinct_proposal_once_as_if_alone(batches):
     make, data = batches
     stack = EncoderStack(make(num_layers=6))
     merged = [(1, 2), (5, 6), (1, 2), (3, 4), (6, 5)]  # two scores' top lists, overlapping
+    calls = {"transcribe": 0, "forward_layers": 0}
+    for name in calls:  # count the real model's readouts and layer passes
+        real = getattr(stack.model, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        setattr(stack.model, name, counted)
     rows, seconds = fine_search(stack, data, merged, metric="loss")
     assert [r["layers"] for r in rows] == [[1, 2], [5, 6], [3, 4]]
+    kept = [(3, 4, 5, 6), (1, 2, 3, 4), (1, 2, 5, 6)]
+    assert calls["transcribe"] == 3 * len(data)  # each distinct proposal read out once
+    assert calls["forward_layers"] == layer_evaluations(kept, True) * len(data) == 10 * len(data)
+    for name in calls:
+        delattr(stack.model, name)
     assert rows[0]["kept"] == [3, 4, 5, 6] and seconds > 0
     for row in rows:  # the shared prefix cache changes nothing: the same as evaluated alone
         alone = fine_search(stack, data, [tuple(row["layers"])], metric="loss")[0][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,7 +127,20 @@ def test_expected_parameters_are_differentiable_and_monotone():
     remaining.backward()
     grads = [g.log_alpha.grad for g in gates.gates.values()]
     assert all(g is not None and bool((g > 0).all()) for g in grads)  # opening adds parameters
-    assert 0 < float(remaining.detach()) < prunable_parameters(model.cfg)
+    # the expectation over independent gates: the mean count of sampled hard masks
+    probs = {k: v.detach().double() for k, v in gates.probabilities().items()}
+    generator = torch.Generator().manual_seed(0)
+    counts = [
+        float(
+            expected_parameters(
+                model.cfg, {k: torch.bernoulli(v, generator=generator) for k, v in probs.items()}
+            )
+        )
+        for _ in range(2000)
+    ]
+    standard_error = np.std(counts) / np.sqrt(len(counts))
+    assert abs(float(remaining.detach()) - np.mean(counts)) < 4 * standard_error
+    assert float(remaining.detach()) < 0.9 * prunable_parameters(model.cfg)
 
 
 def test_hard_concrete_probability_matches_its_samples():
