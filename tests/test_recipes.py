@@ -44,11 +44,13 @@ AISHELL_SIZES = {"train": 30, "dev": 6, "test": 6}
 
 
 def recipe_dir(tmp: Path, name: str) -> Path:
-    """A working directory for egs/<name>: its run.sh and conf/ linked in; data/ and exp/ go here."""
+    """A working directory for egs/<name>: its run.sh, conf/ and local/ linked in; data/ and exp/
+    go here."""
     work = tmp / "recipes" / name
     work.mkdir(parents=True)
-    (work / "run.sh").symlink_to(REPO / "egs" / name / "run.sh")
-    (work / "conf").symlink_to(REPO / "egs" / name / "conf")
+    for part in ("run.sh", "conf", "local"):
+        if (REPO / "egs" / name / part).exists():
+            (work / part).symlink_to(REPO / "egs" / name / part)
     return work
 
 
@@ -183,10 +185,29 @@ def test_whisper_recipe_passes_its_settings_and_the_user_s_to_the_driver(tmp_pat
     assert "--stop_stage" in proc.stdout  # the driver's own options follow
     proc = run_recipe(work, "--stage", "4", "--stacks", "decoder", "--scores", "nope", check=False)
     assert proc.returncode == 1 and "--scores nope: unknown nope" in proc.stderr
-    assert sorted(p.name for p in work.iterdir()) == ["conf", "run.sh"]  # nothing started
+    assert not (work / "data").exists() and not (work / "exp").exists()  # nothing started
     cfg, train = load_distil_config(REPO / "egs/whisper/conf/distil.yaml", {})
     assert (cfg.kl_weight, cfg.ce_weight, cfg.max_pseudo_label_wer) == (0.8, 1.0, 10.0)
     assert cfg.pseudo_labels and train.num_epochs >= 1
+
+
+def test_wav2vec2_recipe_trains_its_model_then_prunes_it(pipeline, tmp_path):
+    """Stage 3 of a recipe whose model another library trains (utils/recipe.sh), then stage 4 on
+    that model: a tiny HuBERT for a few seconds on the tiny corpus."""
+    work = recipe_dir(tmp_path, "wav2vec2")
+    (work / "data").symlink_to(pipeline["workdir"] / "data")
+    train = "--minutes 0.02 --architecture hubert --num_layers 2 --hidden_size 32 --num_heads 2"
+    train += " --intermediate_size 64 --dev_num_utts 4 --max_duration 20"
+    run_recipe(work, "--stage", "3", "--stop_stage", "4", "--train_args", train,
+               "--model_dir", "exp/hubert", "--calib_num_utts", "8", "--nj", "1")  # fmt: skip
+    config = json.loads((work / "exp/hubert/config.json").read_text())
+    assert config["architectures"] == ["HubertForCTC"] and config["num_hidden_layers"] == 2
+    history = json.loads((work / "exp/hubert/history.json").read_text())
+    assert history[-1]["reason"] == "time budget spent" and history[-1]["num_utts"] == 4
+    info = json.loads((work / "exp/encoder/dump/info.json").read_text())
+    assert (info["model_type"], info["model_dir"]) == ("hf", "exp/hubert")
+    assert info["num_layers"] == 2 and info["num_utts"] == 8
+    assert "HubertForCTC: 2 layers" in (work / "exp/log/train_model.log").read_text()
 
 
 @pytest.mark.parametrize("name", ["librispeech", "aishell"])

@@ -8,7 +8,7 @@ distributions + ``ce_weight`` x cross-entropy on the targets, both per target to
 The same loop, with ``kl_weight: 0`` and ``pseudo_labels: false``, is plain fine-tuning on the
 references, and with the unpruned model as the student it fine-tunes the teacher: the three
 recoveries of the comparison see the same utterances and the same steps
-(``bench/whisper_recovery.py``). Stage 8 runs it when the fine-tuning config has a
+(``egs/whisper/local/recovery.py``). Stage 8 runs it when the fine-tuning config has a
 ``distil:`` section (``conf/distil.yaml`` of egs/whisper). It sees models only through
 :class:`~comflp.adapters.base.DecoderModel`.
 """

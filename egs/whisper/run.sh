@@ -8,8 +8,9 @@
 #   ./run.sh --stacks decoder --num_prune 2    # one stack, one size
 # Stages 0-1 make the corpus (no tokenizer or training: the model brings its own); stages 4-7
 # run once per stack, each in exp/<stack>/, stage 8 (Distil-Whisper's recovery) on the
-# decoder, stage 9 (L0 structured pruning of both stacks) beside it in exp/decoder/. The recipe's settings below replace the driver's defaults; options given on the
-# command line win over them. Why each is set: egs/whisper/README.md.
+# decoder, stage 9 (L0 structured pruning of both stacks) beside it in exp/decoder/ (the stage
+# loop: utils/recipe.sh). The recipe's settings below replace the driver's defaults; options
+# given on the command line win over them. Why each is set: egs/whisper/README.md.
 set -euo pipefail
 recipe_dir=$(cd "$(dirname "$0")" && pwd)
 comflp_root=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
@@ -26,35 +27,6 @@ recipe_options=(
   --sp_config conf/structured.yaml
 )
 
-stage=0
-stop_stage=9
 stacks="encoder decoder"
-args=()
-while [ $# -gt 0 ]; do
-  case $1 in
-    --stage) stage=$2; shift 2 ;;
-    --stop_stage) stop_stage=$2; shift 2 ;;
-    --stacks) stacks=$2; shift 2 ;;
-    --help|-h)
-      sed -n '2,13p' "$0"
-      echo "Whisper recipe: these settings replace the driver's defaults listed below:"
-      printf '  %s %s\n' "${recipe_options[@]}"
-      echo
-      exec "$comflp_root/run.sh" --help ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-
-cd "$recipe_dir"
-driver() { "$comflp_root/run.sh" "${recipe_options[@]}" "$@" "${args[@]}"; }
-if [ "$stage" -le 1 ]; then
-  driver --stage "$stage" --stop_stage $((stop_stage < 1 ? stop_stage : 1))
-fi
-for stack in $stacks; do
-  first=$((stage > 4 ? stage : 4))
-  last=$stop_stage
-  [ "$stack" = decoder ] || last=$((stop_stage < 7 ? stop_stage : 7))
-  if [ "$last" -ge "$first" ]; then
-    driver --stage "$first" --stop_stage "$last" --stack "$stack" --exp_dir "exp/$stack"
-  fi
-done
+source "$comflp_root/utils/recipe.sh"
+recipe_main "$@"

@@ -7,7 +7,7 @@ CTC/attention beam search (``bin/decode.py --decoding_method espnet_beam_search`
 processes at once), each distinct model once, and scores CER/WER with comflp's scoring.
 Writes ``<exp_dir>/speech2text_<set>_beam<B>/results.json``. Run with .venv-espnet's python::
 
-    python bench/espnet_speech2text_rows.py --exp_dir exp/espnet --set test-clean --beam_size 5
+    python local/speech2text_rows.py --exp_dir exp/encoder --set test-clean --beam_size 5
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from comflp.asr.scoring import error_stats
 from comflp.expdir import METHOD_LISTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 MAIN_ROWS = ("unpruned", "drop_top", "every_other", "glp", "oracle")
 
 

@@ -12,9 +12,9 @@ carries the teacher-forced losses a fine search can rank by before any recovery:
 negative log-likelihood of the references and of the teacher's pseudo-labels, and the KL from
 the teacher. Writes JSON and a Markdown table.
 
-    python bench/whisper_recovery.py --workdir egs/whisper --model_dir tiny.en \\
-        --config egs/whisper/conf/distil.yaml --num_prune 2 --compare "2 3" \\
-        --output docs/results/whisper_tiny_en/recovery
+    python local/recovery.py --workdir . --model_dir tiny.en \\
+        --config conf/distil.yaml --num_prune 2 --compare "2 3" \\
+        --output ../../docs/results/whisper_tiny_en/recovery   # in egs/whisper
 """
 
 from __future__ import annotations

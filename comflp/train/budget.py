@@ -1,6 +1,7 @@
-"""Training for a wall-clock budget, shared by the scripts that train models of other libraries
-from scratch (``train_whisper.py``, ``train_hf_wav2vec2.py``): AdamW at a linear warm-up, then
-a cosine decay over the wall time left; the dev CER every ``--eval_every`` steps (and, if
+"""The training loop for a wall-clock budget of the recipes that train another library's model
+from scratch (``egs/wav2vec2/local/train.py``, ``egs/whisper_scratch/local/train.py``).
+
+AdamW at a linear warm-up, then a cosine decay over the wall time left; the dev CER every ``--eval_every`` steps (and, if
 asked, after each epoch) and when the budget is spent; the best model saved in its own format
 with the evaluations in ``history.json`` beside it."""
 

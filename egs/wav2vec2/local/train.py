@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Train a small Hugging Face ``Wav2Vec2ForCTC`` from scratch on the built-in corpus (CPU, a
-wall-time budget), to have a model trained elsewhere that really recognises speech for
-``./run.sh --stage 4 --stop_stage 7 --model_type hf --model_dir OUT_DIR``.
+"""Train a small Hugging Face ``Wav2Vec2ForCTC`` (or HuBERT's or WavLM's, ``--architecture``)
+from scratch on the built-in corpus (CPU, a wall-time budget): stage 3 of ``egs/wav2vec2``,
+a model trained elsewhere that really recognises speech, which stages 4-8 prune with
+``--model_type hf``.
 
 Reads the lhotse manifests of stage 0 (``--manifest_dir``, raw 16 kHz audio; no fbank needed)
 and builds a character vocabulary from the training transcripts (``|`` between words, ``<pad>``
@@ -14,8 +15,8 @@ every ``--eval_every`` steps and when the budget ends; the best model is written
 ``save_pretrained`` plus its processor into ``--out_dir``, the evaluations to
 ``history.json`` there.
 
-    python bench/train_hf_wav2vec2.py --workdir . --out_dir exp/hf_wav2vec2 --minutes 30
-    python bench/train_hf_wav2vec2.py --workdir $tiny --out_dir /tmp/hf --minutes 1 \\
+    python local/train.py --workdir . --out_dir exp/wav2vec2 --minutes 30
+    python local/train.py --workdir $tiny --out_dir /tmp/hf --minutes 1 \\
         --num_layers 2 --hidden_size 32 --dev_num_utts 8        # smoke test
 """
 
@@ -27,15 +28,24 @@ import logging
 from pathlib import Path
 
 import torch
-from budget_training import Evaluator, train_for_budget
 
 from comflp.adapters.hf import HFModel
 from comflp.asr.ctc import ctc_loss
 from comflp.asr.data import cut_text, load_cuts, load_eval_batches, random_subset, train_sampler
 from comflp.cli import UsageError, add_common_args, positive_int, run
+from comflp.train.budget import Evaluator, train_for_budget
 from comflp.utils import seed_everything
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "|"]
+# --architecture: the transformers config and CTC model classes. HuBERT and WavLM share
+# wav2vec2's layout (conv front end, positional convolution, Transformer layers) and differ in
+# pre-training, which a model trained from scratch on CTC does not have; WavLM's layers add
+# gated relative position bias.
+ARCHITECTURES = {
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForCTC"),
+    "hubert": ("HubertConfig", "HubertForCTC"),
+    "wavlm": ("WavLMConfig", "WavLMForCTC"),
+}
 
 
 def build_processor(texts: list[str], out_dir: Path):
@@ -65,7 +75,8 @@ def build_model(args: argparse.Namespace, processor) -> HFModel:
         raise UsageError(
             "--conv_dim, --conv_kernel and --conv_stride need the same number of values"
         )
-    config = transformers.Wav2Vec2Config(
+    config_class, model_class = ARCHITECTURES[args.architecture]
+    config = getattr(transformers, config_class)(
         vocab_size=len(processor.tokenizer),
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_layers,
@@ -88,9 +99,9 @@ def build_model(args: argparse.Namespace, processor) -> HFModel:
         mask_time_length=5,
         pad_token_id=processor.tokenizer.pad_token_id,
         ctc_loss_reduction="sum",
-        architectures=["Wav2Vec2ForCTC"],
+        architectures=[model_class],
     )
-    hf = transformers.Wav2Vec2ForCTC(config)
+    hf = getattr(transformers, model_class)(config)
     norm = None
     if args.lm_head_norm:
         hf.add_module("lm_head_norm", torch.nn.LayerNorm(args.hidden_size, config.layer_norm_eps))
@@ -110,7 +121,7 @@ def main(args: argparse.Namespace) -> None:
     processor = build_processor([cut_text(c).upper() for c in train_cuts], args.out_dir)
     model = build_model(args, processor)
     logging.info(
-        f"Wav2Vec2ForCTC: {model.num_layers} layers, hidden {args.hidden_size}, "
+        f"{ARCHITECTURES[args.architecture][1]}: {model.num_layers} layers, hidden {args.hidden_size}, "
         f"{model.num_parameters() / 1e6:.2f} M parameters, vocabulary {len(processor.tokenizer)}; "
         f"{len(train_cuts)} training utterances, {len(dev_cuts)} dev"
     )
@@ -146,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-time budget")
     model = parser.add_argument_group("model")
+    model.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="wav2vec2")
     model.add_argument("--num_layers", type=positive_int, default=12)
     model.add_argument("--hidden_size", type=positive_int, default=144)
     model.add_argument("--num_heads", type=positive_int, default=4)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Train a small Whisper-architecture model (``WhisperForConditionalGeneration``) from scratch
-on the built-in corpus (CPU, a wall-time budget): an encoder-decoder model trained elsewhere
-whose decoder and encoder comflp prunes (``./run.sh --model_type hf --model_dir OUT_DIR
---stack "encoder decoder" --decoding_method attention_greedy_search``).
+on the built-in corpus (CPU, a wall-time budget): stage 3 of ``egs/whisper_scratch``, an
+encoder-decoder model trained elsewhere whose encoder and decoder stages 4-8 prune
+(``--model_type hf --decoding_method attention_greedy_search``).
 
 Reads the lhotse manifests of stage 0 (``--manifest_dir``, raw 16 kHz audio). The processor
 (:func:`comflp.adapters.whisper.char_processor`) has a character vocabulary of the training
@@ -23,8 +23,8 @@ cosine decay over the wall time left. Dev CER by greedy decoding (comflp's, equa
 written with ``save_pretrained`` plus its processor into ``--out_dir``, the evaluations to
 ``history.json`` there.
 
-    python bench/train_whisper.py --workdir . --out_dir exp/whisper --minutes 42
-    python bench/train_whisper.py --workdir $tiny --out_dir /tmp/w --minutes 1 \\
+    python local/train.py --workdir . --out_dir exp/whisper --minutes 42
+    python local/train.py --workdir $tiny --out_dir /tmp/w --minutes 1 \\
         --d_model 32 --encoder_layers 2 --decoder_layers 2 --dev_num_utts 8   # smoke test
 """
 
@@ -36,12 +36,12 @@ import random
 from pathlib import Path
 
 import torch
-from budget_training import Evaluator, train_for_budget
 from lhotse import CutSet
 
 from comflp.adapters.whisper import WhisperAdapter, char_model, char_processor
 from comflp.asr.data import cut_text, eval_loader, load_cuts, random_subset
 from comflp.cli import add_common_args, positive_int, run
+from comflp.train.budget import Evaluator, train_for_budget
 from comflp.utils import seed_everything
 
 

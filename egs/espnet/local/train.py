@@ -4,7 +4,7 @@
 Run with .venv-espnet's python (utils/setup.sh --espnet), from a recipe directory whose
 ``data/fbank/cuts_<set>.jsonl.gz`` (stages 0-1) name the audio, e.g.::
 
-    .venv-espnet/bin/python bench/train_espnet.py --recipe_dir /work/runs --out_dir exp/espnet_asr
+    .venv-espnet/bin/python local/train.py --recipe_dir . --out_dir exp/espnet_asr   # in egs/espnet
 
 Steps, as ESPnet's egs2 ``asr.sh`` does them (each skipped when its output exists):
 
@@ -13,7 +13,7 @@ Steps, as ESPnet's egs2 ``asr.sh`` does them (each skipped when its output exist
 2. the character token list with ``espnet2.bin.tokenize_text`` (``<blank>``, ``<unk>``,
    characters by frequency, ``<sos/eos>``);
 3. ``espnet2.bin.asr_train --collect_stats true``: feature statistics (global MVN) and shapes;
-4. ``espnet2.bin.asr_train`` with ``--config`` (conf/espnet/train_transformer12.yaml), stopped
+4. ``espnet2.bin.asr_train`` with ``--config`` (the recipe's conf/train_transformer12.yaml), stopped
    at --minutes of wall time if it has not finished (the config's epochs are 200 steps, so the
    stop loses little; the last finished epoch is kept);
 5. the model packed for comflp into ``<out_dir>/model``: ``config.yaml``, ``model.pth``
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 SETS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean"}
-ROOT = Path(__file__).resolve().parents[1]
+RECIPE = Path(__file__).resolve().parents[1]
 
 
 def export_kaldi(recipe_dir: Path, cuts_file: Path, out: Path) -> int:
@@ -192,9 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe_dir", type=Path, default=Path("."))
     parser.add_argument("--out_dir", type=Path, required=True)
-    parser.add_argument(
-        "--config", type=Path, default=ROOT / "conf/espnet/train_transformer12.yaml"
-    )
+    parser.add_argument("--config", type=Path, default=RECIPE / "conf/train_transformer12.yaml")
     parser.add_argument("--minutes", type=float, default=40, help="wall-time limit of training")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
