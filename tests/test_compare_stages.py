@@ -118,6 +118,8 @@ def test_stage_4_to_7_on_an_existing_experiment(compared, tmp_path):
         "2",
         "--decode_nj",
         "1",
+        "--search_methods",
+        "comflp",
     )
     results = (exp / "RESULTS.md").read_text()
     assert "| comflp | 2 |" in results and "| comflp_dc_fine | 2 |" in results

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import PYTHON, REPO, TINY_OPTIONS, run_cmd
+from .conftest import PYTHON, REPEATABLE_AUDIO, REPO, TINY_OPTIONS, run_cmd
 from .test_launch import launch as launch_py
 
 pytestmark = pytest.mark.slurm
@@ -173,32 +173,25 @@ def _read_gz(path: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_pipeline_through_slurm_matches_local(tmp_path, slurm_env):
-    """Stages 0-3 of run.sh through each backend (stage by stage, alternating, so that both see
-    the same machine load): same manifests, tokenizer and trained weights."""
-    # sox dithers with a random seed unless told to repeat itself; the comparison needs the
-    # same audio in both directories.
-    env = {**slurm_env, "SOX_OPTS": "-R"}
-    times: dict[str, list[float]] = {"local": [], "slurm": []}
+def test_pipeline_through_slurm_matches_local(tmp_path, slurm_env, pipeline):
+    """Stages 0-3 of run.sh through Slurm give what they gave locally (the `pipeline` fixture,
+    the same options): same manifests, tokenizer and trained weights."""
+    slurm, local = tmp_path / "slurm", pipeline["workdir"]
+    slurm.mkdir()
+    times = []
     for stage in range(4):
-        for backend in times:
-            workdir = tmp_path / backend
-            workdir.mkdir(exist_ok=True)
-            t0 = time.time()
-            run_cmd(
-                [REPO / "run.sh", "--stage", stage, "--stop_stage", stage, *TINY_OPTIONS],
-                cwd=workdir,
-                env={**env, "cmd_backend": backend},
-            )
-            times[backend].append(time.time() - t0)
-    local, slurm = tmp_path / "local", tmp_path / "slurm"
+        t0 = time.time()
+        run_cmd(
+            [REPO / "run.sh", "--stage", stage, "--stop_stage", stage, *TINY_OPTIONS],
+            cwd=slurm,
+            env={**slurm_env, **REPEATABLE_AUDIO, "cmd_backend": "slurm"},
+        )
+        times.append(time.time() - t0)
     print("\nper-stage wall time (s), stages 0-3:")
-    for backend, values in times.items():
-        print(f"  {backend:5s} " + " ".join(f"{v:6.1f}" for v in values))
-    overhead = [s - lo for s, lo in zip(times["slurm"], times["local"])]
-    print("  slurm - local " + " ".join(f"{v:+.1f}" for v in overhead))
+    print("  local " + " ".join(f"{pipeline['times'][s]:6.1f}" for s in range(4)))
+    print("  slurm " + " ".join(f"{v:6.1f}" for v in times))
     assert (slurm / "exp/baseline/log/q/train.sh").is_file()  # stage 3 really went through Slurm
-    manifests = sorted(p.relative_to(local) for p in (local / "data").glob("*/cuts_*.jsonl.gz"))
+    manifests = sorted(p.relative_to(slurm) for p in (slurm / "data").glob("*/cuts_*.jsonl.gz"))
     assert len(manifests) == 6
     for path in manifests:
         assert _read_gz(local / path) == _read_gz(slurm / path), path
