@@ -37,6 +37,7 @@ def direct_cosine(feats: list[np.ndarray], layers) -> float:
 
 def test_scorer_equals_a_direct_computation_in_chunks(monkeypatch):
     feats = residual_stream([0.5, 0.7, 0.9, 0.3, 1.2], rows=40)
+    monkeypatch.setattr(residual_sum, "_BUILD_ROWS", 16)  # statistics in 3 blocks, one partial
     scorer = ResidualSumScore.build(feats)
     assert (scorer.num_layers, scorer.num_rows) == (5, 40)
     combos = np.array([[1, 3], [2, 5], [1, 2], [4, 5], [3, 4]])

@@ -35,6 +35,7 @@ from comflp.prune.search import pair_matrix
 # Proposal-row products gathered at once (bounds the (proposals, rows) working arrays).
 _CHUNK_ELEMENTS = 2**22
 _KEYS = ("top_sq", "proj", "gram")
+_BUILD_ROWS = 256  # calibration rows per block of the statistics' computation
 
 
 @SCORES.register("residual_sum")
@@ -82,18 +83,23 @@ class ResidualSumScore(ProposalScore):
         if feats[0].ndim != 2 or any(f.shape != feats[0].shape for f in feats):
             shapes = sorted({f.shape for f in feats})
             raise ValueError(f"residual_sum needs same-shape (rows, dim) arrays, got {shapes}")
-        states = np.empty((feats[0].shape[0], len(feats), feats[0].shape[1]))  # (R, L+1, D)
-        for i, f in enumerate(feats):
-            states[:, i] = f
-        top = states[:, -1]
-        # (R, L, D): one small Gram matrix per row, as a batched matrix product
-        updates = np.diff(states, axis=1)
-        gram = np.matmul(updates, updates.transpose(0, 2, 1))
-        return cls(
-            top_sq=np.einsum("rd,rd->r", top, top),
-            proj=np.matmul(updates, top[:, :, None])[:, :, 0].T.copy(),
-            gram=np.ascontiguousarray(gram.transpose(1, 2, 0)),
+        rows, layers = feats[0].shape[0], len(feats) - 1
+        top_sq, proj, gram = (
+            np.empty(rows),
+            np.empty((layers, rows)),
+            np.empty((layers, layers, rows)),
         )
+        # in blocks of rows: the float64 states of all rows at once (R x (L+1) x D) would be
+        # hundreds of MB of fresh memory, whose first touch costs more than the products
+        for start in range(0, rows, _BUILD_ROWS):
+            block = slice(start, start + _BUILD_ROWS)
+            states = np.stack([f[block] for f in feats], axis=1).astype(np.float64)  # (r, L+1, D)
+            top = states[:, -1]
+            updates = np.diff(states, axis=1)  # (r, L, D): one small Gram matrix per row
+            top_sq[block] = np.einsum("rd,rd->r", top, top)
+            proj[:, block] = np.matmul(updates, top[:, :, None])[:, :, 0].T
+            gram[:, :, block] = np.matmul(updates, updates.transpose(0, 2, 1)).transpose(1, 2, 0)
+        return cls(top_sq=top_sq, proj=proj, gram=gram)
 
     @property
     def num_layers(self) -> int:
