@@ -33,6 +33,7 @@ train_model() {
 source "$comflp_root/utils/recipe.sh"
 recipe_main "$@"
 if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
+  mkdir -p exp/log
   echo "$(date '+%F %T') (recipe) ESPnet's Speech2Text on the main rows, log in exp/log/speech2text.log"
   "$espnet_python" local/speech2text_rows.py --exp_dir exp/encoder --set test-clean \
     --beam_size 5 >exp/log/speech2text.log 2>&1 \
