@@ -191,6 +191,36 @@ def test_whisper_recipe_passes_its_settings_and_the_user_s_to_the_driver(tmp_pat
     assert cfg.pseudo_labels and train.num_epochs >= 1
 
 
+def _driver_calls(tmp_path: Path, recipe: str, *options: str) -> list[str]:
+    """The stage driver's calls that egs/<recipe>/run.sh makes, with a driver that records
+    them (the real utils/recipe.sh, a stand-in ../../run.sh)."""
+    root = tmp_path / "root"
+    (root / "utils").mkdir(parents=True)
+    (root / "utils/recipe.sh").symlink_to(REPO / "utils/recipe.sh")
+    (root / "egs" / recipe).mkdir(parents=True)
+    shutil.copy(REPO / "egs" / recipe / "run.sh", root / "egs" / recipe / "run.sh")
+    calls = tmp_path / "calls.txt"
+    (root / "run.sh").write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    (root / "run.sh").chmod(0o755)
+    run_cmd([root / "egs" / recipe / "run.sh", *options])
+    return [line.split(" --stage ", 1)[1] for line in calls.read_text().splitlines()]
+
+
+def test_recipe_stage_loop_runs_stacks_in_turn_and_8_9_on_the_last(tmp_path):
+    calls = _driver_calls(tmp_path / "all", "whisper")
+    assert calls == [
+        "0 --stop_stage 1",
+        "4 --stop_stage 7 --stack encoder --exp_dir exp/encoder",
+        "4 --stop_stage 9 --stack decoder --exp_dir exp/decoder",
+    ]
+    # one stack asked for: stages 8-9 stay the decoder's, the user's options come last
+    calls = _driver_calls(tmp_path / "enc", "whisper", "--stage", "5", "--stacks", "encoder",
+                          "--num_prune", "2")  # fmt: skip
+    assert calls == ["5 --stop_stage 7 --stack encoder --exp_dir exp/encoder --num_prune 2"]
+    calls = _driver_calls(tmp_path / "w2v", "wav2vec2", "--stage", "4", "--stop_stage", "8")
+    assert calls == ["4 --stop_stage 8 --stack encoder --exp_dir exp/encoder"]
+
+
 def test_wav2vec2_recipe_trains_its_model_then_prunes_it(pipeline, tmp_path):
     """Stage 3 of a recipe whose model another library trains (utils/recipe.sh), then stage 4 on
     that model: a tiny HuBERT for a few seconds on the tiny corpus."""

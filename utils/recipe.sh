@@ -3,7 +3,7 @@
 #   recipe_dir, comflp_root      the recipe's directory and the repository's
 #   recipe_options=(...)         driver options that replace ../../run.sh's defaults
 #   stacks="encoder [decoder]"   the stacks stages 4-7 prune, each in exp/<stack>/; stages 8-9
-#                                run on the last one only
+#                                run on the last of these only (also when --stacks names others)
 #   train_model (a function)     stage 3, which trains the model into $model_dir with
 #                                $train_args (none: the model is given)
 #   stop_stage (optional)        the default last stage, if not 9
@@ -16,7 +16,7 @@
 recipe_driver() { "$comflp_root/run.sh" "${recipe_options[@]}" "$@" "${recipe_args[@]}"; }
 
 recipe_main() {
-  local first last stack
+  local first last stack final_stack=${stacks##* }
   stage=0
   stop_stage=${stop_stage:-9}
   recipe_args=()
@@ -52,11 +52,10 @@ recipe_main() {
       exit 1
     }
   fi
-  local stacks_left=($stacks)
-  for stack in "${stacks_left[@]}"; do
+  for stack in $stacks; do
     first=$((stage > 4 ? stage : 4))
     last=$stop_stage
-    [ "$stack" = "${stacks_left[-1]}" ] || last=$((stop_stage < 7 ? stop_stage : 7))
+    [ "$stack" = "$final_stack" ] || last=$((stop_stage < 7 ? stop_stage : 7))
     if [ "$last" -ge "$first" ]; then
       recipe_driver --stage "$first" --stop_stage "$last" --stack "$stack" --exp_dir "exp/$stack"
     fi
