@@ -12,12 +12,32 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
 from comflp import expdir
+from comflp.cli import positive_int
 from comflp.prune.evaluator import evaluate_model
 from comflp.utils import atomic_write_json
+
+
+def add_budget_args(
+    parser: argparse.ArgumentParser, lr: float, minutes: float
+) -> argparse._ArgumentGroup:
+    """The options this loop reads (``lr``, ``minutes``: the script's defaults), in a
+    "training" group that the script adds its own to."""
+    train = parser.add_argument_group("training")
+    train.add_argument("--out_dir", type=Path, required=True)
+    train.add_argument("--minutes", type=float, default=minutes, help="wall-time budget")
+    train.add_argument("--lr", type=float, default=lr)
+    train.add_argument("--warmup_steps", type=positive_int, default=300)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--grad_clip", type=float, default=5.0)
+    train.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps")
+    train.add_argument("--log_every", type=positive_int, default=20)
+    train.add_argument("--seed", type=int, default=0)
+    return train
 
 
 def learning_rate(args: argparse.Namespace, step: int, elapsed: float, budget: float) -> float:

@@ -33,7 +33,7 @@ from comflp.adapters.hf import HFModel
 from comflp.asr.ctc import ctc_loss
 from comflp.asr.data import cut_text, load_cuts, load_eval_batches, random_subset, train_sampler
 from comflp.cli import UsageError, add_common_args, positive_int, run
-from comflp.train.budget import Evaluator, train_for_budget
+from comflp.train.budget import Evaluator, add_budget_args, train_for_budget
 from comflp.utils import seed_everything
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "|"]
@@ -154,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dev_set", default="dev-clean")
     parser.add_argument("--num_train", type=int, default=0, help="random training subset (0: all)")
     parser.add_argument("--dev_num_utts", type=int, default=200)
-    parser.add_argument("--out_dir", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=30.0, help="wall-time budget")
     model = parser.add_argument_group("model")
     model.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="wav2vec2")
     model.add_argument("--num_layers", type=positive_int, default=12)
@@ -178,18 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--dropout", type=float, default=0.1)
     model.add_argument("--mask_time_prob", type=float, default=0.05)
-    train = parser.add_argument_group("training")
+    train = add_budget_args(parser, lr=1e-3, minutes=30.0)
     train.add_argument(
         "--max_duration", type=float, default=60.0, help="seconds of audio per batch"
     )
     train.add_argument("--num_buckets", type=positive_int, default=10)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--warmup_steps", type=positive_int, default=300)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--grad_clip", type=float, default=5.0)
-    train.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps")
-    train.add_argument("--log_every", type=positive_int, default=20)
-    train.add_argument("--seed", type=int, default=0)
     add_common_args(parser)
     return parser
 

@@ -41,7 +41,7 @@ from lhotse import CutSet
 from comflp.adapters.whisper import WhisperAdapter, char_model, char_processor
 from comflp.asr.data import cut_text, eval_loader, load_cuts, random_subset
 from comflp.cli import add_common_args, positive_int, run
-from comflp.train.budget import Evaluator, train_for_budget
+from comflp.train.budget import Evaluator, add_budget_args, train_for_budget
 from comflp.utils import seed_everything
 
 
@@ -146,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_set", default="train-clean-100")
     parser.add_argument("--dev_set", default="dev-clean")
     parser.add_argument("--dev_num_utts", type=int, default=200)
-    parser.add_argument("--out_dir", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=42.0, help="wall-time budget")
     model = parser.add_argument_group("model")
     model.add_argument("--d_model", type=positive_int, default=144)
     model.add_argument("--heads", type=positive_int, default=4)
@@ -157,18 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--chunk_length", type=positive_int, default=8, help="input window (s)")
     model.add_argument("--hop_length", type=positive_int, default=320, help="mel hop (samples)")
     model.add_argument("--dropout", type=float, default=0.0)
-    train = parser.add_argument_group("training")
+    train = add_budget_args(parser, lr=1.5e-3, minutes=42.0)
     train.add_argument("--batch_size", type=positive_int, default=12, help="packed examples")
     train.add_argument("--max_pack", type=positive_int, default=3, help="utterances per example")
     train.add_argument("--ctc_weight", type=float, default=0.3)
-    train.add_argument("--lr", type=float, default=1.5e-3)
-    train.add_argument("--warmup_steps", type=positive_int, default=300)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--grad_clip", type=float, default=5.0)
-    train.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps")
     train.add_argument("--eval_max_duration", type=float, default=60.0)
-    train.add_argument("--log_every", type=positive_int, default=20)
-    train.add_argument("--seed", type=int, default=0)
     add_common_args(parser)
     return parser
 
