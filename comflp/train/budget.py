@@ -22,11 +22,20 @@ from comflp.prune.evaluator import evaluate_model
 from comflp.utils import atomic_write_json
 
 
-def add_budget_args(
-    parser: argparse.ArgumentParser, lr: float, minutes: float
-) -> argparse._ArgumentGroup:
-    """The options this loop reads (``lr``, ``minutes``: the script's defaults), in a
-    "training" group that the script adds its own to."""
+def budget_parser(
+    description: str, lr: float, minutes: float
+) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A training script's parser with the data it reads (stage 0's manifests) and the options
+    this loop reads (``lr``, ``minutes``: the script's defaults), and its "training" group, which
+    the script adds its own options to."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("."), help="where data/ is")
+    parser.add_argument("--manifest_dir", default="data/manifests", help="relative to --workdir")
+    parser.add_argument("--train_set", default="train-clean-100")
+    parser.add_argument("--dev_set", default="dev-clean")
+    parser.add_argument("--dev_num_utts", type=int, default=200)
     train = parser.add_argument_group("training")
     train.add_argument("--out_dir", type=Path, required=True)
     train.add_argument("--minutes", type=float, default=minutes, help="wall-time budget")
@@ -37,7 +46,7 @@ def add_budget_args(
     train.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps")
     train.add_argument("--log_every", type=positive_int, default=20)
     train.add_argument("--seed", type=int, default=0)
-    return train
+    return parser, train
 
 
 def learning_rate(args: argparse.Namespace, step: int, elapsed: float, budget: float) -> float:

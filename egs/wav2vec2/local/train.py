@@ -33,7 +33,7 @@ from comflp.adapters.hf import HFModel
 from comflp.asr.ctc import ctc_loss
 from comflp.asr.data import cut_text, load_cuts, load_eval_batches, random_subset, train_sampler
 from comflp.cli import UsageError, add_common_args, positive_int, run
-from comflp.train.budget import Evaluator, add_budget_args, train_for_budget
+from comflp.train.budget import Evaluator, budget_parser, train_for_budget
 from comflp.utils import seed_everything
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "|"]
@@ -145,15 +145,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workdir", type=Path, default=Path("."), help="where data/ is")
-    parser.add_argument("--manifest_dir", default="data/manifests", help="relative to --workdir")
-    parser.add_argument("--train_set", default="train-clean-100")
-    parser.add_argument("--dev_set", default="dev-clean")
+    parser, train = budget_parser(__doc__, lr=1e-3, minutes=30.0)
     parser.add_argument("--num_train", type=int, default=0, help="random training subset (0: all)")
-    parser.add_argument("--dev_num_utts", type=int, default=200)
     model = parser.add_argument_group("model")
     model.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="wav2vec2")
     model.add_argument("--num_layers", type=positive_int, default=12)
@@ -176,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--dropout", type=float, default=0.1)
     model.add_argument("--mask_time_prob", type=float, default=0.05)
-    train = add_budget_args(parser, lr=1e-3, minutes=30.0)
     train.add_argument(
         "--max_duration", type=float, default=60.0, help="seconds of audio per batch"
     )

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-from pathlib import Path
 
 import torch
 from lhotse import CutSet
@@ -41,7 +40,7 @@ from lhotse import CutSet
 from comflp.adapters.whisper import WhisperAdapter, char_model, char_processor
 from comflp.asr.data import cut_text, eval_loader, load_cuts, random_subset
 from comflp.cli import add_common_args, positive_int, run
-from comflp.train.budget import Evaluator, add_budget_args, train_for_budget
+from comflp.train.budget import Evaluator, budget_parser, train_for_budget
 from comflp.utils import seed_everything
 
 
@@ -138,14 +137,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workdir", type=Path, default=Path("."), help="where data/ is")
-    parser.add_argument("--manifest_dir", default="data/manifests", help="relative to --workdir")
-    parser.add_argument("--train_set", default="train-clean-100")
-    parser.add_argument("--dev_set", default="dev-clean")
-    parser.add_argument("--dev_num_utts", type=int, default=200)
+    parser, train = budget_parser(__doc__, lr=1.5e-3, minutes=42.0)
     model = parser.add_argument_group("model")
     model.add_argument("--d_model", type=positive_int, default=144)
     model.add_argument("--heads", type=positive_int, default=4)
@@ -155,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--chunk_length", type=positive_int, default=8, help="input window (s)")
     model.add_argument("--hop_length", type=positive_int, default=320, help="mel hop (samples)")
     model.add_argument("--dropout", type=float, default=0.0)
-    train = add_budget_args(parser, lr=1.5e-3, minutes=42.0)
     train.add_argument("--batch_size", type=positive_int, default=12, help="packed examples")
     train.add_argument("--max_pack", type=positive_int, default=3, help="utterances per example")
     train.add_argument("--ctc_weight", type=float, default=0.3)
