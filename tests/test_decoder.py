@@ -25,9 +25,10 @@ from comflp.expdir import CMVN, DUMP_INFO, TOKENIZER, ExpDir
 from comflp.prune.evaluator import DecoderPass
 from comflp.prune.method_list import Method, MethodList
 from comflp.prune.methods import CompareSettings, list_methods
+from comflp.prune.ranks import spearman
 from comflp.prune.rules import distil_whisper, rules_for
 from comflp.prune.stacks import DecoderStack, EncoderStack, stack_of
-from comflp.quality.study import CerCache, proposal_cers, spearman, teacher_forced_quality
+from comflp.quality.study import CerCache, proposal_cers, teacher_forced_quality
 from comflp.report.results import build_rows, methods_table
 
 from .conftest import PYTHON, REPO, run_cmd, run_sh

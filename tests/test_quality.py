@@ -15,19 +15,17 @@ from comflp.expdir import DUMP_INFO, ExpDir
 from comflp.prune.correlation import correlation_matrix
 from comflp.prune.dump import layer_file
 from comflp.prune.evaluator import SubsetResult
+from comflp.prune.ranks import average_ranks, kendall_tau, spearman
 from comflp.prune.search import BlockScorer, coarse_search, score_proposal, score_proposals
 from comflp.quality.stage import reuse_oracle
 from comflp.quality.study import (
     CerCache,
     StudyFeatures,
     Variant,
-    average_ranks,
     best_of_top_k_regret,
-    kendall_tau,
     proposal_cers,
     proposal_set,
     smallest_matching_size,
-    spearman,
     study_variants,
     top1_percentile,
     variant_quality,

@@ -29,6 +29,7 @@ def study(cer, scores: dict[str, list[float]], beams: dict[str, list[list[int]]]
     return {
         "model_dir": "exp/m",
         "reference": 32,
+        "num_layers": 4,
         "results": [
             {
                 "num_prune": 2,
@@ -73,16 +74,43 @@ def test_one_model_scores_consensus_and_pipeline():
     ] == pytest.approx(want)
     # the consensus (z sums 0, -.59, -1.17, 1.17, .59, 0) ranks (2, 3) and (2, 4) first; with
     # each score's first beam proposal, (2, 3) and (3, 4): three evaluated, the best 11.0
-    assert m["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 3}
+    assert m["pipeline"] == {
+        "cer": 11.0,
+        "relative": pytest.approx(0.1),
+        "evaluations": 3,
+        "refine_spearman": None,  # two proposals judge nothing
+    }
     # without a consensus, each beam's top 2: (2, 3), (1, 4), (3, 4), (2, 4)
     alone = model_summary(s, 2, DEFAULTS, top_k=2, use_consensus=False)
-    assert alone["pipeline"] == {"cer": 11.0, "relative": pytest.approx(0.1), "evaluations": 4}
+    assert alone["pipeline"]["cer"] == 11.0 and alone["pipeline"]["evaluations"] == 4
     # the consensus's top 4 alone adds (1, 2) and (3, 4) (sums 0): the oracle's (1, 2) at 10.0
     wider = model_summary(s, 2, DEFAULTS, top_k=4, score_top_k=0)
-    assert wider["pipeline"] == {"cer": 10.0, "relative": 0.0, "evaluations": 4}
+    assert wider["pipeline"]["cer"] == 10.0 and wider["pipeline"]["evaluations"] == 4
     assert consensus([np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])]) == pytest.approx(
         [-1.2247, 0.6124, 0.6124], abs=1e-4
     )
+
+
+def test_the_pipeline_climbs_where_the_consensus_ranks_backwards():
+    backwards = list(CER)  # higher score, higher CER: the consensus's top 3 measure the worst
+    s = study(
+        CER,
+        {"residual_sum": backwards, "dc": backwards},
+        {"residual_sum": [[3, 4]], "dc": [[3, 4]]},
+    )
+    # top 3: (3, 4) 15, (1, 4) 14, (2, 4) 13; Spearman of their scores with their CERs +1
+    never = model_summary(s, 2, DEFAULTS, top_k=3, score_top_k=0, refine="never")
+    assert never["pipeline"]["cer"] == 13.0 and never["pipeline"]["evaluations"] == 3
+    assert never["pipeline"]["refine_spearman"] == pytest.approx(1.0)
+    # from (2, 4): round 1 adds (1, 2) 10 and (2, 3) 11 and moves to (1, 2); round 2 adds
+    # (1, 3) 12, no better: the oracle in 3 + 3 evaluations
+    auto = model_summary(s, 2, DEFAULTS, top_k=3, score_top_k=0, refine="auto")
+    assert auto["pipeline"]["cer"] == 10.0 and auto["pipeline"]["relative"] == 0.0
+    assert auto["pipeline"]["evaluations"] == 6
+    right = study(CER, {"residual_sum": PERFECT, "dc": PERFECT}, _beams())
+    kept = model_summary(right, 2, DEFAULTS, top_k=3, score_top_k=0, refine="auto")
+    assert kept["pipeline"]["refine_spearman"] == pytest.approx(-1.0)
+    assert kept["pipeline"]["evaluations"] == 3  # the ranking holds: no climb
 
 
 def test_median_and_worst_across_models():
@@ -129,7 +157,7 @@ def test_summary_report_and_its_errors(tmp_path):
     text = out.read_text()
     assert "| residual_sum/frames/N32 | -1.000 | -1.000 | 0.0% | 0.0% |" in text
     # the consensus's top 1, (2, 3) at 11.0, and both beams' first, (1, 2) at 10.0
-    assert "| a | 10.00 | 10.00 | 0.0% | 2 | 11.00 |" in text
+    assert "| a | 10.00 | 10.00 | 0.0% | 2 | - | 11.00 |" in text
     assert "the top 1 of the consensus of residual_sum, dc and the first 1" in text
     assert json.loads(out.with_suffix(".json").read_text())["num_prune"] == 2
     with pytest.raises(ValueError, match="--studies x: expected LABEL=DIR"):

@@ -19,6 +19,12 @@ from comflp.prune.scores.matrix import MatrixScore
 from comflp.prune.search import BlockScorer, Proposal, coarse_search
 from comflp.prune.searches import SEARCHES, ModelRef, SearchContext, SearchSettings
 from comflp.prune.searches.comflp import merge
+from comflp.prune.searches.refine import (
+    climb,
+    one_swap_neighbours,
+    ranking_disagrees,
+    should_refine,
+)
 
 
 class KnownStack:
@@ -116,7 +122,7 @@ def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
     exp = _experiment(tmp_path, matrices)
     stack = KnownStack(additive_cer)
-    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4)
+    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4, refine="never")
     search = SEARCHES["comflp"]()
     (result,) = search.run(SearchContext(settings, stack, [], exp), [2]).values()
     tops = {n: [p.layers for p in _coarse(m, 2, 4)] for n, m in matrices.items()}
@@ -152,7 +158,9 @@ def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
     exp = _experiment(tmp_path, matrices, consensus=True)
     scores = ["dc", "cka", "consensus"]
-    settings = SearchSettings(exp_dir=exp.root, scores=scores, top_k=3, score_top_k=1)
+    settings = SearchSettings(
+        exp_dir=exp.root, scores=scores, top_k=3, score_top_k=1, refine="never"
+    )
     context = SearchContext(settings, KnownStack(additive_cer), [], exp)
     search = SEARCHES["comflp"]()
     (result,) = search.run(context, [2]).values()
@@ -185,6 +193,69 @@ def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
     np.testing.assert_allclose(consensus.scores(pairs), np.mean(z, axis=0), rtol=1e-12)
     with pytest.raises(ValueError, match="2 or more scores of one depth"):
         ConsensusScorer([BlockScorer(np.eye(5)), BlockScorer(np.eye(6))])
+
+
+def test_comflp_climbs_from_its_fine_search_where_its_ranking_fails(tmp_path):
+    # the consensus of two scores that rank the layers backwards: its top 3 measure worse the
+    # higher it scores them, so --refine auto climbs, one swap at a time, to the oracle
+    cost = {1: 9.0, 2: 1.0, 3: 4.0, 4: 2.0, 5: 7.0, 6: 3.0}
+    backwards = np.zeros((7, 7))
+    for k, c in cost.items():  # the block (k-1, k) skipping layer k: higher where it costs more
+        backwards[k - 1, k] = c
+    matrices = {"dc": backwards, "cka": backwards * 2}
+    exp = _experiment(tmp_path, matrices, consensus=True)
+    scores = ["dc", "cka", "consensus"]
+    runs = {}
+    for mode in ("never", "auto"):
+        stack = KnownStack(additive_cer)
+        settings = SearchSettings(exp_dir=exp.root, scores=scores, top_k=3, refine=mode)
+        (runs[mode],) = (
+            SEARCHES["comflp"]().run(SearchContext(settings, stack, [], exp), [2]).values()
+        )
+        assert len(stack.evaluated) == len(set(stack.evaluated))  # nothing evaluated twice
+    fine, refined = runs["never"], runs["auto"]
+    check = refined.extra["refine"]
+    assert check["judged"] == "consensus" and check["spearman"] == pytest.approx(1.0)
+    assert not fine.extra["refine"]["climbed"] and check["climbed"]
+    assert fine.best_metric > 13.0  # the fine search alone: the dear layers' pairs
+    assert refined.best_layers == (2, 4) and refined.best_metric == 13.0  # the oracle
+    climbed = refined.candidates[len(fine.candidates) :]
+    assert check["evaluations"] == len(climbed) > 0
+    assert [r["refine_round"] for r in climbed] == sorted(r["refine_round"] for r in climbed)
+    assert check["rounds"] == climbed[-1]["refine_round"]
+    for row in climbed:  # each one swap away from the best before its round
+        assert additive_cer(tuple(row["layers"])) == row["metric"]
+    extra = refined.extra
+    parts = extra["dump_seconds"] + sum(extra["score_seconds"].values()) + check["seconds"]
+    parts += sum(extra["coarse_seconds"].values()) + extra["fine_seconds"]
+    assert check["seconds"] > 0 and refined.seconds == pytest.approx(parts, rel=1e-12)
+
+
+def test_one_swap_climb_reaches_the_optimum_of_a_separable_metric():
+    rng = np.random.default_rng(0)
+    cost = dict(zip(range(1, 13), rng.permutation(12) + 1.0))
+    metric = lambda layers: sum(cost[k] for k in layers)  # noqa: E731
+    calls: list[tuple[int, ...]] = []
+
+    def evaluate(candidates):
+        calls.extend(candidates)
+        return {c: metric(c) for c in candidates}
+
+    start = (1, 2, 3, 4, 5, 6)
+    layers, value, rounds = climb(start, metric(start), 12, evaluate, {start})
+    assert layers == tuple(sorted(sorted(cost, key=cost.get)[:6])) and value == 21.0
+    assert len(calls) == len(set(calls)) and start not in calls
+    assert 1 <= rounds <= 7
+    assert len(one_swap_neighbours(start, 12)) == 36
+    assert all(len(set(n) ^ set(start)) == 2 for n in one_swap_neighbours(start, 12))
+    # the check: too few or constant values judge nothing; auto climbs only above 0
+    assert ranking_disagrees([1.0, 2.0], [3.0, 4.0]) is None
+    assert ranking_disagrees([1.0, 1.0, 1.0], [3.0, 4.0, 5.0]) is None
+    assert ranking_disagrees([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(-1.0)
+    assert [should_refine("auto", v) for v in (None, -0.2, 0.0, 0.1)] == [0, 0, 0, 1]
+    assert should_refine("always", None) and not should_refine("never", 1.0)
+    with pytest.raises(ValueError, match="expected one of auto, never, always"):
+        should_refine("sometimes", 0.5)
 
 
 def test_consensus_standardises_large_sizes_over_nested_samples(monkeypatch):

@@ -130,11 +130,22 @@ def _pct(value: float | None) -> str:
 def _pipeline(summary: dict) -> str:
     scores, k = ", ".join(summary["scores"]), summary["top_k"]
     if summary["consensus"] and len(summary["scores"]) > 1:
-        return (
+        merged = (
             f"the top {k} of the consensus of {scores} and the first {summary['score_top_k']} "
             "of each score's beam, merged"
         )
-    return f"the beam top {k} of {scores}, merged"
+    else:
+        merged = f"the beam top {k} of {scores}, merged"
+    refine = {
+        "never": "no local search",
+        "always": "then the one-swap local search",
+        "auto": "then the one-swap local search where the check's Spearman is above 0",
+    }[summary["refine"]]
+    return f"{merged}, one fine search, {refine}"
+
+
+def _check(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def robustness_report(summary: dict) -> str:
@@ -160,17 +171,19 @@ def robustness_report(summary: dict) -> str:
         )
     lines += [
         "",
-        f"The default pipeline ({_pipeline(summary)}, one fine search) on each model:",
+        f"The default pipeline ({_pipeline(summary)}) on each model; check: the Spearman "
+        "between the judged ranking's scores and the CERs of its evaluated top K:",
         "",
-        "| model | oracle CER | pipeline CER | relative to the oracle | proposals evaluated | GLP CER |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | oracle CER | pipeline CER | relative to the oracle | proposals evaluated "
+        "| check | GLP CER |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, m in summary["models"].items():
-        glp = m["glp"]
+        glp, pipe = m["glp"], m["pipeline"]
         lines.append(
-            f"| {label} | {m['oracle_cer']:.2f} | {m['pipeline']['cer']:.2f} | "
-            f"{_pct(m['pipeline']['relative'])} | {m['pipeline']['evaluations']} | "
-            f"{'-' if not glp else format(glp['cer'], '.2f')} |"
+            f"| {label} | {m['oracle_cer']:.2f} | {pipe['cer']:.2f} | "
+            f"{_pct(pipe['relative'])} | {pipe['evaluations']} | "
+            f"{_check(pipe['refine_spearman'])} | {'-' if not glp else format(glp['cer'], '.2f')} |"
         )
     if summary["calibration"]:
         lines += [

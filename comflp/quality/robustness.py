@@ -9,8 +9,10 @@ over the models. ``consensus`` is the mean of the default scores' standardised v
 aggregation computed on the study's proposals (all of them: the same standardisation stage 6
 uses up to 2,000 proposals). The pipeline's choice is the lowest CER among the proposals stage
 6 merges: the consensus's top K (here from the whole ranking, where stage 6 beam-searches it)
-and each score's first ``score_top_k`` of its beam; without a consensus, each score's beam top K. A second study of a
-model with another random calibration subset shows how the ranking moves with it.
+and each score's first ``score_top_k`` of its beam; without a consensus, each score's beam top K;
+then ``refine``'s one-swap local search where it applies (:mod:`comflp.prune.searches.refine`,
+on the stored CERs). A second study of a model with another random calibration subset shows how
+the ranking moves with it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from comflp.prune.ranks import spearman
 from comflp.prune.scores.consensus import ConsensusScore
 from comflp.prune.search import COARSE_TOP_K, Proposal
 from comflp.prune.searches.comflp import merge
-from comflp.quality.study import best_of_top_k_regret, spearman
+from comflp.prune.searches.refine import climb, ranking_disagrees, should_refine
+from comflp.quality.study import best_of_top_k_regret
 
 
 def result_for(study: dict, num_prune: int) -> dict:
@@ -76,6 +80,7 @@ def model_summary(
     top_k: int = COARSE_TOP_K,
     score_top_k: int = 1,
     use_consensus: bool = True,
+    refine: str = "never",
 ) -> dict[str, Any]:
     """One model: every variant's Spearman and top-10 regret, the consensus, the pipeline."""
     result = result_for(study, num_prune)
@@ -96,7 +101,16 @@ def model_summary(
         rankings[ConsensusScore.name] = [Proposal(layers[i], float(agreed[i])) for i in order]
     merged = merge(rankings, score_top_k, {ConsensusScore.name})  # what stage 6 would evaluate
     cer_of = dict(zip(layers, cer.tolist(), strict=True))
-    best = min(cer_of[m] for m in merged)
+    judged = ConsensusScore.name if ConsensusScore.name in rankings else names[0]
+    values = agreed if judged == ConsensusScore.name else np.array(chosen[judged]["scores"])
+    index = {x: i for i, x in enumerate(layers)}
+    own = [p.layers for p in rankings[judged]]
+    agreement = ranking_disagrees([values[index[x]] for x in own], [cer_of[x] for x in own])
+    start = min(merged, key=lambda m: cer_of[m])
+    best, seen = cer_of[start], set(merged)
+    if should_refine(refine, agreement):
+        stored = lambda candidates: {x: cer_of[x] for x in candidates}  # noqa: E731
+        best = climb(start, best, study["num_layers"], stored, seen)[1]
     oracle = result["oracle_cer"]
     return {
         "model": study["model_dir"],
@@ -105,7 +119,8 @@ def model_summary(
         "pipeline": {
             "cer": best,
             "relative": (best - oracle) / oracle if oracle else 0.0,
-            "evaluations": len(merged),
+            "evaluations": len(seen),
+            "refine_spearman": agreement,
         },
         "glp": result.get("glp"),
     }

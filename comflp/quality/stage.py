@@ -279,7 +279,9 @@ def summarize(s: SummarySettings) -> None:
     members, composites = split_scores(s.scores)
     try:
         models = {
-            k: model_summary(v, s.num_prune, members, s.top_k, s.score_top_k, bool(composites))
+            k: model_summary(
+                v, s.num_prune, members, s.top_k, s.score_top_k, bool(composites), s.refine
+            )
             for k, v in studies.items()
         }
         shifts = {
@@ -292,6 +294,7 @@ def summarize(s: SummarySettings) -> None:
         "scores": members,
         "top_k": s.top_k,
         "score_top_k": s.score_top_k,
+        "refine": s.refine,
         "consensus": bool(composites),
         "models": models,
         "across": across_models(models),

@@ -3,8 +3,9 @@
 For P pruned layers, the study takes a set of proposals, evaluates the dev CER of each one's
 pruned model and compares every scoring variant's coarse scores with those CERs:
 
-- :func:`spearman` and :func:`kendall_tau` (tau-b) between score and CER (a good score has a
-  strongly negative correlation: higher score, lower CER);
+- :func:`~comflp.prune.ranks.spearman` and :func:`~comflp.prune.ranks.kendall_tau` (tau-b)
+  between score and CER (a good score has a strongly negative correlation: higher score, lower
+  CER);
 - :func:`top1_percentile`: how many proposals the coarse top-1 beats;
 - :func:`best_of_top_k_regret`: the CER of the best of the top K (what the fine search finds)
   against the oracle (the lowest CER of the set).
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
+from comflp.prune.ranks import kendall_tau, paired, spearman
 from comflp.prune.scores.base import SCORES, ProposalScore
 from comflp.prune.scores.consensus import ConsensusScorer
 from comflp.prune.search import (
@@ -63,52 +65,6 @@ CALIB_SIZES = (32, 64, 128, 320, 1280)
 DC_BATCH_SIZES = (4, 32, None)
 REFERENCE_NUM_UTTS = 320
 
-# ----------------------------------------------------------------------------- rank statistics
-
-
-def _pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError(f"need two 1-D arrays of the same length, got {x.shape} and {y.shape}")
-    if len(x) < 2:
-        raise ValueError(f"need at least 2 values, got {len(x)}")
-    return x, y
-
-
-def average_ranks(x: Any) -> np.ndarray:
-    """Ranks 1..n of ``x``; tied values share the mean of the ranks they span."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    first = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], len(x))
-    ranks = np.empty(len(x))
-    ranks[order] = ((starts + ends + 1) / 2.0)[group]
-    return ranks
-
-
-def spearman(x: Any, y: Any) -> float:
-    """Spearman's rho: the Pearson correlation of the average ranks (NaN if one is constant)."""
-    x, y = _pair(x, y)
-    rx, ry = average_ranks(x) - (len(x) + 1) / 2, average_ranks(y) - (len(y) + 1) / 2
-    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return float(rx @ ry) / den if den > 0 else math.nan
-
-
-def kendall_tau(x: Any, y: Any) -> float:
-    """Kendall's tau-b, (C - D) / sqrt((n0 - n1)(n0 - n2)) over all pairs, with n1 and n2 the
-    pairs tied in x and in y (NaN if one is constant). O(n^2) memory: meant for n <= a few
-    thousand."""
-    x, y = _pair(x, y)
-    i, j = np.triu_indices(len(x), k=1)
-    sx, sy = np.sign(x[j] - x[i]), np.sign(y[j] - y[i])
-    n0 = len(i)
-    den = math.sqrt(float(n0 - np.sum(sx == 0)) * float(n0 - np.sum(sy == 0)))
-    return float(np.sum(sx * sy)) / den if den > 0 else math.nan
-
-
 # ----------------------------------------------------------------------------- top-K quality
 
 
@@ -121,7 +77,7 @@ def top1_percentile(scores: Any, cer: Any) -> float:
     """Fraction of the other proposals whose CER is strictly worse (higher) than the CER of
     the coarse top-1 (the highest score; among tied scores the first). Proposals with the
     same CER as the top-1 count as not beaten, so 1.0 means the top-1 is the unique best."""
-    scores, cer = _pair(scores, cer)
+    scores, cer = paired(scores, cer)
     top = ranking(scores)[0]
     return float(np.sum(cer > cer[top])) / (len(cer) - 1)
 
@@ -130,7 +86,7 @@ def best_of_top_k_regret(scores: Any, cer: Any, k: int) -> dict[str, float | Non
     """The lowest CER among the ``k`` best-scored proposals (``cer``), the oracle's lowest
     CER of all (``oracle``), their difference (``regret``) and the difference relative to
     the oracle (``relative``: 0 for no regret, None for a regret over an oracle CER of 0)."""
-    scores, cer = _pair(scores, cer)
+    scores, cer = paired(scores, cer)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     best = float(cer[ranking(scores)[:k]].min())

@@ -25,6 +25,7 @@ from comflp.prune.search import (
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
 )
+from comflp.prune.searches.refine import REFINE_MODES
 from comflp.prune.stacks import LayerStack
 from comflp.registry import Registry
 from comflp.settings import option
@@ -47,6 +48,12 @@ class MergeChoice:
         "with a composite score among --scores, each other score's own coarse proposals "
         "joining the merge (at most --top_k)",
         low=0,
+    )
+    refine: str = option(
+        "auto",
+        "after the fine search, a one-swap local search from its best proposal: auto where the "
+        "composite score's evaluated top K disagrees with their dev metric (Spearman > 0)",
+        choices=REFINE_MODES,
     )
 
 

@@ -16,6 +16,11 @@ Why the consensus alone carries the fine search by default: across the models of
 docs/SEARCH_QUALITY.md its top 10 held a proposal within 1% of the oracle wherever the four
 scores' top 10s merged did, with a third of the evaluations.
 
+Where the fine search shows the coarse ranking wrong (``--refine``, default ``auto``: the
+Spearman between the composite score's top K and their dev metric above 0), a one-swap local
+search continues from its best proposal (:mod:`comflp.prune.searches.refine`); its evaluations
+join the search's rows and its seconds the search's cost.
+
 Stage 7 gets the pipeline's choice (``comflp``) and, per score, its coarse top-1
 (``comflp_<score>_coarse``) and the best of its own top K (``comflp_<score>_fine``, read from the
 same evaluations: the same dev metric a separate fine search of that score would give), each
@@ -36,6 +41,7 @@ from comflp.prune.metric_search import SearchResult, best_row, fine_search
 from comflp.prune.scores.base import SCORES, CompositeScore, ProposalScore, read_score_file
 from comflp.prune.search import Proposal, ProposalScorer, coarse_search
 from comflp.prune.searches.base import SEARCHES, ModelRef, Search, SearchContext
+from comflp.prune.searches.refine import climb, ranking_disagrees, should_refine
 
 
 def load_scores(ctx: SearchContext) -> dict[str, tuple[ProposalScore, float]]:
@@ -145,19 +151,22 @@ class CoMFLP(Search):
         )
         by_layers = {tuple(r["layers"]): r for r in rows}
         compute = sum(r["seconds"] for r in rows) or 1.0
+        judged = next(iter(composites), next(iter(scores)))
         results = {}
         for p in prunes:
             rankings, coarse_seconds = coarse[p]
             p_rows = [_annotate(by_layers[c], c, rankings) for c in merged[p]]
             fine_seconds = wall * sum(r["seconds"] for r in p_rows) / compute
+            refined = self.refine(ctx, p_rows, judged)
             parts = {
                 "dump_seconds": dump_seconds,
                 "score_seconds": {n: t for n, (_, t) in scores.items()},
                 "coarse_seconds": coarse_seconds,
                 "fine_seconds": fine_seconds,
+                "refine": refined,
             }
             total = dump_seconds + sum(t for _, t in scores.values())
-            total += sum(coarse_seconds.values()) + fine_seconds
+            total += sum(coarse_seconds.values()) + fine_seconds + refined["seconds"]
             results[p] = SearchResult(
                 self.name,
                 p,
@@ -168,6 +177,45 @@ class CoMFLP(Search):
                 {**parts, **_settings(ctx, scores), "rankings": _rankings(rankings)},
             )
         return results
+
+    def refine(self, ctx: SearchContext, rows: list[dict], judged: str) -> dict:
+        """The fallback of ``--refine`` (:mod:`comflp.prune.searches.refine`): judge the
+        ranking of ``judged`` on its evaluated proposals and, where it fails, climb from the
+        best row; the climb's rows are appended to ``rows``."""
+        s = ctx.settings
+        own = sorted(
+            (r for r in rows if judged in r["proposed_by"]),
+            key=lambda r: r["proposed_by"][judged]["rank"],
+        )
+        agreement = ranking_disagrees(
+            [r["proposed_by"][judged]["score"] for r in own], [r["metric"] for r in own]
+        )
+        out = {"mode": s.refine, "judged": judged, "spearman": agreement, "seconds": 0.0}
+        if not should_refine(s.refine, agreement):
+            return {**out, "climbed": False}
+        start = time.perf_counter()
+        first = len(rows)
+
+        def evaluate(candidates: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
+            new, _ = fine_search(ctx.stack, ctx.batches, candidates, s.fine_metric, s.prefix_cache)
+            round_no = 1 + max((r.get("refine_round", 0) for r in rows), default=0)
+            rows.extend({**r, "proposed_by": {}, "refine_round": round_no} for r in new)
+            return {tuple(r["layers"]): r["metric"] for r in new}
+
+        best = rows[best_row(rows)]
+        seen = {tuple(r["layers"]) for r in rows}
+        layers, metric, rounds = climb(
+            tuple(best["layers"]), best["metric"], ctx.stack.num_layers, evaluate, seen
+        )
+        return {
+            **out,
+            "climbed": True,
+            "rounds": rounds,
+            "evaluations": len(rows) - first,
+            "start_layers": best["layers"],
+            "layers": list(layers),
+            "seconds": time.perf_counter() - start,
+        }
 
     def methods(self, search: dict, model: ModelRef) -> list[Method]:
         p, metric = search["num_prune"], search["metric"]
