@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from comflp.adapters.base import IGNORE
+from comflp.adapters.base import IGNORE, Hidden
 from comflp.adapters.native import NativeAEDModel, NativeModel, native_model
 from comflp.asr.checkpoint import save_model
 from comflp.asr.config import ExperimentConfig, ModelConfig
@@ -28,6 +28,7 @@ from comflp.prune.methods import CompareSettings, list_methods
 from comflp.prune.ranks import spearman
 from comflp.prune.rules import distil_whisper, rules_for
 from comflp.prune.stacks import DecoderStack, EncoderStack, stack_of
+from comflp.quality.decoder import full_decoder, measure, ranking_quality
 from comflp.quality.study import CerCache, proposal_cers, teacher_forced_quality
 from comflp.report.results import build_rows, methods_table
 
@@ -362,6 +363,53 @@ def test_search_quality_ranks_the_teacher_forced_loss_against_decoding(tmp_path)
     assert teacher_forced_quality(EncoderStack(model), [b], proposals, cer, uniform, cache) is None
 
 
+@torch.no_grad()
+def test_decoder_measures_against_a_per_utterance_computation():
+    model, b = aed(), batch()
+    (full,) = full_decoder(model, [b])
+    every = [1, 2, 3, 4]
+    assert measure(model, [full], every, margin=2) == {
+        "kl_reference": pytest.approx(0.0, abs=1e-6),
+        "kl_hypothesis": pytest.approx(0.0, abs=1e-6),
+        "short_decode": 0.0,
+    }
+    kept = [1, 3]
+    got = measure(model, [full], kept, margin=2)
+    # one utterance at a time, no padding: KL(full || pruned) at each predicted position
+    memory = model.encode(b)
+    sums = {"kl_reference": [0.0, 0], "kl_hypothesis": [0.0, 0]}
+    for i, hyp in enumerate(full.hypotheses):
+        one = Hidden(memory.x[i : i + 1], memory.lengths[i : i + 1])
+        refs = {
+            "kl_reference": b["targets"][i, : b["target_lens"][i]].tolist(),
+            "kl_hypothesis": hyp,
+        }
+        for name, tokens in refs.items():
+            inputs = torch.tensor([model.decoder_prefix() + tokens])
+            logp = {}
+            for layers in (every, kept):
+                h = model.decoder_embed(one, inputs, torch.tensor([inputs.size(1)]))
+                logp[len(layers)] = model.decoder_readout(model.decoder_forward_layers(h, layers))
+            start = len(model.decoder_prefix()) - 1
+            p, q = logp[4][0, start:], logp[2][0, start:]  # the tokens and <eos>
+            sums[name][0] += float((p.exp() * (p - q)).sum())
+            sums[name][1] += len(tokens) + 1
+    for name, (total, count) in sums.items():
+        assert got[name] == pytest.approx(total / count, rel=1e-4) and got[name] > 0
+    # the short decode: the uncapped greedy hypotheses cut at the full one's length + 2 + 1
+    free = model.greedy_decode(memory, kept)
+    cut = [h[: len(f) + 3] for h, f in zip(free, full.hypotheses, strict=True)]
+    capped = torch.tensor([len(f) + 3 for f in full.hypotheses])
+    assert model.greedy_decode(memory, kept, max_tokens=capped) == cut
+    texts = [model.decode_ids(h) for h in full.hypotheses]
+    want = error_stats(texts, [model.decode_ids(h) for h in cut], "char").err
+    assert got["short_decode"] == pytest.approx(want)
+    q = ranking_quality(np.array([3.0, 1.0, 2.0]), np.array([30.0, 10.0, 25.0]))
+    assert q == {"spearman": pytest.approx(-1.0), "top1_cer": 10.0, "oracle_rank": 1}
+    q = ranking_quality(np.array([1.0, 3.0, 2.0]), np.array([30.0, 10.0, 25.0]))
+    assert q["oracle_rank"] == 3 and q["top1_cer"] == 30.0
+
+
 def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
     """run.sh --stack decoder on a tiny native AED (3 decoder layers), then the search-quality
     study of its decoder."""
@@ -421,3 +469,17 @@ def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
         "Teacher-forced NLL as the metric"
         in (work / "exp/aed_quality/SEARCH_QUALITY.md").read_text()
     )
+    # the decoder scores beside it: the study's CERs reused (its cache), the same NLL ranking
+    run_cmd(
+        [PYTHON, REPO / "bin/decoder_scores.py", "--exp_dir", "exp/aed", "--stack", "decoder"]
+        + ["--num_prune", "1", "--output_dir", "exp/aed_quality", "--dev_num_utts", "8"]
+        + ["--calib_cuts", fbank.format("train-clean-100"), "--calib_num_utts", "4"],
+        cwd=work,
+    )
+    (scored,) = json.loads((work / "exp/aed_quality/decoder_scores.json").read_text())["results"]
+    cers = {tuple(p["layers"]): p["cer"] for p in result["proposals"]}
+    assert {tuple(r["layers"]): r["cer"] for r in scored["rows"]} == cers
+    nll = scored["quality"]["teacher_forced_nll"]["spearman"]
+    assert nll == pytest.approx(result["teacher_forced"]["spearman"])
+    assert all(r[m] >= 0 for r in scored["rows"] for m in ("kl_reference", "kl_hypothesis"))
+    assert "| short_decode |" in (work / "exp/aed_quality/DECODER_SCORES.md").read_text()

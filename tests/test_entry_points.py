@@ -33,6 +33,10 @@ CASES = {
         "--studies nope --output OUT",
         "--studies nope: expected LABEL=DIR with DIR/quality.json",
     ),
+    "decoder_scores.py": (
+        "--exp_dir OUT --output_dir OUT --stack encoder",
+        "--stack encoder: the decoder study needs --stack decoder",
+    ),
     "export.py": ("--model_dir nope --out_dir OUT", "--model_dir nope: not a directory"),
     "dump_layers.py": (
         "--exp_dir OUT --cuts nope.jsonl.gz --calib_num_utts 1",

@@ -282,9 +282,12 @@ class DecoderModel(PrunableModel):
         return self.decoder_nll(h, outputs)
 
     @torch.no_grad()
-    def greedy_decode(self, memory: Hidden, layers: Sequence[int] | None = None) -> list[list[int]]:
+    def greedy_decode(
+        self, memory: Hidden, layers: Sequence[int] | None = None, max_tokens: Any = None
+    ) -> list[list[int]]:
         """Batched greedy autoregressive decoding with decoder ``layers`` (default all): token
-        ids per utterance, ``<eos>`` and the prompt left out."""
+        ids per utterance, ``<eos>`` and the prompt left out; ``max_tokens`` (an int or (B,))
+        caps each utterance below the model's own limit."""
         layers = list(layers) if layers is not None else list(range(1, self.num_decoder_layers + 1))
         b = memory.x.size(0)
         prefix = torch.tensor([self.decoder_prefix()], device=self.device).expand(b, -1)
@@ -292,6 +295,8 @@ class DecoderModel(PrunableModel):
         log_probs = self.decoder_step(state, prefix)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         limits = torch.as_tensor(self.max_new_tokens(memory), device=self.device).expand(b)
+        if max_tokens is not None:
+            limits = torch.minimum(limits, torch.as_tensor(max_tokens, device=self.device))
         emitted = []
         for step in range(int(limits.max())):
             token = self.suppress(log_probs, step).argmax(-1).masked_fill(done, self.eos_id)
