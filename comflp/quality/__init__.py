@@ -1,4 +1,5 @@
 """The search-quality study: every proposal of one P evaluated on a model, every score ranked
 against those CERs (``study``), the study across models (``robustness``), its report and plots
-(``report``) and the two commands' stages (``stage``: ``bin/search_quality.py`` and
-``bin/search_quality_summary.py``)."""
+(``report``), the two commands' stages (``stage``: ``bin/search_quality.py`` and
+``bin/search_quality_summary.py``) and the decoder measures that decode (``decoder``:
+``bin/decoder_scores.py``)."""
