@@ -37,6 +37,10 @@ CASES = {
         "--exp_dir OUT --output_dir OUT --stack encoder",
         "--stack encoder: the decoder study needs --stack decoder",
     ),
+    "first_order_check.py": (
+        "--exp_dir OUT --output OUT/check.md --stack decoder",
+        "--stack decoder: the first-order check reads an encoder stack",
+    ),
     "export.py": ("--model_dir nope --out_dir OUT", "--model_dir nope: not a directory"),
     "dump_layers.py": (
         "--exp_dir OUT --cuts nope.jsonl.gz --calib_num_utts 1",
