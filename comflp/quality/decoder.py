@@ -35,6 +35,7 @@ from comflp.errors import InputError
 from comflp.prune.ranks import spearman
 from comflp.prune.stacks import stack_of
 from comflp.quality.study import CerCache, proposal_cers
+from comflp.report.provenance import written, written_lines
 from comflp.settings import REQUIRED, option
 from comflp.subsets import kept_layers, parse_num_prune
 from comflp.utils import atomic_write_json, atomic_write_text
@@ -180,6 +181,7 @@ def decoder_study(s: DecoderStudySettings) -> None:
         )
         logging.info(f"P={p}: {len(proposals)} proposals, oracle CER {cer.min():.2f}")
     summary = {
+        "written": written(),
         **settings,
         "num_layers": stack.num_layers,
         "calib_cuts": str(s.calib_cuts),
@@ -196,6 +198,7 @@ def decoder_study(s: DecoderStudySettings) -> None:
 def report(summary: dict) -> str:
     lines = [
         "# Decoder scores against the dev CER of greedy decoding",
+        *written_lines(summary["written"]),
         "",
         f"Model: {summary['model_dir']} ({summary['num_layers']} decoder layers). Dev: "
         f"{summary['dev_num_utts']} utterances of {summary['dev_cuts']} (at most). Measures from "

@@ -29,6 +29,7 @@ from comflp.adapters.base import ModelSettings, PrunableModel
 from comflp.asr.data import EVAL_MAX_DURATION, load_eval_batches
 from comflp.errors import InputError
 from comflp.prune.stacks import stack_of
+from comflp.report.provenance import written, written_lines
 from comflp.settings import REQUIRED, option
 from comflp.utils import atomic_write_json, atomic_write_text
 
@@ -90,6 +91,7 @@ def linearity(s: LinearitySettings) -> None:
     batches = load_eval_batches(model, s.calib_cuts, s.max_duration, s.calib_num_utts, s.calib_seed)
     rows = first_order_errors(model, batches)
     summary = {
+        "written": written(),
         "model_dir": str(model.source),
         "model_type": s.model_type,
         "calib_cuts": str(s.calib_cuts),
@@ -98,6 +100,7 @@ def linearity(s: LinearitySettings) -> None:
     }
     lines = [
         "# The residual-sum score's first-order view, layer by layer",
+        *written_lines(summary["written"]),
         "",
         f"Model: {summary['model_dir']} ({s.model_type}); {summary['calib_num_utts']} calibration "
         f"utterances of {summary['calib_cuts']}. Each layer removed alone: update = "

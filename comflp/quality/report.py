@@ -10,6 +10,7 @@ import numpy as np
 
 from comflp.plots import plt, save_figure
 from comflp.quality.study import TOP_KS, format_table, ranking, smallest_matching_size
+from comflp.report.provenance import written_lines
 
 
 def plot_scatter(result: dict, path: Path) -> None:
@@ -153,6 +154,7 @@ def robustness_report(summary: dict) -> str:
     p = summary["num_prune"]
     lines = [
         f"# Search quality across models (P = {p})",
+        *written_lines(summary["written"]),
         "",
         "Per score: Spearman between its score and the dev CER over every proposal, and the "
         "relative regret of the best of its top 10 against the exhaustive oracle; median and "

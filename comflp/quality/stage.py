@@ -42,6 +42,7 @@ from comflp.quality.study import (
     study_variants,
     variant_scores,
 )
+from comflp.report.provenance import written
 from comflp.settings import REQUIRED, option
 from comflp.subsets import parse_num_prune
 from comflp.utils import atomic_write_json, atomic_write_text
@@ -290,6 +291,7 @@ def summarize(s: SummarySettings) -> None:
     except ValueError as e:
         raise InputError(str(e)) from None
     summary = {
+        "written": written(),
         "num_prune": s.num_prune,
         "scores": members,
         "top_k": s.top_k,

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -77,3 +78,14 @@ def provenance_lines(command: str) -> list[str]:
         f"- versions: {versions}",
         f"- machine: {machine()}; {torch.get_num_threads()} torch threads",
     ]
+
+
+def written() -> dict:
+    """When and from what a results file was written: its date and the provenance lines (for
+    the JSON of a study, rendered by :func:`written_lines`)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "provenance": provenance_lines("")}
+
+
+def written_lines(info: dict) -> list[str]:
+    """Markdown lines of :func:`written`'s record."""
+    return ["", f"Written on {info['date']}.", "", *info["provenance"]]
