@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from comflp.prune.scores import residual_sum
+from comflp.prune.scores.consensus import ConsensusScorer
 from comflp.prune.scores.residual_sum import ResidualSumScore
-from comflp.prune.search import coarse_search, pair_matrix, score_proposals
+from comflp.prune.search import BlockScorer, coarse_search, pair_matrix, score_proposals
 
 
 def residual_stream(scales: list[float], rows: int = 64, dim: int = 8) -> list[np.ndarray]:
@@ -77,6 +78,34 @@ class _SetsOnly:
 
     def __init__(self, scorer: ResidualSumScore):
         self.num_layers, self.scores = scorer.num_layers, scorer.scores
+
+
+def test_every_proposal_of_each_size_in_one_pass_and_the_consensus_moments_from_it():
+    feats = residual_stream([0.5, 0.7, 0.9, 0.3, 1.2, 0.6, 0.4], rows=30)
+    feats[-1][:3] = 0.0  # rows whose top state is zero contribute 0
+    scorer = ResidualSumScore.build(feats)
+    by_size = scorer.scores_by_size(4)
+    assert [len(v) for v in by_size] == [7, 21, 35, 35]
+    for k, values in enumerate(by_size, start=1):
+        want = [direct_cosine_or_zero(feats, c) for c in combinations(range(1, 8), k)]
+        np.testing.assert_allclose(np.sort(values), np.sort(want), atol=1e-9)
+    # the consensus standardises over the same values whichever way they are computed
+    other = BlockScorer(np.random.default_rng(1).uniform(size=(8, 8)))
+    fast = ConsensusScorer([scorer, other], max_size=4)
+    slow = ConsensusScorer([_SetsOnly(scorer), other], max_size=4)
+    pairs = np.array(list(combinations(range(1, 8), 3)))
+    np.testing.assert_allclose(fast.scores(pairs), slow.scores(pairs), rtol=1e-12)
+
+
+def direct_cosine_or_zero(feats: list[np.ndarray], layers) -> float:
+    """:func:`direct_cosine` with the score's convention: a row with a zero top state adds 0."""
+    top = feats[-1].astype(np.float64)
+    approx = top.copy()
+    for layer in layers:
+        approx -= feats[layer].astype(np.float64) - feats[layer - 1]
+    norms = np.linalg.norm(approx, axis=1) * np.linalg.norm(top, axis=1)
+    cos = np.divide((approx * top).sum(1), norms, out=np.zeros(len(top)), where=norms > 0)
+    return float(cos.mean())
 
 
 def test_beam_search_from_extensions_equals_scoring_every_extended_set():

@@ -72,8 +72,12 @@ class ConsensusScorer:
         if size in self._moments:
             return self._moments[size]
         if math.comb(self.num_layers, size) <= REFERENCE_PROPOSALS:
-            ref = all_proposals(self.num_layers, size)
-            self._moments[size] = _moments([s.scores(ref) for s in self.scorers])
+            sizes = _exhaustive_sizes(self.num_layers, max(size, self.max_size))
+            if size not in sizes:  # a large size past a sampled range: C(L, k) small again
+                sizes = [size]
+            every = [_every_proposal(s, self.num_layers, sizes) for s in self.scorers]
+            for k in sizes:
+                self._moments.setdefault(k, _moments([values[k] for values in every]))
             return self._moments[size]
         chains = reference_chains(self.num_layers, self.seed)[:, : max(size, self.max_size)]
         grids = [prefix_scores(s, chains) for s in self.scorers]
@@ -95,6 +99,24 @@ class ConsensusScorer:
         moments = self._standardisers(combos.shape[1])
         z = [(s.scores(combos) - m) / sd for s, (m, sd) in zip(self.scorers, moments, strict=True)]
         return np.mean(z, axis=0)
+
+
+def _exhaustive_sizes(num_layers: int, max_size: int) -> list[int]:
+    """Sizes 1, 2, ... up to ``max_size`` while every C(L, k) is at most the reference cap."""
+    sizes = []
+    for k in range(1, max_size + 1):
+        if math.comb(num_layers, k) > REFERENCE_PROPOSALS:
+            break
+        sizes.append(k)
+    return sizes
+
+
+def _every_proposal(scorer: ProposalScorer, num_layers: int, sizes: list[int]) -> dict:
+    """The scorer's scores of every proposal of each size (any order: only their moments are
+    used), in one level-by-level pass where the scorer has one (:meth:`scores_by_size`)."""
+    if hasattr(scorer, "scores_by_size") and sizes == list(range(1, len(sizes) + 1)):
+        return dict(zip(sizes, scorer.scores_by_size(len(sizes)), strict=True))
+    return {k: scorer.scores(all_proposals(num_layers, k)) for k in sizes}
 
 
 def _moments(values: Sequence[np.ndarray]) -> list[tuple[float, float]]:

@@ -190,6 +190,46 @@ class ResidualSumScore(ProposalScore):
                 out[start : start + len(part), t] = self._cosines(removed.copy(), quad.copy())
         return out
 
+    def scores_by_size(self, max_size: int) -> list[np.ndarray]:
+        """The scores of every proposal of each size 1..``max_size`` (entry k - 1: all C(L, k)
+        of size k, in no particular order), depth first over the sets in increasing layer
+        order: a set's sums come from its parent's (the set without its largest layer j),
+        ``a += proj[j]``, ``q += 2 c[j] + gram[j, j]``, ``c += gram[j]``, in buffers reused
+        per depth: O(L R) per set and no fresh memory, where scoring each set from scratch
+        costs O(P L R)."""
+        layers, rows = self.num_layers, self.num_rows
+        diag = self.gram[np.arange(layers), np.arange(layers)]
+        a, q = np.zeros((max_size + 1, rows)), np.zeros((max_size + 1, rows))
+        c = np.zeros((max_size + 1, layers, rows))
+        num, den = np.empty(rows), np.empty(rows)
+        out: list[list[float]] = [[] for _ in range(max_size)]
+
+        def visit(last: int, depth: int) -> None:
+            for j in range(last + 1, layers):
+                np.add(a[depth], self.proj[j], out=a[depth + 1])
+                np.add(q[depth], diag[j], out=q[depth + 1])
+                q[depth + 1] += 2 * c[depth, j]
+                out[depth].append(self._cosine_mean(a[depth + 1], q[depth + 1], num, den))
+                if depth + 1 < max_size:
+                    np.add(c[depth], self.gram[j], out=c[depth + 1])
+                    visit(j, depth + 1)
+
+        visit(-1, 0)
+        return [np.array(values) for values in out]
+
+    def _cosine_mean(self, a: np.ndarray, q: np.ndarray, num: np.ndarray, den: np.ndarray):
+        """:meth:`_cosines` of one set from its sums, into the buffers ``num`` and ``den``."""
+        np.subtract(self.top_sq, a, out=num)
+        np.subtract(q, 2 * a, out=den)
+        den += self.top_sq
+        np.maximum(den, 0.0, out=den)
+        den *= self.top_sq
+        ok = den > 0
+        np.sqrt(den, out=den, where=ok)
+        np.divide(num, den, out=num, where=ok)
+        num[~ok] = 0.0
+        return float(num.mean())
+
     def _cosines(self, removed: np.ndarray, quad: np.ndarray) -> np.ndarray:
         """Mean cosine over the rows, from the removed projections ``a`` and squares ``q``
         (module docstring), each (n, R); both are overwritten."""
