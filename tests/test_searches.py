@@ -223,6 +223,14 @@ def test_comflp_climbs_from_its_fine_search_where_its_ranking_fails(tmp_path):
     assert check["evaluations"] == len(climbed) > 0
     assert [r["refine_round"] for r in climbed] == sorted(r["refine_round"] for r in climbed)
     assert check["rounds"] == climbed[-1]["refine_round"]
+    saved = {**refined.to_dict(), "stack": "encoder"}
+    (row,) = [
+        m
+        for m in SEARCHES["comflp"]().methods(saved, ModelRef("native", "exp"))
+        if m.name == "comflp"
+    ]
+    assert row.pruned == [2, 4] and row.evaluations == len(refined.candidates)
+    assert f"({len(climbed)} of them by the local search, {check['rounds']} rounds)" in row.note
     for row in climbed:  # each one swap away from the best before its round
         assert additive_cer(tuple(row["layers"])) == row["metric"]
     extra = refined.extra

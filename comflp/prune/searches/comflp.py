@@ -227,12 +227,20 @@ class CoMFLP(Search):
                 search_seconds=search["seconds"],
                 evaluations=search["evaluations"],
                 note=f"best of {search['evaluations']} proposals of "
-                f"{', '.join(search['scores'])} by dev {metric}",
+                f"{', '.join(search['scores'])} by dev {metric}{_climb_note(search)}",
             )
         ]
         for name in search["rankings"]:
             rows += _score_methods(search, name, model)
         return rows
+
+
+def _climb_note(search: dict) -> str:
+    """What the local search added (nothing for a search.json written before it existed)."""
+    refined = search.get("refine", {})
+    if not refined.get("climbed"):
+        return ""
+    return f" ({refined['evaluations']} of them by the local search, {refined['rounds']} rounds)"
 
 
 def _composites(scores: dict[str, tuple[ProposalScore, float]]) -> dict[str, list[str]]:
