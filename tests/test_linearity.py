@@ -47,7 +47,7 @@ def test_additive_layers_are_first_order_exact():
     assert [r["layer"] for r in rows] == [1, 2]
     for r in rows:
         assert r["reaction"] == pytest.approx(0.0, abs=1e-6)
-        assert r["cosine"] == pytest.approx(1.0)
+        assert r["cosine"] == pytest.approx(1.0) and r["gain"] == pytest.approx(1.0)
     b, known = _batch(), KnownLayers(doubling=False)
     valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     top = (b["x"] + known.c + known.c2)[valid].double()
@@ -60,4 +60,6 @@ def test_a_doubling_layer_reacts_as_much_as_the_update():
     # without layer 1 the top is 2 x0, the score predicts 2 (x0 + c) - c: off by c, |d_1| = |c|
     assert layer1["reaction"] == pytest.approx(1.0)
     assert layer1["cosine"] == pytest.approx(1.0)  # the change, -2c, still points along -c
+    assert layer1["gain"] == pytest.approx(2.0)  # and is twice as long
+    assert layer2["gain"] == pytest.approx(1.0)
     assert layer2["reaction"] == pytest.approx(0.0, abs=1e-6)  # the top layer: nothing after it

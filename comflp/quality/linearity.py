@@ -11,6 +11,8 @@ top state really does:
 - ``reaction``: ||h_L^(-k) - (h_L - d_k)|| / ||d_k||, the part of the real change the score
   does not predict, relative to the update (0: first order exact; above 1: the later layers'
   reaction outweighs the update itself);
+- ``gain``: ||h_L^(-k) - h_L|| / ||d_k||, how far the top state really moves in units of the
+  update (1 for the first-order view; above 1: the later layers amplify the removal);
 - ``cosine``: the mean over frames of cos(h_L^(-k) - h_L, -d_k) (1: the top state moves the way
   the score assumes).
 
@@ -49,12 +51,13 @@ class LinearitySettings(ModelSettings):
 
 @torch.no_grad()
 def first_order_errors(model: PrunableModel, batches: list[dict]) -> list[dict]:
-    """Per layer k (1..L) removed alone: ``update``, ``reaction`` and ``cosine`` (module
-    docstring) over the valid frames of ``batches``."""
+    """Per layer k (1..L) removed alone: ``update``, ``reaction``, ``gain`` and ``cosine``
+    (module docstring) over the valid frames of ``batches``."""
     stack = stack_of(model, "encoder")
     depth = stack.num_layers
     sums = [
-        dict.fromkeys(("update", "reaction", "top", "cosine", "frames"), 0.0) for _ in range(depth)
+        dict.fromkeys(("update", "reaction", "change", "top", "cosine", "frames"), 0.0)
+        for _ in range(depth)
     ]
     for batch in batches:
         states, lengths = stack.states(batch)
@@ -69,6 +72,7 @@ def first_order_errors(model: PrunableModel, batches: list[dict]) -> list[dict]:
             s["update"] += float((update**2).sum())
             s["top"] += float((top**2).sum())
             s["reaction"] += float(((change + update) ** 2).sum())
+            s["change"] += float((change**2).sum())
             s["cosine"] += float(
                 torch.nn.functional.cosine_similarity(change, -update, dim=-1).sum()
             )
@@ -78,6 +82,7 @@ def first_order_errors(model: PrunableModel, batches: list[dict]) -> list[dict]:
             "layer": k + 1,
             "update": (s["update"] / s["top"]) ** 0.5 if s["top"] else 0.0,
             "reaction": (s["reaction"] / s["update"]) ** 0.5 if s["update"] else 0.0,
+            "gain": (s["change"] / s["update"]) ** 0.5 if s["update"] else 0.0,
             "cosine": s["cosine"] / s["frames"] if s["frames"] else 0.0,
         }
         for k, s in enumerate(sums)
@@ -105,12 +110,14 @@ def linearity(s: LinearitySettings) -> None:
         f"Model: {summary['model_dir']} ({s.model_type}); {summary['calib_num_utts']} calibration "
         f"utterances of {summary['calib_cuts']}. Each layer removed alone: update = "
         "||d_k|| / ||h_L||; reaction = ||h_L(-k) - (h_L - d_k)|| / ||d_k|| (what the first-order "
-        "view misses); cosine = cos(h_L(-k) - h_L, -d_k) (comflp/quality/linearity.py).",
+        "view misses); gain = ||h_L(-k) - h_L|| / ||d_k||; cosine = cos(h_L(-k) - h_L, -d_k) "
+        "(comflp/quality/linearity.py).",
         "",
-        "| layer | update | reaction | cosine |",
-        "| ---: | ---: | ---: | ---: |",
+        "| layer | update | reaction | gain | cosine |",
+        "| ---: | ---: | ---: | ---: | ---: |",
         *(
-            f"| {r['layer']} | {r['update']:.3f} | {r['reaction']:.3f} | {r['cosine']:.3f} |"
+            f"| {r['layer']} | {r['update']:.3f} | {r['reaction']:.3f} | {r['gain']:.3f} | "
+            f"{r['cosine']:.3f} |"
             for r in rows
         ),
     ]
