@@ -196,13 +196,21 @@ def test_stages_4_to_6_end_to_end(searched, monkeypatch):
         ranking = search["rankings"]["consensus"]
         assert [x["layers"] for x in ranking] == [list(x.layers) for x in want]
         merged += [x.layers for x in want]
-        distinct = {tuple(r["layers"]) for r in search["candidates"]}
-        assert distinct == set(merged) and len(search["candidates"]) == len(distinct)
+        fine = [r for r in search["candidates"] if "refine_round" not in r]
+        distinct = {tuple(r["layers"]) for r in fine}
+        assert distinct == set(merged) and len(fine) == len(distinct)
+        # --refine auto: the local search follows only where the consensus's evaluated top K
+        # orders its dev metric the wrong way, and adds exactly its own rows
+        refined = search["refine"]
+        wrong = refined["spearman"] is not None and refined["spearman"] > 0
+        assert refined["judged"] == "consensus" and refined["climbed"] == wrong
+        assert len(search["candidates"]) - len(fine) == refined.get("evaluations", 0)
         metrics = [r["metric"] for r in search["candidates"]]
         assert search["best"] == metrics.index(min(metrics))
         assert search["best_layers"] == search["candidates"][search["best"]]["layers"]
         parts = search["dump_seconds"] + sum(search["score_seconds"].values())
         parts += sum(search["coarse_seconds"].values()) + search["fine_seconds"]
+        parts += refined["seconds"]
         assert search["seconds"] == pytest.approx(parts, rel=1e-12)
         pruned = load_model(out / "pruned")
         assert pruned.cfg.num_layers == 4 - p
