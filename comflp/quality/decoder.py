@@ -34,7 +34,7 @@ from comflp.asr.scoring import error_stats
 from comflp.errors import InputError
 from comflp.prune.ranks import spearman
 from comflp.prune.stacks import stack_of
-from comflp.quality.study import CerCache, proposal_cers
+from comflp.quality.study import CerCache, dev_settings, proposal_cers
 from comflp.report.provenance import written, written_lines
 from comflp.settings import REQUIRED, option
 from comflp.subsets import kept_layers, parse_num_prune
@@ -150,18 +150,14 @@ def decoder_study(s: DecoderStudySettings) -> None:
     start = time.perf_counter()
     full = full_decoder(model, calib)
     full_seconds = time.perf_counter() - start
-    settings = {
-        "model_dir": str(model.source),
-        "stack": "decoder",
-        "dev_cuts": str(s.dev_cuts),
-        "dev_num_utts": s.dev_num_utts,
-        "seed": s.seed,
-        "max_duration": s.max_duration,
-    }
+    settings = dev_settings(s, str(model.source), "decoder")
     results = []
     for p in nums:
         proposals = list(combinations(range(1, stack.num_layers + 1), p))
-        cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
+        try:
+            cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         cer = proposal_cers(stack, dev, proposals, cache)
         rows = []
         for layers in proposals:

@@ -37,6 +37,7 @@ from comflp.quality.study import (
     REFERENCE_NUM_UTTS,
     CerCache,
     StudyFeatures,
+    dev_settings,
     study_entries,
     study_num_prune,
     study_variants,
@@ -186,14 +187,7 @@ def study(s: QualitySettings) -> None:
         raise InputError(f"scores of {s.output_dir / DUMP_DIR}: {e}") from None
     entries = study_entries(variants, built, default_variants(variants, reference))
     batches = load_eval_batches(model, s.dev_cuts, s.max_duration, s.dev_num_utts, s.seed)
-    settings = {
-        "model_dir": str(model.source),
-        "stack": stack.name,
-        "dev_cuts": str(s.dev_cuts),
-        "dev_num_utts": s.dev_num_utts,
-        "seed": s.seed,
-        "max_duration": s.max_duration,
-    }
+    settings = dev_settings(s, str(model.source), stack.name)
     results = []
     for p in nums:
         try:

@@ -287,6 +287,19 @@ def proposal_set(
 # ----------------------------------------------------------------------------- CER cache
 
 
+def dev_settings(s: Any, model_dir: str, stack: str) -> dict[str, Any]:
+    """What makes two runs' cached CERs the same ones: the model, its stack and the dev batches
+    (``s``: settings with ``dev_cuts``, ``dev_num_utts``, ``seed`` and ``max_duration``)."""
+    return {
+        "model_dir": model_dir,
+        "stack": stack,
+        "dev_cuts": str(s.dev_cuts),
+        "dev_num_utts": s.dev_num_utts,
+        "seed": s.seed,
+        "max_duration": s.max_duration,
+    }
+
+
 class CerCache:
     """CERs of proposals (and fine-search timings) for one P, in a JSON file that is written
     atomically after every change; refuses a file made with other settings."""
