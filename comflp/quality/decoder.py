@@ -66,10 +66,11 @@ class DecoderStudySettings(ModelSettings):
 @dataclass
 class FullDecoder:
     """What the full decoder gives for one calibration batch: its memory, its greedy
-    hypotheses, and per teacher forcing the inputs and its log-probabilities."""
+    hypotheses (and their texts), and per teacher forcing the inputs and its log-probabilities."""
 
     memory: Hidden
     hypotheses: list[list[int]]
+    texts: list[str]
     forced: dict[str, tuple[Forcing, torch.Tensor]]
 
 
@@ -102,7 +103,7 @@ def full_decoder(model: DecoderModel, batches: list[dict]) -> list[FullDecoder]:
             "kl_hypothesis": _forcing_on(model, hyps),
         }
         forced = {k: (f, _log_probs(model, memory, f, every)) for k, f in forcings.items()}
-        out.append(FullDecoder(memory, hyps, forced))
+        out.append(FullDecoder(memory, hyps, [model.decode_ids(h) for h in hyps], forced))
     return out
 
 
@@ -120,7 +121,7 @@ def measure(model: DecoderModel, full: list[FullDecoder], layers: list[int], mar
             counts[name] += int(mask.sum())
         cap = torch.tensor([len(h) + margin + 1 for h in f.hypotheses])
         short = model.greedy_decode(f.memory, layers, max_tokens=cap)
-        wanted += [model.decode_ids(h) for h in f.hypotheses]
+        wanted += f.texts
         got += [model.decode_ids(h) for h in short]
     out = {name: sums[name] / max(counts[name], 1) for name in FORCED}
     out["short_decode"] = error_stats(wanted, got, "char").err

@@ -201,7 +201,6 @@ class ResidualSumScore(ProposalScore):
         diag = self.gram[np.arange(layers), np.arange(layers)]
         a, q = np.zeros((max_size + 1, rows)), np.zeros((max_size + 1, rows))
         c = np.zeros((max_size + 1, layers, rows))
-        num, den = np.empty(rows), np.empty(rows)
         out: list[list[float]] = [[] for _ in range(max_size)]
 
         def visit(last: int, depth: int) -> None:
@@ -209,26 +208,14 @@ class ResidualSumScore(ProposalScore):
                 np.add(a[depth], self.proj[j], out=a[depth + 1])
                 np.add(q[depth], diag[j], out=q[depth + 1])
                 q[depth + 1] += 2 * c[depth, j]
-                out[depth].append(self._cosine_mean(a[depth + 1], q[depth + 1], num, den))
+                cosines = self._cosines(a[depth + 1][None].copy(), q[depth + 1][None].copy())
+                out[depth].append(float(cosines[0]))
                 if depth + 1 < max_size:
                     np.add(c[depth], self.gram[j], out=c[depth + 1])
                     visit(j, depth + 1)
 
         visit(-1, 0)
         return [np.array(values) for values in out]
-
-    def _cosine_mean(self, a: np.ndarray, q: np.ndarray, num: np.ndarray, den: np.ndarray):
-        """:meth:`_cosines` of one set from its sums, into the buffers ``num`` and ``den``."""
-        np.subtract(self.top_sq, a, out=num)
-        np.subtract(q, 2 * a, out=den)
-        den += self.top_sq
-        np.maximum(den, 0.0, out=den)
-        den *= self.top_sq
-        ok = den > 0
-        np.sqrt(den, out=den, where=ok)
-        np.divide(num, den, out=num, where=ok)
-        num[~ok] = 0.0
-        return float(num.mean())
 
     def _cosines(self, removed: np.ndarray, quad: np.ndarray) -> np.ndarray:
         """Mean cosine over the rows, from the removed projections ``a`` and squares ``q``
