@@ -1,5 +1,5 @@
 """How far the residual-sum score's first-order view holds on a model (docs/SEARCH_QUALITY.md,
-"Why residual-sum fails on the wav2vec2 models").
+"Why residual-sum fails on the wav2vec2-family models").
 
 The residual-sum score (:mod:`comflp.prune.scores.residual_sum`) predicts the top state of a
 stack without the layers S as ``h_L - sum_{k in S} d_k``, with ``d_k = h_k - h_{k-1}`` the update

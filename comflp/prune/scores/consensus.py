@@ -113,7 +113,7 @@ def _exhaustive_sizes(num_layers: int, max_size: int) -> list[int]:
 
 def _every_proposal(scorer: ProposalScorer, num_layers: int, sizes: list[int]) -> dict:
     """The scorer's scores of every proposal of each size (any order: only their moments are
-    used), in one level-by-level pass where the scorer has one (:meth:`scores_by_size`)."""
+    used), in one depth-first pass where the scorer has one (:meth:`scores_by_size`)."""
     if hasattr(scorer, "scores_by_size") and sizes == list(range(1, len(sizes) + 1)):
         return dict(zip(sizes, scorer.scores_by_size(len(sizes)), strict=True))
     return {k: scorer.scores(all_proposals(num_layers, k)) for k in sizes}
