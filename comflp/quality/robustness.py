@@ -27,7 +27,12 @@ from comflp.prune.ranks import spearman
 from comflp.prune.scores.consensus import ConsensusScore
 from comflp.prune.search import COARSE_TOP_K, Proposal
 from comflp.prune.searches.comflp import merge
-from comflp.prune.searches.refine import climb, ranking_disagrees, should_refine
+from comflp.prune.searches.refine import (
+    DEFAULT_REFINE,
+    climb,
+    ranking_disagrees,
+    should_refine,
+)
 from comflp.quality.study import best_of_top_k_regret
 
 
@@ -80,7 +85,7 @@ def model_summary(
     top_k: int = COARSE_TOP_K,
     score_top_k: int = 1,
     use_consensus: bool = True,
-    refine: str = "never",
+    refine: str = DEFAULT_REFINE,
 ) -> dict[str, Any]:
     """One model: every variant's Spearman and top-10 regret, the consensus, the pipeline."""
     result = result_for(study, num_prune)

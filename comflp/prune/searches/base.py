@@ -25,7 +25,7 @@ from comflp.prune.search import (
     DEFAULT_MAX_EXHAUSTIVE,
     MODES,
 )
-from comflp.prune.searches.refine import REFINE_MODES
+from comflp.prune.searches.refine import DEFAULT_REFINE, REFINE_MODES
 from comflp.prune.stacks import LayerStack
 from comflp.registry import Registry
 from comflp.settings import option
@@ -50,7 +50,7 @@ class MergeChoice:
         low=0,
     )
     refine: str = option(
-        "auto",
+        DEFAULT_REFINE,
         "after the fine search, a one-swap local search from its best proposal: auto where the "
         "composite score's evaluated top K disagrees with their dev metric (Spearman > 0)",
         choices=REFINE_MODES,

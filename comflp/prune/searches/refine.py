@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from comflp.prune.ranks import spearman
 
 REFINE_MODES = ("auto", "never", "always")
+DEFAULT_REFINE = "auto"  # docs/SEARCH_QUALITY.md, "The fallback where the coarse ranking disagrees"
 
 Layers = tuple[int, ...]
 
