@@ -44,7 +44,7 @@ def test_log_has_run_pl_header_and_footer(tmp_path):
     assert lines[0] == "# echo hello; echo oops >&2; exit 3"
     assert lines[1].startswith("# Started at ") and lines[2] == "#"
     assert lines[3:5] == ["hello", "oops"]
-    assert re.fullmatch(rf"# Accounting: time=\d+ threads={os.cpu_count()}", lines[5])
+    assert re.fullmatch(rf"# Accounting: time=\d+ threads={len(os.sched_getaffinity(0))}", lines[5])
     assert re.fullmatch(r"# Ended \(code 3\) at .+, elapsed time \d+ seconds", lines[6])
     assert len(lines) == 7
     # A single task echoes its output to the terminal, unless --quiet.
@@ -54,7 +54,7 @@ def test_log_has_run_pl_header_and_footer(tmp_path):
 
 
 def test_threads_are_shared_between_concurrent_tasks(tmp_path):
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores this test may use, as the launcher counts
     run_launch(tmp_path, "one.log", "echo threads=$OMP_NUM_THREADS")
     assert f"threads={cores}" in (tmp_path / "one.log").read_text()
     run_launch(
@@ -63,6 +63,21 @@ def test_threads_are_shared_between_concurrent_tasks(tmp_path):
     assert f"threads={max(1, cores // 2)}\n" in (tmp_path / "arr.3.log").read_text()
     run_launch(tmp_path, "--num_threads", "3", "set.log", "echo threads=$OMP_NUM_THREADS")
     assert "threads=3\n" in (tmp_path / "set.log").read_text()
+
+
+def test_threads_follow_the_cores_the_launcher_may_use(tmp_path):
+    """Started on one core (taskset, a Slurm allocation), a task gets one thread, not one per
+    core of the machine."""
+    one = min(os.sched_getaffinity(0))
+    subprocess.run(
+        [PYTHON, LAUNCH, "one.log", "echo threads=$OMP_NUM_THREADS"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one}),
+        check=True,
+    )
+    assert "threads=1\n" in (tmp_path / "one.log").read_text()
 
 
 def test_failed_tasks_are_named(tmp_path):

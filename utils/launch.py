@@ -217,10 +217,11 @@ def run_local(task: Task, num_threads: int, echo: bool) -> int:
 def launch_local(opts: argparse.Namespace, tasks: list[Task], echo: bool) -> list[str]:
     """Run the tasks here; return the failed tasks' descriptions (their logs).
 
-    Without --num_threads the tasks running at once share the cores: a single task gets all
-    of them, an array of tasks on N cores gets N // (tasks at once) threads each.
+    Without --num_threads the tasks running at once share the cores this process may run on
+    (its CPU affinity: a Slurm allocation's, or taskset's, not the whole machine's): a single
+    task gets all of them, an array of tasks on N cores gets N // (tasks at once) threads each.
     """
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     workers = max(1, min(opts.max_jobs_run or cores, len(tasks)))
     threads = opts.num_threads or max(1, cores // workers)
     previous = {}
