@@ -270,14 +270,13 @@ compare_dir=$exp_dir/compare
 eval_sets="$dev_set $test_sets"
 
 decode_and_score() {  # decode_and_score STAGE METHOD_LIST: decode every eval set, then rebuild the table
-  local set
-  for set in $eval_sets; do
-    log "Stage $1: decoding $set with $decoding_method ($decode_nj parts)"
-    $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_${set}_$2.JOB.log" \
-      "$stage_python" "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --set "$set" \
-        --cuts "data/fbank/cuts_${set}.jsonl.gz" --part JOB --num_parts "$decode_nj" \
-        --decoding_method "$decoding_method" --decode_beam_size "$decode_beam_size" --device "$device"
-  done
+  local set cuts=()
+  for set in $eval_sets; do cuts+=("data/fbank/cuts_${set}.jsonl.gz"); done
+  log "Stage $1: decoding $eval_sets with $decoding_method ($decode_nj parts, each model loaded once per part)"
+  $decode_cmd JOB=1:"$decode_nj" "$compare_dir/log/decode_$2.JOB.log" \
+    "$stage_python" "$bin/decode.py" --exp_dir "$exp_dir" --method_list "$2" --eval_sets "$eval_sets" \
+      --cuts "${cuts[*]}" --part JOB --num_parts "$decode_nj" \
+      --decoding_method "$decoding_method" --decode_beam_size "$decode_beam_size" --device "$device"
   $train_cmd "$compare_dir/log/results.log" \
     "$stage_python" "$bin/results.py" --exp_dir "$exp_dir" --eval_sets "$eval_sets" \
       --score_metrics "$score_metrics" --command "$run_command"

@@ -162,6 +162,23 @@ def test_decode_refuses_bad_input(compared, tmp_path, monkeypatch):
     )
     assert proc.returncode == 1 and "outside 1..4" in proc.stderr
     assert not (tmp_path / "out").exists()
+    # Stage 7's form: one name per set decoded, or one line and nothing written.
+    decoded = sorted((exp / "compare/decode").rglob("part*.json"))
+    stamps = [p.stat().st_mtime_ns for p in decoded]
+    proc = run_cmd(
+        [PYTHON, REPO / "bin/decode.py", "--exp_dir", exp, "--eval_sets", "dev-clean test-clean"]
+        + ["--cuts", "data/fbank/cuts_dev-clean.jsonl.gz"],
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--exp_dir needs one --eval_sets name per --cuts file (got 2 names for 1 files)")
+    )
+    assert [
+        p.stat().st_mtime_ns for p in sorted((exp / "compare/decode").rglob("part*.json"))
+    ] == stamps
 
 
 def test_num_prune_that_does_not_fit_the_model(compared, monkeypatch):

@@ -89,7 +89,7 @@ def test_stage_7_decoding_in_parts_equals_one_job(compared, tmp_path, monkeypatc
                     REPO / "bin/decode.py",
                     "--exp_dir",
                     exp,
-                    "--set",
+                    "--eval_sets",
                     "dev-clean",
                     "--cuts",
                     "data/fbank/cuts_dev-clean.jsonl.gz",

@@ -9,7 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from comflp.adapters.base import CTC_WEIGHT, DECODE_BEAM_SIZE, MODEL_TYPES, load_prunable
+from lhotse import CutSet
+
+from comflp.adapters.base import (
+    CTC_WEIGHT,
+    DECODE_BEAM_SIZE,
+    MODEL_TYPES,
+    PrunableModel,
+    load_prunable,
+)
 from comflp.asr.data import EVAL_MAX_DURATION, eval_loader, load_cuts, part_of
 from comflp.asr.scoring import write_scores
 from comflp.decoding import decode_set
@@ -67,16 +75,17 @@ def drop_stale_finetuned(path: Path, searched: MethodList) -> None:
 
 @dataclass(kw_only=True)
 class DecodeSettings:
-    """Decoding a set with every distinct model of a method list (or one model)."""
+    """Decoding sets with every distinct model of a method list (or one model), each model
+    loaded once for all the sets."""
 
     exp_dir: Path | None = option(None, "decode the method list of this experiment")
     method_list: str = option("compare", "which list", choices=tuple(METHOD_LISTS))
-    set: str | None = option(None, "with --exp_dir: the name of the decoded set")
+    eval_sets: list[str] = option([], "with --exp_dir: the decoded sets' names, one per --cuts")
     model_dir: Path | None = option(None, "decode this one model instead")
     model_type: str = option("native", "its library", choices=lambda: MODEL_TYPES.names())
     prune_layers: list[int] = option([], "with --model_dir: encoder layers to remove first")
     output_dir: Path | None = option(None, "with --model_dir: where to write")
-    cuts: Path = option(REQUIRED, "the set's cuts")
+    cuts: list[Path] = option(REQUIRED, "the sets' cuts (with --model_dir: one)")
     part: int = option(1, "which part (1-based) of the job array")
     num_parts: int = option(1, "parts of the job array")
     decoding_method: str = option("ctc_greedy_search", "a method the model has (model.decode)")
@@ -86,29 +95,44 @@ class DecodeSettings:
     device: str = option("auto", "auto | cpu | cuda[:N]")
 
 
-def _methods_and_output(s: DecodeSettings) -> tuple[MethodList, Callable[[str], Path]]:
+def _methods_and_outputs(
+    s: DecodeSettings,
+) -> tuple[MethodList, list[tuple[Path, Callable[[str], Path]]]]:
+    """The models to decode, and each set's cuts with where a model's decoding of it goes."""
     if s.exp_dir is not None:
-        if s.set is None:
-            raise InputError("--exp_dir needs --set (the name of the decoded set)")
+        if len(s.eval_sets) != len(s.cuts):
+            raise InputError(
+                f"--exp_dir needs one --eval_sets name per --cuts file (got {len(s.eval_sets)} names "
+                f"for {len(s.cuts)} files)"
+            )
         exp = ExpDir(s.exp_dir)
         methods = MethodList.load(exp.compare / METHOD_LISTS[s.method_list])
-        return methods, lambda key: exp.decoded(s.set, key)
+        return methods, [
+            (cuts, lambda key, name=name: exp.decoded(name, key))
+            for name, cuts in zip(s.eval_sets, s.cuts, strict=True)
+        ]
     if s.model_dir is None or s.output_dir is None:
-        raise InputError("give --exp_dir and --set (stage 7), or --model_dir and --output_dir")
+        raise InputError(
+            "give --exp_dir and --eval_sets (stage 7), or --model_dir and --output_dir"
+        )
+    if len(s.cuts) != 1:
+        raise InputError(f"--model_dir decodes one set: got {len(s.cuts)} --cuts files")
     method = Method(
         "model", len(s.prune_layers), s.prune_layers, str(s.model_dir), model_type=s.model_type
     )
-    return MethodList([method]), lambda key: s.output_dir / key
+    return MethodList([method]), [(s.cuts[0], lambda key: s.output_dir / key)]
 
 
 def decode(s: DecodeSettings) -> None:
     """compare/decode/<set>/<model key>/part<J>.json: per-utterance ref/hyp, time, audio."""
-    methods, output = _methods_and_output(s)
+    methods, outputs = _methods_and_outputs(s)
     device = resolve_device(s.device)
-    cuts = load_cuts(s.cuts)
-    if len(cuts) == 0:
-        raise InputError(f"--cuts {s.cuts}: the set is empty")
-    cuts = part_of(cuts, s.part, s.num_parts)
+    parts = []
+    for path, output in outputs:
+        cuts = load_cuts(path)
+        if len(cuts) == 0:
+            raise InputError(f"--cuts {path}: the set is empty")
+        parts.append((part_of(cuts, s.part, s.num_parts), output))
     models = {}
     for key, method in methods.unique().items():
         source = (method.model_type, method.model_dir)
@@ -121,29 +145,37 @@ def decode(s: DecodeSettings) -> None:
             raise InputError(
                 f"{method.name} (P={method.num_prune}) does not fit {method.model_dir}: {e}"
             ) from None
-        loader = eval_loader(cuts, pruned.dataset(), s.max_duration)
-        try:
-            result = decode_set(pruned, loader, s.decoding_method, s.decode_beam_size, s.ctc_weight)
-        except ValueError as e:
-            raise InputError(f"--decoding_method {s.decoding_method}: {e}") from None
-        atomic_write_json(
-            output(key) / DECODE_PART.format(part=s.part),
-            {
-                "part": s.part,
-                "num_parts": s.num_parts,
-                "key": key,
-                "model_type": method.model_type,
-                "model_dir": method.model_dir,
-                "stack": method.stack,
-                "pruned": method.pruned,
-                "params": pruned.num_parameters(),
-                "decoding_method": s.decoding_method,
-                "beam_size": s.decode_beam_size,
-                **result.timing(),
-                "utts": result.utts,
-            },
-        )
-        logging.info(f"{key}: {len(result.utts)} utterances, RTF {result.rtf:.4f}")
+        for cuts, output in parts:
+            _decode_part(s, key, method, pruned, cuts, output(key))
+
+
+def _decode_part(
+    s: DecodeSettings, key: str, method: Method, pruned: PrunableModel, cuts: CutSet, out_dir: Path
+) -> None:
+    """One model's decoding of this job's part of one set, written to ``out_dir``."""
+    loader = eval_loader(cuts, pruned.dataset(), s.max_duration)
+    try:
+        result = decode_set(pruned, loader, s.decoding_method, s.decode_beam_size, s.ctc_weight)
+    except ValueError as e:
+        raise InputError(f"--decoding_method {s.decoding_method}: {e}") from None
+    atomic_write_json(
+        out_dir / DECODE_PART.format(part=s.part),
+        {
+            "part": s.part,
+            "num_parts": s.num_parts,
+            "key": key,
+            "model_type": method.model_type,
+            "model_dir": method.model_dir,
+            "stack": method.stack,
+            "pruned": method.pruned,
+            "params": pruned.num_parameters(),
+            "decoding_method": s.decoding_method,
+            "beam_size": s.decode_beam_size,
+            **result.timing(),
+            "utts": result.utts,
+        },
+    )
+    logging.info(f"{out_dir}: {len(result.utts)} utterances, RTF {result.rtf:.4f}")
 
 
 @dataclass(kw_only=True)
