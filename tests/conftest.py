@@ -34,6 +34,24 @@ TINY_OPTIONS = [
 ]
 
 
+def _keep_xdist_worker_to_its_cores() -> None:
+    """Under pytest-xdist (utils/test.sh runs one worker per core), each worker and every job it
+    starts keep to a share of the cores: run.sh and utils/launch.py size their threads from
+    the cores they may use, so two workers never run two threads each on one core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker.removeprefix("gw"))
+    mine = cores[index::count] if count <= len(cores) else [cores[index % len(cores)]]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))  # before this worker imports torch
+
+
+_keep_xdist_worker_to_its_cores()
+
+
 # The ESPnet2 tests run in .venv-espnet (utils/test.sh); in an environment without ESPnet they
 # are not collected at all rather than reported as skipped.
 collect_ignore = [] if importlib.util.find_spec("espnet2") else ["test_espnet.py"]
@@ -43,10 +61,15 @@ PIPELINE_FIXTURES = {"pipeline", "searched", "compared", "tiny_data"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the tests that run the pipeline ``e2e``, so that ``-m "not e2e"`` is the unit run."""
+    """Mark the tests that run the pipeline ``e2e``, so that ``-m "not e2e"`` is the unit run;
+    then put the files that hold such tests first: pytest-xdist hands out whole files in this
+    order, and the long ones started first leave the short ones to even out the workers' ends."""
+    long_files = set()
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+            long_files.add(item.path)
+    items.sort(key=lambda item: item.path not in long_files)  # stable: each file keeps its order
 
 
 def load_script(path: Path, name: str):
