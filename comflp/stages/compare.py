@@ -1,5 +1,5 @@
-"""Stages 7-9 around decoding: the method lists (which layers each method removes), decoding a
-set with every listed model, scoring and the results table (RESULTS.md with its plots)."""
+"""Stages 7-9 around decoding: the method lists (which layers each method removes), decoding
+the eval sets with every listed model, scoring and the results table (RESULTS.md with its plots)."""
 
 from __future__ import annotations
 
