@@ -60,32 +60,16 @@ collect_ignore = [] if importlib.util.find_spec("espnet2") else ["test_espnet.py
 PIPELINE_FIXTURES = {"pipeline", "searched", "compared", "tiny_data"}
 
 
-# Session fixtures that run stages 4-8 on top of `pipeline`: the files that use them go to one
-# pytest-xdist worker, so that the stages run once.
-SEARCH_FIXTURES = {"searched", "compared"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests that run the pipeline ``e2e``, so that ``-m "not e2e"`` is the unit run.
-
-    Under pytest-xdist (``--dist loadgroup``, utils/test.sh) each file is one group, handed to
-    one worker whole, except that every file using :data:`SEARCH_FIXTURES` shares one group;
-    the groups go out in this order: those files first, then the other files with end-to-end
-    tests, then the rest, so that the long ones start early and the short ones even out the
-    workers' ends."""
-    uses = {}
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that run the pipeline ``e2e``, so that ``-m "not e2e"`` is the unit run;
+    then put the files that hold such tests first: pytest-xdist hands out whole files in this
+    order, and the long ones started first leave the short ones to even out the workers' ends."""
+    long_files = set()
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if PIPELINE_FIXTURES & fixtures:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-            uses[item.path] = max(uses.get(item.path, 0), 1)
-        if SEARCH_FIXTURES & fixtures:
-            uses[item.path] = 2
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            group = "search_fixtures" if uses.get(item.path) == 2 else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: -uses.get(item.path, 0))  # stable: each file keeps its order
+            long_files.add(item.path)
+    items.sort(key=lambda item: item.path not in long_files)  # stable: each file keeps its order
 
 
 def load_script(path: Path, name: str):

@@ -3,8 +3,8 @@
 # ESPnet2 tests (marker espnet, all end to end on tiny models) in .venv-espnet; each run lists
 # its ten slowest tests. Both run one pytest-xdist worker per core this shell may use, each
 # worker kept to its own core (tests/conftest.py): most of a test's time is its jobs' imports,
-# one core each. The main run hands out whole files (a file's fixtures are made once; the files
-# sharing the stage 4-8 fixtures as one, tests/conftest.py); the ESPnet run single tests (one file, one long test), beside the main run, its output shown
+# one core each. The main run hands out whole files (a file's fixtures are made once); the
+# ESPnet run single tests (one file, one long test), beside the main run, its output shown
 # after: each suite's fixtures and longest test leave a core idle that the other then uses.
 # Extra arguments go to the main run, e.g. utils/test.sh -x; the quick unit run is
 #   .venv/bin/python -m pytest -m "not e2e"
@@ -19,7 +19,7 @@ espnet_tmp=$(mktemp -d)  # its log and its own pytest temporary directory
 espnet=$!
 trap 'kill "$espnet" 2>/dev/null || true; rm -rf "$espnet_tmp"' EXIT
 main_status=0 espnet_status=0
-.venv/bin/python -m pytest -q --durations=10 -n "$workers" --dist loadgroup "$@" || main_status=$?
+.venv/bin/python -m pytest -q --durations=10 -n "$workers" --dist loadfile "$@" || main_status=$?
 wait "$espnet" || espnet_status=$?
 echo "---- the ESPnet2 tests (.venv-espnet, run beside the main suite) ----"
 cat "$espnet_tmp/log"
