@@ -155,10 +155,7 @@ def decoder_study(s: DecoderStudySettings) -> None:
     results = []
     for p in nums:
         proposals = list(combinations(range(1, stack.num_layers + 1), p))
-        try:
-            cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
         cer = proposal_cers(stack, dev, proposals, cache)
         rows = []
         for layers in proposals:

@@ -190,10 +190,7 @@ def study(s: QualitySettings) -> None:
     settings = dev_settings(s, str(model.source), stack.name)
     results = []
     for p in nums:
-        try:
-            cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        cache = CerCache(s.output_dir / f"cers_prune{p}.json", settings)
         reused = reuse_oracle(cache, s.exp_dir, s.stack, p)
         if reused:
             logging.info(f"P={p}: {reused} proposal CERs taken from stage 6's oracle")

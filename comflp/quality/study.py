@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from comflp.errors import InputError
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
 from comflp.prune.ranks import kendall_tau, paired, spearman
@@ -310,7 +311,7 @@ class CerCache:
         if self.path.is_file():
             stored = json.loads(self.path.read_text())
             if stored.get("settings") != settings:
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: made with other settings ({stored.get('settings')}, now "
                     f"{settings}); use another --output_dir or delete the file"
                 )
