@@ -219,6 +219,17 @@ def test_matrix_in_small_chunks_matches_pairs(measure: str, monkeypatch: pytest.
     assert chunked[0, 2] == pytest.approx(similarity(feats[0], feats[2], measure), abs=1e-12)
 
 
+def test_dc_batches_in_small_chunks_match_pairs(monkeypatch: pytest.MonkeyPatch):
+    feats = _layers(13, n=40, dims=(6, 4, 9))  # 5 batches of 7 rows, 5 rows dropped
+    whole = correlation_matrix(feats, "dc", batch_size=7)
+    # 3 layers x 7 rows x 9 columns x 8 bytes: one batch of every layer per chunk
+    monkeypatch.setattr(correlation, "_CACHE_BYTES", 8 * 3 * 7 * 9)
+    chunked = correlation_matrix(feats, "dc", batch_size=7)
+    np.testing.assert_allclose(chunked, whole, atol=1e-12, rtol=0)
+    pair = similarity(feats[1], feats[2], "dc", batch_size=7)
+    assert chunked[1, 2] == pytest.approx(pair, abs=1e-12)
+
+
 def test_pwcca_matrix_rows_weight_by_row_layer():
     x = np.stack([3 * U1, U2], axis=1)
     y = np.stack([U1, 0.6 * U2 + 0.8 * U3], axis=1)

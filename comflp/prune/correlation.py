@@ -55,6 +55,8 @@ SUBSPACE_THRESHOLD = 0.99
 
 # Working memory for the N x N kernel rows that correlation_matrix stacks over all layers.
 _CHUNK_BYTES = 256 * 2**20
+# The rows dc's small batches take at once (see _dc_matrix).
+_CACHE_BYTES = 4 * 2**20
 
 
 # ----------------------------------------------------------------------------- validation
@@ -354,8 +356,40 @@ def _kernel_matrix(
 
 def _dc_matrix(feats: list[torch.Tensor], batch_size: int | None) -> torch.Tensor:
     spans = _batches(feats[0].shape[0], batch_size)
-    total = sum(_kernel_matrix(_distance_rows, [_dc_input(f[s]) for f in feats]) for s in spans)
+    size = spans[0].stop - spans[0].start
+    if len(spans) == 1 or 8 * len(feats) * size * size > _CACHE_BYTES:
+        inputs = ([_dc_input(f[s]) for f in feats] for s in spans)
+        return sum(_kernel_matrix(_distance_rows, x) for x in inputs) / len(spans)
+    # many small batches (CoMFLP's batch_size): a few batches of every layer per tensor op, a
+    # working set small enough to stay in cache
+    width = max(f.shape[1] for f in feats)
+    step = max(1, _CACHE_BYTES // (8 * len(feats) * size * max(size, width)))
+    total = torch.zeros(len(feats), len(feats), dtype=torch.float64, device=feats[0].device)
+    for first in range(0, len(spans), step):
+        chunk = slice(spans[first].start, spans[min(first + step, len(spans)) - 1].stop)
+        total += _batched_dc_matrices([f[chunk] for f in feats], size).sum(dim=0)
     return total / len(spans)
+
+
+def _batched_dc_matrices(feats: list[torch.Tensor], size: int) -> torch.Tensor:
+    """(S, layers, layers) dCor^2 matrices of the S consecutive batches of ``size`` rows of
+    each layer's (S * size, D) rows: per batch what :func:`_kernel_matrix` of
+    :func:`_distance_rows` computes, with the distance matrices double-centred explicitly."""
+    centred = []
+    for f in feats:
+        x = _unit_rows(f).reshape(-1, size, f.shape[1])
+        x = x - x.mean(dim=1, keepdim=True)
+        sq = (x * x).sum(dim=-1)
+        d = (sq[:, :, None] + sq[:, None, :] - 2.0 * (x @ x.transpose(1, 2))).clamp_(min=0.0)
+        d.diagonal(dim1=1, dim2=2).zero_()
+        d.sqrt_()
+        grand = d.mean(dim=(1, 2), keepdim=True)
+        centred.append(d - d.mean(dim=2, keepdim=True) - d.mean(dim=1, keepdim=True) + grand)
+    flat = torch.stack(centred, dim=1).flatten(start_dim=2)  # (S, layers, size * size)
+    c = flat @ flat.transpose(1, 2)
+    c = (c + c.transpose(1, 2)) / 2
+    v = c.diagonal(dim1=1, dim2=2).clamp(min=0.0)
+    return _safe_ratio(c, (v[:, :, None] * v[:, None, :]).sqrt(), 0.0)
 
 
 def _cka_matrix(feats: list[torch.Tensor]) -> torch.Tensor:
