@@ -187,49 +187,49 @@ class ResidualSumScore(ProposalScore):
                     quad[mine] += 2 * (member[mine] @ self.gram[j]) + self.gram[j, j]
                 removed += self.proj[added]
                 member[rows, added] = 1.0
-                out[start : start + len(part), t] = self._cosines(removed.copy(), quad.copy())
+                out[start : start + len(part), t] = self._cosines(removed, quad)
         return out
 
     def scores_by_size(self, max_size: int) -> list[np.ndarray]:
         """The scores of every proposal of each size 1..``max_size`` (entry k - 1: all C(L, k)
         of size k, in no particular order), depth first over the sets in increasing layer
-        order: a set's sums come from its parent's (the set without its largest layer j),
-        ``a += proj[j]``, ``q += 2 c[j] + gram[j, j]``, ``c += gram[j]``, in buffers reused
-        per depth: O(L R) per set and no fresh memory, where scoring each set from scratch
-        costs O(P L R)."""
+        order, all children of a set at once: a child adding layer j > the set's largest gets
+        ``a + proj[j]`` and ``q + 2 c[j] + gram[j, j]`` from its parent's sums, and, to have
+        children of its own, ``c + gram[j]`` on the layers above j (the only ones its
+        children add): O(L R) per set, where scoring each set from scratch costs O(P L R)."""
         layers, rows = self.num_layers, self.num_rows
         diag = self.gram[np.arange(layers), np.arange(layers)]
-        a, q = np.zeros((max_size + 1, rows)), np.zeros((max_size + 1, rows))
         c = np.zeros((max_size + 1, layers, rows))
-        out: list[list[float]] = [[] for _ in range(max_size)]
+        out: list[list[np.ndarray]] = [[] for _ in range(max_size)]
 
-        def visit(last: int, depth: int) -> None:
-            for j in range(last + 1, layers):
-                np.add(a[depth], self.proj[j], out=a[depth + 1])
-                np.add(q[depth], diag[j], out=q[depth + 1])
-                q[depth + 1] += 2 * c[depth, j]
-                cosines = self._cosines(a[depth + 1][None].copy(), q[depth + 1][None].copy())
-                out[depth].append(float(cosines[0]))
-                if depth + 1 < max_size:
-                    np.add(c[depth], self.gram[j], out=c[depth + 1])
-                    visit(j, depth + 1)
+        def visit(last: int, depth: int, a: np.ndarray, q: np.ndarray) -> None:
+            above = slice(last + 1, layers)
+            removed = a + self.proj[above]  # (children, R): each child's a
+            quad = q + diag[above]
+            quad += 2 * c[depth, above]  # each child's q
+            out[depth].append(self._cosines(removed, quad))
+            if depth + 1 == max_size:
+                return
+            for i, j in enumerate(range(last + 1, layers - 1)):
+                np.add(c[depth, j + 1 :], self.gram[j, j + 1 :], out=c[depth + 1, j + 1 :])
+                visit(j, depth + 1, removed[i], quad[i])
 
-        visit(-1, 0)
-        return [np.array(values) for values in out]
+        visit(-1, 0, np.zeros(rows), np.zeros(rows))
+        return [np.concatenate(parts) for parts in out]
 
     def _cosines(self, removed: np.ndarray, quad: np.ndarray) -> np.ndarray:
         """Mean cosine over the rows, from the removed projections ``a`` and squares ``q``
-        (module docstring), each (n, R); both are overwritten."""
-        quad -= 2 * removed
-        quad += self.top_sq
-        np.maximum(quad, 0.0, out=quad)
-        quad *= self.top_sq  # the squared denominator
-        np.subtract(self.top_sq, removed, out=removed)  # the numerator
-        ok = quad > 0
-        np.sqrt(quad, out=quad, where=ok)
-        np.divide(removed, quad, out=removed, where=ok)
-        removed[~ok] = 0.0
-        return removed.mean(axis=1)
+        (module docstring), each (n, R)."""
+        den = quad - 2 * removed
+        den += self.top_sq
+        np.maximum(den, 0.0, out=den)
+        den *= self.top_sq  # the squared denominator
+        num = self.top_sq - removed
+        ok = den > 0
+        np.sqrt(den, out=den, where=ok)
+        np.divide(num, den, out=num, where=ok)
+        num[~ok] = 0.0
+        return num.mean(axis=1)
 
     def scorer(self, aggregation: str = "mean") -> ResidualSumScore:
         return self  # scores whole proposals: no blocks to aggregate
