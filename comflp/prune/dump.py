@@ -167,8 +167,8 @@ def read_layer(dump_dir: Path, index: int, utts: list[str]) -> list[np.ndarray]:
     """One layer index's pooled arrays of ``utts``; DumpError names the file when it is
     missing, truncated or lacks an utterance."""
     scp = layer_file(dump_dir, index).with_suffix(".scp")
-    try:
-        table = kaldiio.load_scp(str(scp))
+    try:  # in file order, each archive opened once (the scp lists them archive by archive)
+        table = dict(kaldiio.load_scp_sequential(str(scp)))
         return [np.atleast_2d(table[utt]) for utt in utts]
     except (OSError, EOFError, ValueError, KeyError, AssertionError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
