@@ -46,7 +46,13 @@ from lhotse import CutSet
 from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
-from comflp.asr.data import ctc_feasible, eval_loader, load_cuts, load_eval_batches, random_subset
+from comflp.asr.data import (
+    calibration_loader,
+    ctc_feasible,
+    load_cuts,
+    load_eval_batches,
+    random_subset,
+)
 from comflp.asr.model import ASRModel
 from comflp.cli import UsageError, add_common_args, run
 from comflp.expdir import CMVN, MODEL, SCORE_SETTINGS, TOKENIZER, ExpDir
@@ -61,6 +67,7 @@ from comflp.prune.scores.base import ScoreChoice, describe_options, score_option
 from comflp.prune.search import blocks_of
 from comflp.prune.searches import SEARCHES, SearchContext, SearchSettings
 from comflp.prune.searches.base import MergeChoice
+from comflp.prune.searches.refine import DEFAULT_REFINE
 from comflp.prune.stacks import EncoderStack
 from comflp.stages.scores import build_all
 from comflp.subsets import kept_layers
@@ -244,7 +251,7 @@ def comflp_rows(
                 dump_s,
                 load_s + sum(seconds[n] for n in scores),
                 sum(extra["coarse_seconds"].values()),
-                extra["fine_seconds"],
+                extra["fine_seconds"] + extra["refine"]["seconds"],  # the fallback's, if run
             ]
             rows.append(search_row(f"CoMFLP ({label})", phases, result, stack.num_layers))
     return rows
@@ -382,7 +389,7 @@ def main(args: argparse.Namespace) -> None:
         else:
             model, status, source = built_model(depth, template, args)
         # Not held in memory: the dump's time includes reading the features, as in stage 4.
-        calib_batches = eval_loader(calib, model.dataset(), args.max_duration)
+        calib_batches = calibration_loader(calib, model.dataset(), args.max_duration)
         cer, depth_rows = benchmark_depth(model, calib_batches, batches, args)
         models[depth] = (status, source, cer)
         rows += depth_rows
@@ -394,9 +401,11 @@ def main(args: argparse.Namespace) -> None:
         f"{args.calib_set or args.train_set} (frame pooling, {args.frames_per_utt} frames each); "
         f"scores {' '.join(args.scores)} ({describe_options(score_options(args.scores, args.score_conf))}); beam "
         f"{args.beam_size}; fine search of the consensus's top {args.top_k} and each score's "
-        f"first {args.score_top_k} (one score: its top {args.top_k}). Metric searches: "
+        f"first {args.score_top_k} (one score: its top {args.top_k}), then --refine "
+        f"{DEFAULT_REFINE}'s local search where its check fires (counted in the fine search; "
+        "see its evaluations). The dump's batches are length-sorted (stage 4's). Metric searches: "
         f"{METRIC.upper()} (greedy CTC) on {len(dev)} utterances of {args.dev_set} in "
-        f"{len(batches)} batches, prefix cache on, loaded once in {load_s:.2f} s (not counted).",
+        f"{len(batches)} batches in manifest order (not length-sorted), prefix cache on, loaded once in {load_s:.2f} s (not counted).",
         f"Every phase: one run. Oracle only where C(L, P) <= {args.oracle_max}.",
     ]
     emit(report(rows, models, notes), args.output)

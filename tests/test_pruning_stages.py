@@ -12,7 +12,7 @@ from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import load_model
 from comflp.asr.config import ModelConfig
 from comflp.asr.ctc import ctc_loss
-from comflp.asr.data import load_eval_batches
+from comflp.asr.data import calibration_loader, load_cuts, load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
@@ -60,6 +60,31 @@ def _manual_layer_outputs(model: ASRModel, batch):
     for layer in model.encoder.layers:
         outs.append(layer(outs[-1], emb.mask))
     return outs, emb.lengths
+
+
+def test_calibration_batches_pad_less_and_dump_the_same_rows(tmp_path, tiny_data):
+    model = _tiny_model(tiny_data)
+    cuts = load_cuts(tiny_data["dev"])
+    by_length = list(calibration_loader(cuts, model.dataset(), max_duration=12))
+    in_order = load_eval_batches(model, cuts, max_duration=12)
+    longest = [int(b["feat_lens"].max()) for b in by_length]
+    assert longest == sorted(longest, reverse=True)
+    assert sorted(u for b in by_length for u in b["ids"]) == sorted(cuts.ids)
+
+    def padded(batches):
+        return sum(int(b["feat_lens"].max()) * len(b["ids"]) for b in batches)
+
+    assert padded(by_length) < padded(in_order)
+    stack = EncoderStack(model)
+    dump_layers(stack, by_length, tmp_path / "by_length", "frames", frames_per_utt=3)
+    dump_layers(stack, in_order, tmp_path / "in_order", "frames", frames_per_utt=3)
+    for k in range(stack.num_layers + 1):
+        a, b = (
+            kaldiio.load_scp(str(tmp_path / d / f"layer{k:02d}.scp"))
+            for d in ("by_length", "in_order")
+        )
+        for utt in cuts.ids:
+            np.testing.assert_allclose(a[utt], b[utt], atol=1e-4)
 
 
 def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):

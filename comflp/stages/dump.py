@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comflp.adapters.base import ModelSettings
-from comflp.asr.data import EVAL_MAX_DURATION, eval_loader, load_cuts, part_of, random_subset
+from comflp.asr.data import (
+    EVAL_MAX_DURATION,
+    calibration_loader,
+    load_cuts,
+    part_of,
+    random_subset,
+)
 from comflp.errors import InputError
 from comflp.expdir import ExpDir
 from comflp.prune.dump import FRAMES_PER_UTT, POOLING, POOLINGS, dump_layers, merge_dumps
@@ -44,7 +50,9 @@ def dump_part(s: DumpSettings) -> None:
     calibration = random_subset(load_cuts(s.cuts), s.calib_num_utts, s.seed)
     dump_layers(
         stack,
-        eval_loader(part_of(calibration, s.part, s.num_parts), model.dataset(), s.max_duration),
+        calibration_loader(
+            part_of(calibration, s.part, s.num_parts), model.dataset(), s.max_duration
+        ),
         ExpDir(s.exp_dir).stack(s.stack).dump_part(s.part),
         pooling=s.pooling,
         frames_per_utt=s.frames_per_utt,
