@@ -28,7 +28,13 @@ from comflp.prune.methods import CompareSettings, list_methods
 from comflp.prune.ranks import spearman
 from comflp.prune.rules import distil_whisper, rules_for
 from comflp.prune.stacks import DecoderStack, EncoderStack, stack_of
-from comflp.quality.decoder import full_decoder, measure, ranking_quality
+from comflp.quality.decoder import (
+    DecoderSummarySettings,
+    full_decoder,
+    measure,
+    ranking_quality,
+    summarize_decoders,
+)
 from comflp.quality.study import CerCache, proposal_cers, teacher_forced_quality
 from comflp.report.results import build_rows, methods_table
 
@@ -410,6 +416,40 @@ def test_decoder_measures_against_a_per_utterance_computation():
     assert q["oracle_rank"] == 3 and q["top1_cer"] == 30.0
 
 
+def _decoder_study(num_layers: int, spearmans: dict[int, float]) -> dict:
+    """A decoder_scores.json of P -> every measure's Spearman (oracle rank 1)."""
+    names = ("kl_reference", "kl_hypothesis", "short_decode", "teacher_forced_nll")
+    results = [
+        {
+            "num_prune": p,
+            "oracle_cer": 10.0 * p,
+            "rows": [{"layers": [k]} for k in range(p + 1)],
+            "quality": {m: {"spearman": rho, "top1_cer": 1.0, "oracle_rank": 1} for m in names},
+        }
+        for p, rho in spearmans.items()
+    ]
+    return {"model_dir": f"m{num_layers}", "num_layers": num_layers, "results": results}
+
+
+def test_decoder_summary_takes_half_the_layers_and_the_median(tmp_path):
+    studies = {"four": _decoder_study(4, {1: 0.9, 2: -0.2}), "six": _decoder_study(6, {3: -0.8})}
+    studies["eight"] = _decoder_study(8, {4: -0.6})
+    for label, study in studies.items():
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "decoder_scores.json").write_text(json.dumps(study))
+    out = tmp_path / "summary.md"
+    items = [f"{label}={tmp_path / label}" for label in studies]
+    summarize_decoders(DecoderSummarySettings(studies=items, output=out))
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert [m["num_prune"] for m in summary["models"].values()] == [2, 3, 4]
+    assert summary["median_spearman"]["short_decode"] == pytest.approx(-0.6)
+    assert "| median | | | | | -0.600 | -0.600 | -0.600 | -0.600 |" in out.read_text()
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "decoder_scores.json").write_text(json.dumps(_decoder_study(6, {2: 0})))
+    with pytest.raises(InputError, match="no P = 3 .half of its 6 decoder layers"):
+        summarize_decoders(DecoderSummarySettings(studies=[f"odd={tmp_path / 'odd'}"], output=out))
+
+
 def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
     """run.sh --stack decoder on a tiny native AED (3 decoder layers), then the search-quality
     study of its decoder."""
@@ -455,7 +495,7 @@ def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
     assert "| distil_whisper | decoder | 1 | 2 |" in exp.results_md.read_text()
     run_cmd(
         [PYTHON, REPO / "bin/search_quality.py", "--exp_dir", "exp/aed", "--stack", "decoder"]
-        + ["--num_prune", "1", "--output_dir", "exp/aed_quality", "--scores", "dc"]
+        + ["--num_prune", "1", "--output_dir", "exp/aed_quality", "--scores", "dc", "residual_sum"]
         + ["--calib_cuts", fbank.format("train-clean-100"), "--calib_num_utts", "8"]
         + ["--calib_sizes", "8", "--reference_num_utts", "8", "--dev_num_utts", "8"]
         + ["--poolings", "frames"],
@@ -484,3 +524,16 @@ def test_stages_4_to_7_and_the_study_on_a_native_decoder(pipeline):
     assert math.isnan(nll) == (len(set(cers.values())) == 1)
     assert all(r[m] >= 0 for r in scored["rows"] for m in ("kl_reference", "kl_hypothesis"))
     assert "| short_decode |" in (work / "exp/aed_quality/DECODER_SCORES.md").read_text()
+    # across models (one here): the measures and, from the study beside them, the default's
+    run_cmd(
+        [PYTHON, REPO / "bin/decoder_scores_summary.py", "--studies", "aed=exp/aed_quality"]
+        + ["--output", "exp/decoders.md"],
+        cwd=work,
+    )
+    (row,) = json.loads((work / "exp/decoders.json").read_text())["models"].values()
+    assert (row["num_layers"], row["num_prune"], row["proposals"]) == (3, 1, 3)
+    assert row["oracle_cer"] == min(cers.values())
+    assert row["pipeline"]["cer"] >= row["oracle_cer"]
+    assert row["consensus"]["name"] == "consensus of residual_sum+dc (over the study's proposals)"
+    assert math.isnan(row["consensus"]["spearman"]) == (len(set(cers.values())) == 1)
+    assert row["measures"]["short_decode"] == scored["quality"]["short_decode"]

@@ -33,6 +33,10 @@ CASES = {
         "--studies nope --output OUT",
         "--studies nope: expected LABEL=DIR with DIR/quality.json",
     ),
+    "decoder_scores_summary.py": (
+        "--studies nope --output OUT",
+        "--studies nope: expected LABEL=DIR with DIR/decoder_scores.json",
+    ),
     "decoder_scores.py": (
         "--exp_dir OUT --output_dir OUT --stack encoder",
         "--stack encoder: the decoder study needs --stack decoder",

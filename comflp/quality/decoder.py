@@ -19,6 +19,7 @@ Lower is better for all three: the study ranks by minus the measure, as a score 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +34,10 @@ from comflp.asr.data import EVAL_MAX_DURATION, load_eval_batches
 from comflp.asr.scoring import error_stats
 from comflp.errors import InputError
 from comflp.prune.ranks import spearman
+from comflp.prune.scores.base import ScoreChoice, split_scores
 from comflp.prune.stacks import stack_of
+from comflp.quality.robustness import model_summary
+from comflp.quality.stage import QUALITY_JSON, labelled_studies
 from comflp.quality.study import CerCache, dev_settings, proposal_cers
 from comflp.report.provenance import written, written_lines
 from comflp.settings import REQUIRED, option
@@ -42,6 +46,7 @@ from comflp.utils import atomic_write_json, atomic_write_text
 
 FORCED = ("kl_reference", "kl_hypothesis")
 MEASURES = (*FORCED, "short_decode")
+SCORES_JSON = "decoder_scores.json"
 Forcing = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, lengths
 
 
@@ -184,7 +189,7 @@ def decoder_study(s: DecoderStudySettings) -> None:
         "full_decoder_seconds": full_seconds,
         "results": results,
     }
-    atomic_write_json(s.output_dir / "decoder_scores.json", summary)
+    atomic_write_json(s.output_dir / SCORES_JSON, summary)
     atomic_write_text(s.output_dir / "DECODER_SCORES.md", report(summary))
     logging.info(f"wrote {s.output_dir / 'DECODER_SCORES.md'}")
 
@@ -216,5 +221,125 @@ def report(summary: dict) -> str:
         for name, q in r["quality"].items():
             lines.append(
                 f"| {name} | {q['spearman']:.3f} | {q['top1_cer']:.2f} | {q['oracle_rank']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(kw_only=True)
+class DecoderSummarySettings:
+    """The decoder measures across models, each at P = half its decoder's layers."""
+
+    studies: list[str] = option(
+        REQUIRED,
+        f"LABEL=DIR: a model's decoder study (DIR/{SCORES_JSON}; with DIR/{QUALITY_JSON}, the "
+        "search-quality study of the same P, the default scores and pipeline too)",
+    )
+    output: Path = option(REQUIRED, "the Markdown report (its JSON beside it)")
+
+
+def decoder_model_summary(label: str, study: dict, quality: dict | None) -> dict:
+    """One model at P = half its layers: each measure's ranking quality and, from its
+    search-quality study, the default consensus's and the default pipeline's."""
+    num_prune = study["num_layers"] // 2
+    result = next((r for r in study["results"] if r["num_prune"] == num_prune), None)
+    if result is None:
+        raise InputError(
+            f"--studies {label}: no P = {num_prune} (half of its {study['num_layers']} decoder "
+            f"layers) in its {SCORES_JSON}"
+        )
+    row = {
+        "model": study["model_dir"],
+        "num_layers": study["num_layers"],
+        "num_prune": num_prune,
+        "proposals": len(result["rows"]),
+        "oracle_cer": result["oracle_cer"],
+        "measures": result["quality"],
+    }
+    if quality is not None:
+        members = split_scores(ScoreChoice().scores)[0]
+        try:
+            default = model_summary(quality, num_prune, members)
+        except ValueError as e:
+            raise InputError(f"--studies {label}: {e}") from None
+        name = f"consensus of {'+'.join(members)} (over the study's proposals)"  # as the
+        # encoder stacks' summary reports the default score
+        row["consensus"] = {"name": name, **default["scores"][name]}
+        row["pipeline"] = default["pipeline"]
+    return row
+
+
+def summarize_decoders(s: DecoderSummarySettings) -> None:
+    studies = labelled_studies(s.studies, "studies", SCORES_JSON)
+    models = {}
+    for item, (label, study) in zip(s.studies, studies.items(), strict=True):
+        directory = Path(item.partition("=")[2])
+        quality = (
+            json.loads((directory / QUALITY_JSON).read_text())
+            if (directory / QUALITY_JSON).is_file()
+            else None
+        )
+        models[label] = decoder_model_summary(label, study, quality)
+    columns = [*MEASURES, "teacher_forced_nll"]
+    median = {
+        m: float(np.median([r["measures"][m]["spearman"] for r in models.values()]))
+        for m in columns
+    }
+    with_default = [r for r in models.values() if "consensus" in r]
+    if with_default:
+        median["consensus"] = float(np.median([r["consensus"]["spearman"] for r in with_default]))
+    summary = {"written": written(), "models": models, "median_spearman": median}
+    atomic_write_json(s.output.with_suffix(".json"), summary)
+    atomic_write_text(s.output, summary_report(summary, columns))
+    logging.info(f"wrote {s.output} and its JSON")
+
+
+def summary_report(summary: dict, columns: list[str]) -> str:
+    models, median = summary["models"], summary["median_spearman"]
+    default = "consensus" in median
+    head = [*columns, *(["consensus (default)"] if default else [])]
+    lines = [
+        "# Decoder measures across models (P = half the decoder's layers)",
+        *written_lines(summary["written"]),
+        "",
+        "Spearman of each measure (ranked as minus the measure) against the dev CER of greedy "
+        "decoding over every proposal; negative is good. In brackets: the rank of the oracle's "
+        "proposal in that measure's ranking.",
+        "",
+        f"| model | layers | P | proposals | oracle CER | {' | '.join(head)} |",
+        "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(head),
+    ]
+    for label, r in models.items():
+        cells = [
+            f"{r['measures'][m]['spearman']:.3f} ({r['measures'][m]['oracle_rank']})"
+            for m in columns
+        ]
+        if default:
+            cells.append(f"{r['consensus']['spearman']:.3f}" if "consensus" in r else "")
+        lines.append(
+            f"| {label} | {r['num_layers']} | {r['num_prune']} | {r['proposals']} | "
+            f"{r['oracle_cer']:.2f} | {' | '.join(cells)} |"
+        )
+    lines.append(
+        "| median | | | | | "
+        + " | ".join(f"{median[m]:.3f}" for m in [*columns, *(["consensus"] if default else [])])
+        + " |"
+    )
+    if default:
+        lines += [
+            "",
+            "The default scores on each model's search-quality study (its stage-4 dump, "
+            "teacher-forced): the consensus's top 10 and the default pipeline's choice (the "
+            "fine search of the consensus's top 10 and each score's first, then --refine).",
+            "",
+            "| model | consensus top 10 above the oracle | pipeline CER | oracle CER | pipeline above the oracle | evaluations |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for label, r in models.items():
+            if "consensus" not in r:
+                continue
+            p = r["pipeline"]
+            lines.append(
+                f"| {label} | {100 * r['consensus']['relative@10']:.1f}% | {p['cer']:.2f} | "
+                f"{r['oracle_cer']:.2f} | {100 * p['relative']:.1f}% | {p['evaluations']} |"
             )
     return "\n".join(lines) + "\n"

@@ -251,20 +251,24 @@ class SummarySettings(ScoreChoice, MergeChoice):
     output: Path = option(REQUIRED, "the Markdown report (its JSON beside it)")
 
 
-def _labelled(items: list[str], option_name: str) -> dict[str, dict]:
+def labelled_studies(
+    items: list[str], option_name: str, file_name: str = QUALITY_JSON
+) -> dict[str, dict]:
+    """LABEL=DIR items -> LABEL: the JSON of DIR/``file_name``; one InputError line naming
+    ``--option_name`` for an item without it."""
     out = {}
     for item in items:
         label, sep, directory = item.partition("=")
-        path = Path(directory) / QUALITY_JSON
+        path = Path(directory) / file_name
         if not sep or not path.is_file():
-            raise InputError(f"--{option_name} {item}: expected LABEL=DIR with DIR/{QUALITY_JSON}")
+            raise InputError(f"--{option_name} {item}: expected LABEL=DIR with DIR/{file_name}")
         out[label] = json.loads(path.read_text())
     return out
 
 
 def summarize(s: SummarySettings) -> None:
-    studies = _labelled(s.studies, "studies")
-    again = _labelled(s.calibration, "calibration")
+    studies = labelled_studies(s.studies, "studies")
+    again = labelled_studies(s.calibration, "calibration")
     unknown = sorted(set(again) - set(studies))
     if unknown:
         raise InputError(f"--calibration {', '.join(unknown)}: no study of that label")
