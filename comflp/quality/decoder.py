@@ -36,8 +36,8 @@ from comflp.errors import InputError
 from comflp.prune.ranks import spearman
 from comflp.prune.scores.base import ScoreChoice, split_scores
 from comflp.prune.stacks import stack_of
-from comflp.quality.robustness import model_summary
-from comflp.quality.stage import QUALITY_JSON, labelled_studies
+from comflp.quality.robustness import model_summary, study_consensus_label
+from comflp.quality.stage import QUALITY_JSON, labelled_dirs
 from comflp.quality.study import CerCache, dev_settings, proposal_cers
 from comflp.report.provenance import written, written_lines
 from comflp.settings import REQUIRED, option
@@ -261,23 +261,18 @@ def decoder_model_summary(label: str, study: dict, quality: dict | None) -> dict
             default = model_summary(quality, num_prune, members)
         except ValueError as e:
             raise InputError(f"--studies {label}: {e}") from None
-        name = f"consensus of {'+'.join(members)} (over the study's proposals)"  # as the
-        # encoder stacks' summary reports the default score
+        name = study_consensus_label(members)  # as the encoder stacks' summary reports it
         row["consensus"] = {"name": name, **default["scores"][name]}
         row["pipeline"] = default["pipeline"]
     return row
 
 
 def summarize_decoders(s: DecoderSummarySettings) -> None:
-    studies = labelled_studies(s.studies, "studies", SCORES_JSON)
     models = {}
-    for item, (label, study) in zip(s.studies, studies.items(), strict=True):
-        directory = Path(item.partition("=")[2])
-        quality = (
-            json.loads((directory / QUALITY_JSON).read_text())
-            if (directory / QUALITY_JSON).is_file()
-            else None
-        )
+    for label, directory in labelled_dirs(s.studies, "studies", SCORES_JSON).items():
+        study = json.loads((directory / SCORES_JSON).read_text())
+        beside = directory / QUALITY_JSON
+        quality = json.loads(beside.read_text()) if beside.is_file() else None
         models[label] = decoder_model_summary(label, study, quality)
     columns = [*MEASURES, "teacher_forced_nll"]
     median = {

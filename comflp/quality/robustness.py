@@ -67,6 +67,11 @@ def _label(variant: dict) -> str:
     return variant["name"].replace("consensus", f"consensus of {members}", 1)
 
 
+def study_consensus_label(members: Sequence[str]) -> str:
+    """The summaries' name of the members' consensus standardised over a study's proposals."""
+    return f"consensus of {'+'.join(members)} (over the study's proposals)"
+
+
 def consensus(scores: Sequence[np.ndarray]) -> np.ndarray:
     """The mean of the scores standardised over the proposals (a scale-free rank aggregation)."""
     z = [(s - s.mean()) / (s.std() or 1.0) for s in map(np.asarray, scores)]
@@ -97,7 +102,7 @@ def model_summary(
     chosen = _variants(result, names)
     scores = {_label(v): quality(np.array(v["scores"]), cer) for v in result["variants"]}
     agreed = consensus([np.array(chosen[n]["scores"]) for n in names])
-    scores[f"consensus of {'+'.join(defaults)} (over the study's proposals)"] = quality(agreed, cer)
+    scores[study_consensus_label(defaults)] = quality(agreed, cer)
     rankings = {
         n: [Proposal(tuple(x), 0.0) for x in chosen[n]["beam_layers"][:top_k]] for n in names
     }

@@ -251,19 +251,22 @@ class SummarySettings(ScoreChoice, MergeChoice):
     output: Path = option(REQUIRED, "the Markdown report (its JSON beside it)")
 
 
-def labelled_studies(
-    items: list[str], option_name: str, file_name: str = QUALITY_JSON
-) -> dict[str, dict]:
-    """LABEL=DIR items -> LABEL: the JSON of DIR/``file_name``; one InputError line naming
-    ``--option_name`` for an item without it."""
+def labelled_dirs(items: list[str], option_name: str, file_name: str = QUALITY_JSON) -> dict:
+    """LABEL=DIR items -> LABEL: DIR; one InputError line naming ``--option_name`` for an item
+    whose DIR lacks ``file_name``."""
     out = {}
     for item in items:
         label, sep, directory = item.partition("=")
-        path = Path(directory) / file_name
-        if not sep or not path.is_file():
+        if not sep or not (Path(directory) / file_name).is_file():
             raise InputError(f"--{option_name} {item}: expected LABEL=DIR with DIR/{file_name}")
-        out[label] = json.loads(path.read_text())
+        out[label] = Path(directory)
     return out
+
+
+def labelled_studies(items: list[str], option_name: str) -> dict[str, dict]:
+    """LABEL=DIR items -> LABEL: the study in DIR/quality.json."""
+    dirs = labelled_dirs(items, option_name)
+    return {label: json.loads((d / QUALITY_JSON).read_text()) for label, d in dirs.items()}
 
 
 def summarize(s: SummarySettings) -> None:
