@@ -47,7 +47,7 @@ from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
 from comflp.asr.data import (
-    calibration_loader,
+    length_sorted_loader,
     ctc_feasible,
     load_cuts,
     load_eval_batches,
@@ -389,7 +389,7 @@ def main(args: argparse.Namespace) -> None:
         else:
             model, status, source = built_model(depth, template, args)
         # Not held in memory: the dump's time includes reading the features, as in stage 4.
-        calib_batches = calibration_loader(calib, model.dataset(), args.max_duration)
+        calib_batches = length_sorted_loader(calib, model.dataset(), args.max_duration)
         cer, depth_rows = benchmark_depth(model, calib_batches, batches, args)
         models[depth] = (status, source, cer)
         rows += depth_rows
@@ -405,7 +405,7 @@ def main(args: argparse.Namespace) -> None:
         f"{DEFAULT_REFINE}'s local search where its check fires (counted in the fine search; "
         "see its evaluations). The dump's batches are length-sorted (stage 4's). Metric searches: "
         f"{METRIC.upper()} (greedy CTC) on {len(dev)} utterances of {args.dev_set} in "
-        f"{len(batches)} batches in manifest order (not length-sorted), prefix cache on, loaded once in {load_s:.2f} s (not counted).",
+        f"{len(batches)} length-sorted batches, prefix cache on, loaded once in {load_s:.2f} s (not counted).",
         f"Every phase: one run. Oracle only where C(L, P) <= {args.oracle_max}.",
     ]
     emit(report(rows, models, notes), args.output)

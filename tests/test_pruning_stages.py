@@ -12,7 +12,7 @@ from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import load_model
 from comflp.asr.config import ModelConfig
 from comflp.asr.ctc import ctc_loss
-from comflp.asr.data import calibration_loader, load_cuts, load_eval_batches
+from comflp.asr.data import eval_loader, load_cuts, load_eval_batches
 from comflp.asr.features import load_cmvn
 from comflp.asr.model import ASRModel
 from comflp.asr.tokenizer import Tokenizer
@@ -62,11 +62,11 @@ def _manual_layer_outputs(model: ASRModel, batch):
     return outs, emb.lengths
 
 
-def test_calibration_batches_pad_less_and_dump_the_same_rows(tmp_path, tiny_data):
+def test_length_sorted_batches_pad_less_and_give_the_same_rows_and_cers(tmp_path, tiny_data):
     model = _tiny_model(tiny_data)
     cuts = load_cuts(tiny_data["dev"])
-    by_length = list(calibration_loader(cuts, model.dataset(), max_duration=12))
-    in_order = load_eval_batches(model, cuts, max_duration=12)
+    by_length = load_eval_batches(model, cuts, max_duration=12)
+    in_order = list(eval_loader(cuts, model.dataset(), max_duration=12))
     longest = [int(b["feat_lens"].max()) for b in by_length]
     assert longest == sorted(longest, reverse=True)
     assert sorted(u for b in by_length for u in b["ids"]) == sorted(cuts.ids)
@@ -85,6 +85,11 @@ def test_calibration_batches_pad_less_and_dump_the_same_rows(tmp_path, tiny_data
         )
         for utt in cuts.ids:
             np.testing.assert_allclose(a[utt], b[utt], atol=1e-4)
+    subsets = [[1, 2, 3, 4], [1, 3], [2]]
+    sorted_cers, manifest_cers = (
+        [(r.cer, r.wer) for r in stack.evaluate(b, subsets)] for b in (by_length, in_order)
+    )
+    assert sorted_cers == manifest_cers
 
 
 def test_dump_mean_pooling_matches_a_manual_forward(tmp_path, batches):

@@ -292,6 +292,7 @@ def test_the_study_reuses_stage_6s_oracle_only_on_the_same_dev_batches(tmp_path)
         "dev_num_utts": 100,
         "seed": 0,
         "max_duration": 100.0,
+        "batch_order": "longest_first",
     }
     oracle = {
         "model_dir": "exp/m",
@@ -300,6 +301,7 @@ def test_the_study_reuses_stage_6s_oracle_only_on_the_same_dev_batches(tmp_path)
         "num_utts": 100,
         "seed": 0,
         "max_duration": 100.0,
+        "batch_order": "longest_first",
         "candidates": [
             {"layers": [1, 2], "kept": [3], "cer": 9.0, "wer": 20.0, "loss": 3.0, "seconds": 1.0},
             {"layers": [1, 3], "kept": [2], "cer": 8.0, "wer": 19.0, "loss": 2.0, "seconds": 1.0},
@@ -317,6 +319,8 @@ def test_the_study_reuses_stage_6s_oracle_only_on_the_same_dev_batches(tmp_path)
     path.write_text(json.dumps({**oracle, "num_utts": 320}))  # other dev batches
     other = CerCache(tmp_path / "other.json", settings)
     assert reuse_oracle(other, exp.root, "decoder", 2) == 0 and other.data["cers"] == {}
+    path.write_text(json.dumps({k: v for k, v in oracle.items() if k != "batch_order"}))
+    assert reuse_oracle(other, exp.root, "decoder", 2) == 0  # batches in another order
 
 
 # ----------------------------------------------------------------------------- end to end

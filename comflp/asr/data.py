@@ -18,6 +18,9 @@ from comflp.asr.tokenizer import Tokenizer
 
 # seconds of audio per evaluation batch (dump, searches, decoding, the study): --max_duration
 EVAL_MAX_DURATION = 100.0
+# How load_eval_batches orders the dev batches, recorded beside the CERs measured on them
+# (batching can move a CER by float noise, so cached CERs of another order are not reused).
+EVAL_ORDER = "longest_first"
 
 
 def load_cuts(path: str | Path) -> CutSet:
@@ -158,12 +161,13 @@ def eval_loader(
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
 
 
-def calibration_loader(
+def length_sorted_loader(
     cuts: CutSet, dataset: torch.utils.data.Dataset, max_duration: float
 ) -> DataLoader:
-    """Batches of similar lengths, longest first, for stage 4's layer dump, whose merge puts
-    the utterances in id order whatever the batches: in manifest order a random subset of the
-    built-in corpus pads to about twice its frames (and three times its attention)."""
+    """Batches of similar lengths, longest first, for the passes whose result does not depend on
+    the order (stage 4's dump, merged in id order; the metric searches' corpus-level CER): in
+    manifest order a random subset of the built-in corpus pads to about twice its frames (and
+    three times its attention)."""
     return eval_loader(cuts.sort_by_duration(ascending=False), dataset, max_duration)
 
 
@@ -176,11 +180,12 @@ def load_eval_batches(
 ) -> list[dict]:
     """Evaluation batches of ``cuts`` (a CutSet or a manifest path) in the input format of
     ``model`` (anything with a ``dataset()``, e.g. a :class:`PrunableModel`), held in memory
-    for the searches that go over them many times; ``num_utts``: a random subset first."""
+    for the searches that go over them many times, length-sorted (:data:`EVAL_ORDER`);
+    ``num_utts``: a random subset first."""
     if not isinstance(cuts, CutSet):
         cuts = load_cuts(cuts)
     if num_utts is not None:
         if num_utts > len(cuts):
             logging.info(f"{len(cuts)} of {num_utts} requested utterances: the set has no more")
         cuts = random_subset(cuts, num_utts, seed)
-    return list(eval_loader(cuts, model.dataset(), max_duration))
+    return list(length_sorted_loader(cuts, model.dataset(), max_duration))

@@ -149,6 +149,7 @@ def reuse_oracle(cache: CerCache, exp_dir: Path, stack: str, num_prune: int) -> 
         "dev_num_utts": oracle.get("num_utts"),
         "seed": oracle.get("seed"),
         "max_duration": oracle.get("max_duration"),
+        "batch_order": oracle.get("batch_order"),
     }
     if "skipped" in oracle or same != want:
         return 0

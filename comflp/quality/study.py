@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from comflp.asr.data import EVAL_ORDER
 from comflp.errors import InputError
 from comflp.prune.dump import DumpError, read_dump_info, read_layer
 from comflp.prune.metric_search import fine_search
@@ -298,6 +299,7 @@ def dev_settings(s: Any, model_dir: str, stack: str) -> dict[str, Any]:
         "dev_num_utts": s.dev_num_utts,
         "seed": s.seed,
         "max_duration": s.max_duration,
+        "batch_order": EVAL_ORDER,
     }
 
 

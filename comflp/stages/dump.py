@@ -9,7 +9,7 @@ from pathlib import Path
 from comflp.adapters.base import ModelSettings
 from comflp.asr.data import (
     EVAL_MAX_DURATION,
-    calibration_loader,
+    length_sorted_loader,
     load_cuts,
     part_of,
     random_subset,
@@ -50,7 +50,7 @@ def dump_part(s: DumpSettings) -> None:
     calibration = random_subset(load_cuts(s.cuts), s.calib_num_utts, s.seed)
     dump_layers(
         stack,
-        calibration_loader(
+        length_sorted_loader(
             part_of(calibration, s.part, s.num_parts), model.dataset(), s.max_duration
         ),
         ExpDir(s.exp_dir).stack(s.stack).dump_part(s.part),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from comflp.asr.data import load_eval_batches
+from comflp.asr.data import EVAL_ORDER, load_eval_batches
 from comflp.errors import InputError
 from comflp.expdir import PRUNED, SEARCH_RESULT, ExpDir
 from comflp.prune.metric_search import SearchResult
@@ -65,6 +65,7 @@ def write_result(
             "dev_cuts": str(s.dev_cuts),
             "seed": s.seed,
             "max_duration": s.max_duration,
+            "batch_order": EVAL_ORDER,
             "model_type": stack.model.model_type,
             "model_dir": str(stack.model.source),
             "pruned_dir": str(pruned_dir),
