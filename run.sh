@@ -61,7 +61,7 @@ coarse_aggregation=mean  # matrix scores: mean (CoMFLP: mean block correlation) 
 beam_size=10            # coarse beam search: beam width
 top_k=10                # coarse proposals passed to the fine search: the consensus's, else each score's
 score_top_k=1           # with the consensus among the scores, each other score's own coarse proposals joining the merge
-refine=auto             # auto | never | always: one-swap local search after the fine search (auto: where the consensus's evaluated top K disagrees with the metric)
+refine=auto             # auto | never | always: one-swap local search after the fine search (auto: where the consensus's evaluated top K does not order the metric, Spearman >= 0)
 fine_metric=cer         # cer | wer | loss (the model's own: CTC, or cross-entropy without CTC)
 fine_num_utts=320       # dev utterances the metric is measured on (at most the dev set's)
 prefix_cache=true       # metric searches: compute the layers candidates share once

@@ -260,7 +260,7 @@ def test_one_swap_climb_reaches_the_optimum_of_a_separable_metric():
     assert ranking_disagrees([1.0, 2.0], [3.0, 4.0]) is None
     assert ranking_disagrees([1.0, 1.0, 1.0], [3.0, 4.0, 5.0]) is None
     assert ranking_disagrees([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(-1.0)
-    assert [should_refine("auto", v) for v in (None, -0.2, 0.0, 0.1)] == [0, 0, 0, 1]
+    assert [should_refine("auto", v) for v in (None, -0.2, -0.01, 0.0, 0.1)] == [0, 0, 0, 1, 1]
     assert should_refine("always", None) and not should_refine("never", 1.0)
     with pytest.raises(ValueError, match="expected one of auto, never, always"):
         should_refine("sometimes", 0.5)

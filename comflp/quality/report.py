@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from comflp.plots import plt, save_figure
+from comflp.prune.searches.refine import AUTO_CONDITION
 from comflp.quality.study import TOP_KS, format_table, ranking, smallest_matching_size
 from comflp.report.provenance import written_lines
 
@@ -140,7 +141,7 @@ def _pipeline(summary: dict) -> str:
     refine = {
         "never": "no local search",
         "always": "then the one-swap local search",
-        "auto": "then the one-swap local search where the check's Spearman is above 0",
+        "auto": f"then the one-swap local search where {AUTO_CONDITION}",
     }[summary["refine"]]
     return f"{merged}, one fine search, {refine}"
 

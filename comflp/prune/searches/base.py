@@ -52,7 +52,7 @@ class MergeChoice:
     refine: str = option(
         DEFAULT_REFINE,
         "after the fine search, a one-swap local search from its best proposal: auto where the "
-        "composite score's evaluated top K disagrees with their dev metric (Spearman > 0)",
+        "composite score's evaluated top K does not order their dev metric (Spearman >= 0)",
         choices=REFINE_MODES,
     )
 

@@ -17,7 +17,7 @@ docs/SEARCH_QUALITY.md its top 10 held a proposal within 1% of the oracle wherev
 scores' top 10s merged did, with a third of the evaluations.
 
 Where the fine search shows the coarse ranking wrong (``--refine``, default ``auto``: the
-Spearman between the composite score's top K and their dev metric above 0), a one-swap local
+Spearman between the composite score's top K and their dev metric 0 or above), a one-swap local
 search continues from its best proposal (:mod:`comflp.prune.searches.refine`); its evaluations
 join the search's rows and its seconds the search's cost.
 

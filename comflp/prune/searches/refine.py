@@ -3,7 +3,7 @@ search (``--refine``; docs/SEARCH_QUALITY.md, "The fallback").
 
 The fine search measures the dev metric of the composite score's top K, so it also shows
 whether that ranking orders them: where the Spearman between their coarse scores and their
-metric is above 0, the best of them is no evidence of being near the best proposal. Then, from
+metric is not negative, the best of them is no evidence of being near the best proposal. Then, from
 that best, every proposal one swap away (one pruned layer kept, one kept layer pruned) is
 evaluated, and the best one replaces it while it improves the metric. Plain functions over an
 ``evaluate`` callable, so stage 6 (real evaluations) and the study (stored CERs) run the same
@@ -18,6 +18,8 @@ from comflp.prune.ranks import spearman
 
 REFINE_MODES = ("auto", "never", "always")
 DEFAULT_REFINE = "auto"  # docs/SEARCH_QUALITY.md, "The fallback where the coarse ranking disagrees"
+# When ``auto`` climbs (docs/SEARCH_QUALITY.md, "The check at 0 or above").
+AUTO_CONDITION = "the check's Spearman is 0 or above"
 
 Layers = tuple[int, ...]
 
@@ -32,10 +34,11 @@ def ranking_disagrees(scores: Sequence[float], metrics: Sequence[float]) -> floa
 
 
 def should_refine(mode: str, agreement: float | None) -> bool:
-    """``auto``: only where the ranking's Spearman with the metric is above 0."""
+    """``auto``: only where the ranking's Spearman with the metric is 0 or above (a tie, as a
+    reversal, shows the ranking not ordering what it proposed)."""
     if mode not in REFINE_MODES:
         raise ValueError(f"refine mode {mode!r}: expected one of {', '.join(REFINE_MODES)}")
-    return mode == "always" or (mode == "auto" and agreement is not None and agreement > 0)
+    return mode == "always" or (mode == "auto" and agreement is not None and agreement >= 0)
 
 
 def one_swap_neighbours(pruned: Layers, num_layers: int) -> list[Layers]:
