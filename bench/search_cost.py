@@ -47,8 +47,8 @@ from comflp.adapters.native import NativeModel
 from comflp.asr.checkpoint import copy_assets
 from comflp.asr.config import ExperimentConfig
 from comflp.asr.data import (
-    length_sorted_loader,
     ctc_feasible,
+    length_sorted_loader,
     load_cuts,
     load_eval_batches,
     random_subset,
