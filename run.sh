@@ -61,6 +61,7 @@ coarse_aggregation=mean  # matrix scores: mean (CoMFLP: mean block correlation) 
 beam_size=10            # coarse beam search: beam width
 top_k=10                # coarse proposals passed to the fine search: the consensus's, else each score's
 score_top_k=1           # with the consensus among the scores, each other score's own coarse proposals joining the merge
+fine_rules=drop_top     # fixed rules whose proposal joins the fine search, one evaluation each ("": none)
 refine=auto             # auto | never | always: one-swap local search after the fine search (auto: where the consensus's evaluated top K does not order the metric, Spearman >= 0)
 fine_metric=cer         # cer | wer | loss (the model's own: CTC, or cross-entropy without CTC)
 fine_num_utts=320       # dev utterances the metric is measured on (at most the dev set's)
@@ -234,7 +235,7 @@ set_stack() {  # set_stack STACK: the options of the stages that work on one sta
     --stack "$stack" --device "$device" --ct2_quantization "$ct2_quantization")
   search_args=(--num_prune "$stack_prunes" --scores "$scores" --search_mode "$search_mode"
     --coarse_aggregation "$coarse_aggregation" --beam_size "$beam_size" --top_k "$top_k"
-    --score_top_k "$score_top_k" --refine "$refine" --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
+    --score_top_k "$score_top_k" --refine "$refine" --fine_rules "$fine_rules" --fine_metric "$fine_metric" --fine_num_utts "$fine_num_utts" --prefix_cache "$prefix_cache"
     --oracle_max_evaluations "$oracle_max_evaluations" --dev_cuts "$dev_cuts")
 }
 

@@ -28,6 +28,7 @@ def study(cer, scores: dict[str, list[float]], beams: dict[str, list[list[int]]]
     ]
     return {
         "model_dir": "exp/m",
+        "stack": "encoder",
         "reference": 32,
         "num_layers": 4,
         "results": [
@@ -110,7 +111,19 @@ def test_the_pipeline_climbs_where_the_consensus_ranks_backwards():
     right = study(CER, {"residual_sum": PERFECT, "dc": PERFECT}, _beams())
     kept = model_summary(right, 2, DEFAULTS, top_k=3, score_top_k=0, refine="auto")
     assert kept["pipeline"]["refine_spearman"] == pytest.approx(-1.0)
-    assert kept["pipeline"]["evaluations"] == 3  # the ranking holds: no climb
+    assert kept["pipeline"]["evaluations"] == 4  # the ranking holds: no climb (3 + drop_top's)
+
+
+def test_the_pipeline_evaluates_the_top_p_proposal_too():
+    # (3, 4), the top 2 layers, is the oracle at 10.0 and the scores rank it last
+    cer = [12.0, 13.0, 14.0, 11.5, 12.5, 10.0]
+    wrong_about_top = [-12.0, -13.0, -14.0, -11.5, -12.5, -20.0]
+    s = study(cer, {"residual_sum": wrong_about_top, "dc": wrong_about_top}, _beams())
+    without = model_summary(s, 2, DEFAULTS, top_k=2, score_top_k=0, fine_rules=())
+    assert without["pipeline"]["cer"] == 11.5 and without["pipeline"]["evaluations"] == 2
+    default = model_summary(s, 2, DEFAULTS, top_k=2, score_top_k=0)  # drop_top joins
+    assert default["pipeline"]["cer"] == 10.0 and default["pipeline"]["evaluations"] == 3
+    assert default["pipeline"]["refine_spearman"] == without["pipeline"]["refine_spearman"]
 
 
 def test_median_and_worst_across_models():
@@ -156,8 +169,10 @@ def test_summary_report_and_its_errors(tmp_path):
     )
     text = out.read_text()
     assert "| residual_sum/frames/N32 | -1.000 | -1.000 | 0.0% | 0.0% |" in text
-    # the consensus's top 1, (2, 3) at 11.0, and both beams' first, (1, 2) at 10.0
-    assert "| a | 10.00 | 10.00 | 0.0% | 2 | - | 11.00 |" in text
+    # the consensus's top 1, (2, 3) at 11.0, both beams' first, (1, 2) at 10.0, and the top
+    # 2 layers' (3, 4)
+    assert "| a | 10.00 | 10.00 | 0.0% | 3 | - | 11.00 |" in text
+    assert "merged, with the proposal of drop_top, one fine search" in text
     assert "the top 1 of the consensus of residual_sum, dc and the first 1" in text
     assert json.loads(out.with_suffix(".json").read_text())["num_prune"] == 2
     with pytest.raises(ValueError, match="--studies x: expected LABEL=DIR"):

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS, ExpDir
 from comflp.prune.evaluator import SubsetResult
 from comflp.prune.metric_search import exhaustive_metric_search, greedy_layer_pruning
+from comflp.prune.rules import rule_proposals
 from comflp.prune.scores import consensus as consensus_module
 from comflp.prune.scores.consensus import ConsensusScore, ConsensusScorer
 from comflp.prune.scores.matrix import MatrixScore
@@ -97,6 +99,56 @@ def test_merge_interleaves_the_rankings_and_drops_repeats():
     assert merge(with_c, 1, {"consensus"}) == [(1, 2), (3, 4), (5, 6), (2, 3)]
     assert merge(with_c, 0, {"consensus"}) == [(5, 6), (2, 3)]
     assert merge(with_c, 1) == [(1, 2), (3, 4), (5, 6), (1, 6), (2, 3)]  # a name is not enough
+    # the fixed rules' proposals come last, once
+    assert merge(with_c, 0, {"consensus"}, [(4, 5), (5, 6)]) == [(5, 6), (2, 3), (4, 5)]
+
+
+def test_rule_proposals_fit_the_stack():
+    assert rule_proposals(["drop_top"], "encoder", 12, 6) == {"drop_top": (7, 8, 9, 10, 11, 12)}
+    assert rule_proposals([], "encoder", 12, 6) == {}
+    assert rule_proposals(["drop_top", "distil_whisper"], "decoder", 8, 4) == {
+        "drop_top": (5, 6, 7, 8),
+        "distil_whisper": (2, 4, 6, 7),
+    }
+    with pytest.raises(InputError, match="--rules distil_whisper: a rule for the decoder stack"):
+        rule_proposals(["distil_whisper"], "encoder", 12, 6)
+
+
+def test_comflp_evaluates_the_top_p_proposal_beside_the_scores(tmp_path):
+    # the scores rank by the additive cost; the model was trained to lose its top layers
+    # (pruning 5 and 6 costs 0), which the scores' top 2 do not hold
+    matrices = {"dc": _additive_matrix(), "cka": _additive_matrix() * 2}
+    exp = _experiment(tmp_path, matrices, consensus=True)
+
+    def on_demand(pruned):
+        return 0.0 if pruned == (5, 6) else additive_cer(pruned)
+
+    runs = {}
+    for rules in ([], ["drop_top"]):
+        settings = SearchSettings(
+            exp_dir=exp.root, scores=["dc", "cka", "consensus"], top_k=2, fine_rules=rules
+        )
+        context = SearchContext(settings, KnownStack(on_demand), [], exp)
+        (runs[len(rules)],) = SEARCHES["comflp"]().run(context, [2]).values()
+    without, default = runs[0], runs[1]
+    assert SearchSettings().fine_rules == ["drop_top"]
+    assert (5, 6) not in [tuple(r["layers"]) for r in without.candidates]
+    assert default.best_layers == (5, 6) and default.best_metric == 0.0
+    assert len(default.candidates) == len(without.candidates) + 1
+    assert default.candidates[-1]["rules"] == ["drop_top"]
+    assert default.candidates[-1]["proposed_by"] == {}
+    assert default.extra["fine_rules"] == ["drop_top"]
+    # the check judges the consensus's own proposals only: the rule's row does not move it
+    assert default.extra["refine"]["spearman"] == without.extra["refine"]["spearman"]
+
+
+def _additive_matrix() -> np.ndarray:
+    """Block scores of 6 layers that rank pruned pairs by additive_cer's cost (cheaper: higher)."""
+    cost = {1: 9.0, 2: 1.0, 3: 4.0, 4: 2.0, 5: 7.0, 6: 3.0}
+    m = np.zeros((7, 7))
+    for k, c in cost.items():
+        m[k - 1, k] = -c
+    return m
 
 
 def _experiment(tmp_path: Path, matrices: dict[str, np.ndarray], consensus: bool = False) -> ExpDir:
@@ -122,7 +174,9 @@ def test_comflp_merges_the_scores_top_k_and_counts_each_cost_once(tmp_path):
     matrices = {"dc": rng.uniform(size=(7, 7)), "cka": rng.uniform(size=(7, 7))}
     exp = _experiment(tmp_path, matrices)
     stack = KnownStack(additive_cer)
-    settings = SearchSettings(exp_dir=exp.root, scores=["dc", "cka"], top_k=4, refine="never")
+    settings = SearchSettings(
+        exp_dir=exp.root, scores=["dc", "cka"], top_k=4, refine="never", fine_rules=[]
+    )
     search = SEARCHES["comflp"]()
     (result,) = search.run(SearchContext(settings, stack, [], exp), [2]).values()
     tops = {n: [p.layers for p in _coarse(m, 2, 4)] for n, m in matrices.items()}
@@ -159,7 +213,7 @@ def test_comflp_adds_the_consensus_of_its_scores(tmp_path):
     exp = _experiment(tmp_path, matrices, consensus=True)
     scores = ["dc", "cka", "consensus"]
     settings = SearchSettings(
-        exp_dir=exp.root, scores=scores, top_k=3, score_top_k=1, refine="never"
+        exp_dir=exp.root, scores=scores, top_k=3, score_top_k=1, refine="never", fine_rules=[]
     )
     context = SearchContext(settings, KnownStack(additive_cer), [], exp)
     search = SEARCHES["comflp"]()
@@ -208,7 +262,9 @@ def test_comflp_climbs_from_its_fine_search_where_its_ranking_fails(tmp_path):
     runs = {}
     for mode in ("never", "auto"):
         stack = KnownStack(additive_cer)
-        settings = SearchSettings(exp_dir=exp.root, scores=scores, top_k=3, refine=mode)
+        settings = SearchSettings(
+            exp_dir=exp.root, scores=scores, top_k=3, refine=mode, fine_rules=[]
+        )
         (runs[mode],) = (
             SEARCHES["comflp"]().run(SearchContext(settings, stack, [], exp), [2]).values()
         )

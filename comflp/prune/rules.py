@@ -91,6 +91,24 @@ RULES.add(
 )
 
 
+# Rules whose proposal joins CoMFLP's fine search (--fine_rules; docs/SEARCH_QUALITY.md, "The
+# top-P proposal in the fine search").
+DEFAULT_FINE_RULES = ["drop_top"]
+
+
+def rule_proposals(
+    names: Sequence[str], stack: str, num_layers: int, num_prune: int
+) -> dict[str, tuple[int, ...]]:
+    """Each rule of ``names`` that fits ``stack``: its proposal for P (a seeded rule: seed 0),
+    for a fine search to evaluate beside the scores' (InputError for a rule of another stack)."""
+    if not names:
+        return {}
+    return {
+        n: RULES[n].choose(num_layers, num_prune, 0)
+        for n in rules_for(list(names), stack, has_interctc=True)
+    }
+
+
 def rules_for(
     names: list[str], stack: str, has_interctc: bool, run_stacks: Sequence[str] = ()
 ) -> list[str]:

@@ -143,6 +143,9 @@ def _pipeline(summary: dict) -> str:
         "always": "then the one-swap local search",
         "auto": f"then the one-swap local search where {AUTO_CONDITION}",
     }[summary["refine"]]
+    rules = summary.get("fine_rules", [])  # a summary written before the option: none
+    if rules:
+        merged += f", with the proposal{'s' if len(rules) > 1 else ''} of {', '.join(rules)}"
     return f"{merged}, one fine search, {refine}"
 
 

@@ -10,7 +10,7 @@ aggregation computed on the study's proposals (all of them: the same standardisa
 uses up to 2,000 proposals). The pipeline's choice is the lowest CER among the proposals stage
 6 merges: the consensus's top K (here from the whole ranking, where stage 6 beam-searches it)
 and each score's first ``score_top_k`` of its beam; without a consensus, each score's beam top K;
-then ``refine``'s one-swap local search where it applies (:mod:`comflp.prune.searches.refine`,
+the proposals of the ``fine_rules``; then ``refine``'s one-swap local search where it applies (:mod:`comflp.prune.searches.refine`,
 on the stored CERs). A second study of a model with another random calibration subset shows how
 the ranking moves with it.
 """
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from comflp.prune.ranks import spearman
+from comflp.prune.rules import DEFAULT_FINE_RULES, rule_proposals
 from comflp.prune.scores.consensus import ConsensusScore
 from comflp.prune.search import COARSE_TOP_K, Proposal
 from comflp.prune.searches.comflp import merge
@@ -91,6 +92,7 @@ def model_summary(
     score_top_k: int = 1,
     use_consensus: bool = True,
     refine: str = DEFAULT_REFINE,
+    fine_rules: Sequence[str] = tuple(DEFAULT_FINE_RULES),
 ) -> dict[str, Any]:
     """One model: every variant's Spearman and top-10 regret, the consensus, the pipeline."""
     result = result_for(study, num_prune)
@@ -109,7 +111,8 @@ def model_summary(
     if use_consensus and len(names) > 1:
         order = np.argsort(-agreed, kind="stable")[:top_k]
         rankings[ConsensusScore.name] = [Proposal(layers[i], float(agreed[i])) for i in order]
-    merged = merge(rankings, score_top_k, {ConsensusScore.name})  # what stage 6 would evaluate
+    fixed = rule_proposals(fine_rules, study["stack"], study["num_layers"], num_prune)
+    merged = merge(rankings, score_top_k, {ConsensusScore.name}, fixed.values())  # stage 6's
     cer_of = dict(zip(layers, cer.tolist(), strict=True))
     judged = ConsensusScore.name if ConsensusScore.name in rankings else names[0]
     values = agreed if judged == ConsensusScore.name else np.array(chosen[judged]["scores"])

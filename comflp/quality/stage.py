@@ -280,7 +280,14 @@ def summarize(s: SummarySettings) -> None:
     try:
         models = {
             k: model_summary(
-                v, s.num_prune, members, s.top_k, s.score_top_k, bool(composites), s.refine
+                v,
+                s.num_prune,
+                members,
+                s.top_k,
+                s.score_top_k,
+                bool(composites),
+                s.refine,
+                s.fine_rules,
             )
             for k, v in studies.items()
         }
@@ -296,6 +303,7 @@ def summarize(s: SummarySettings) -> None:
         "top_k": s.top_k,
         "score_top_k": s.score_top_k,
         "refine": s.refine,
+        "fine_rules": list(s.fine_rules),
         "consensus": bool(composites),
         "models": models,
         "across": across_models(models),

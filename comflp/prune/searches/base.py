@@ -17,6 +17,7 @@ from comflp.expdir import ExpDir
 from comflp.prune.evaluator import METRICS
 from comflp.prune.method_list import Method
 from comflp.prune.metric_search import SearchResult
+from comflp.prune.rules import DEFAULT_FINE_RULES, RULES
 from comflp.prune.scores.base import ScoreChoice
 from comflp.prune.search import (
     AGGREGATIONS,
@@ -48,6 +49,12 @@ class MergeChoice:
         "with a composite score among --scores, each other score's own coarse proposals "
         "joining the merge (at most --top_k)",
         low=0,
+    )
+    fine_rules: list[str] = option(
+        DEFAULT_FINE_RULES,
+        "fixed rules (stage 7's) whose proposal for each P joins the fine search, one "
+        "evaluation each ('': none)",
+        choices=lambda: RULES.names(),
     )
     refine: str = option(
         DEFAULT_REFINE,

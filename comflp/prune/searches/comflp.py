@@ -12,6 +12,10 @@ counted once; the fine pass is shared out among the P values in proportion to th
 their candidates, and the consensus's reference sets (built once for all P) count in the coarse
 search of the P that first needs them.
 
+The proposals of ``--fine_rules`` (default: drop_top, the top P layers) join the merge, one
+evaluation each: a model trained for pruning on demand (intermediate CTC, stochastic depth) is
+trained to lose its top layers, and the scores need not rank that proposal first.
+
 Why the consensus alone carries the fine search by default: across the models of
 docs/SEARCH_QUALITY.md its top 10 held a proposal within 1% of the oracle wherever the four
 scores' top 10s merged did, with a third of the evaluations.
@@ -38,6 +42,7 @@ from comflp.errors import InputError
 from comflp.expdir import DUMP_INFO, SCORE_SETTINGS
 from comflp.prune.method_list import Method
 from comflp.prune.metric_search import SearchResult, best_row, fine_search
+from comflp.prune.rules import rule_proposals
 from comflp.prune.scores.base import SCORES, CompositeScore, ProposalScore, read_score_file
 from comflp.prune.search import Proposal, ProposalScorer, coarse_search
 from comflp.prune.searches.base import SEARCHES, ModelRef, Search, SearchContext
@@ -79,26 +84,34 @@ def _read(reader, path: Path) -> ProposalScore:
 
 
 def merge(
-    rankings: dict[str, list[Proposal]], score_top_k: int, composites: Collection[str] = ()
+    rankings: dict[str, list[Proposal]],
+    score_top_k: int,
+    composites: Collection[str] = (),
+    fixed: Collection[tuple[int, ...]] = (),
 ) -> list[tuple[int, ...]]:
     """The distinct proposals the fine search evaluates, interleaved rank by rank: the
     composite scores' whole rankings and each other score's first ``score_top_k``, or, without
-    a composite among ``rankings``, every ranking whole."""
+    a composite among ``rankings``, every ranking whole; then the ``fixed`` rules' proposals."""
     if any(n in composites for n in rankings):
         rankings = {n: r if n in composites else r[:score_top_k] for n, r in rankings.items()}
     depth = max(len(r) for r in rankings.values())
     ordered = [r[i].layers for i in range(depth) for r in rankings.values() if i < len(r)]
-    return list(dict.fromkeys(ordered))
+    return list(dict.fromkeys([*ordered, *fixed]))
 
 
-def _annotate(row: dict, layers: tuple[int, ...], rankings: dict[str, list[Proposal]]) -> dict:
+def _annotate(
+    row: dict,
+    layers: tuple[int, ...],
+    rankings: dict[str, list[Proposal]],
+    rules: dict[str, tuple[int, ...]],
+) -> dict:
     ranks = {
         name: {"rank": i + 1, "score": p.score}
         for name, ranking in rankings.items()
         for i, p in enumerate(ranking)
         if p.layers == layers
     }
-    return {**row, "proposed_by": ranks}
+    return {**row, "proposed_by": ranks, "rules": [n for n, x in rules.items() if x == layers]}
 
 
 @SEARCHES.register("comflp")
@@ -141,7 +154,11 @@ class CoMFLP(Search):
         scorers = self.scorers(ctx, scores, max(prunes))
         coarse = {p: self.coarse(ctx, scorers, p) for p in prunes}
         composites = _composites(scores)
-        merged = {p: merge(coarse[p][0], s.score_top_k, composites) for p in prunes}
+        depth, stack = ctx.stack.num_layers, ctx.stack.name
+        rules = {p: rule_proposals(s.fine_rules, stack, depth, p) for p in prunes}
+        merged = {
+            p: merge(coarse[p][0], s.score_top_k, composites, rules[p].values()) for p in prunes
+        }
         rows, wall = fine_search(
             ctx.stack,
             ctx.batches,
@@ -155,7 +172,7 @@ class CoMFLP(Search):
         results = {}
         for p in prunes:
             rankings, coarse_seconds = coarse[p]
-            p_rows = [_annotate(by_layers[c], c, rankings) for c in merged[p]]
+            p_rows = [_annotate(by_layers[c], c, rankings, rules[p]) for c in merged[p]]
             fine_seconds = wall * sum(r["seconds"] for r in p_rows) / compute
             refined = self.refine(ctx, p_rows, judged)
             parts = {
@@ -259,6 +276,7 @@ def _settings(ctx: SearchContext, scores: dict) -> dict:
         "beam_size": s.beam_size,
         "top_k": s.top_k,
         "score_top_k": s.score_top_k if composites else s.top_k,
+        "fine_rules": list(s.fine_rules),
     }
 
 
