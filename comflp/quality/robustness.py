@@ -10,8 +10,8 @@ aggregation computed on the study's proposals (all of them: the same standardisa
 uses up to 2,000 proposals). The pipeline's choice is the lowest CER among the proposals stage
 6 merges: the consensus's top K (here from the whole ranking, where stage 6 beam-searches it)
 and each score's first ``score_top_k`` of its beam; without a consensus, each score's beam top K;
-the proposals of the ``fine_rules``; then ``refine``'s one-swap local search where it applies (:mod:`comflp.prune.searches.refine`,
-on the stored CERs). A second study of a model with another random calibration subset shows how
+the proposals of the ``fine_rules``; then ``refine``'s one-swap local search where it applies
+(:mod:`comflp.prune.searches.refine`, on the stored CERs). A second study of a model with another random calibration subset shows how
 the ranking moves with it.
 """
 
