@@ -120,6 +120,7 @@ esac
 if [ "$stop_stage" -ge 4 ]; then  # the closed-set options of stages 4-9, before any job starts
   if ! check=$(python "$comflp_root/bin/check_options.py" --model_type "$model_type" \
     --scores "$scores" --search_methods "$search_methods" --rules "$rules" \
+    --fine_rules "$fine_rules" --refine "$refine" \
     --fine_metric "$fine_metric" --search_mode "$search_mode" \
     --coarse_aggregation "$coarse_aggregation" --decoding_method "$decoding_method" \
     --ct2_quantization "$ct2_quantization" --score_conf "$score_conf" 2>&1); then

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 
-from .conftest import PYTHON, REPO
+import pytest
+
+from .conftest import PYTHON, REPO, run_cmd
 
 # entry point and arguments ("OUT": where it would write), and what its one line must say
 CASES = {
@@ -57,6 +59,30 @@ CASES = {
         "--fine_metric bleu: unknown bleu; choose from cer, wer, loss",
     ),
 }
+PREFLIGHT = (
+    "--model_type native --scores dc --search_methods comflp --rules all --fine_metric cer "
+    "--search_mode beam --coarse_aggregation mean --decoding_method ctc_greedy_search "
+    "--ct2_quantization auto"
+)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--fine_rules", "drop_top nope"],
+            "--fine_rules drop_top nope: unknown nope; choose from",
+        ),
+        (["--refine", "sometimes"], "--refine sometimes: unknown sometimes; choose from auto"),
+        (["--fine_rules", ""], None),
+    ],
+)
+def test_check_options_covers_the_fine_search_options(extra, message):
+    proc = run_cmd([PYTHON, REPO / "bin/check_options.py", *PREFLIGHT.split(), *extra], check=False)
+    if message is None:
+        assert proc.returncode == 0, proc.stderr[-800:]
+    else:
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-800:]
 
 
 def test_bad_input_to_each_entry_point_is_one_line_and_writes_nothing(tmp_path):

@@ -14,6 +14,7 @@ from comflp.prune.rules import RULES
 from comflp.prune.scores.base import SCORES, score_options
 from comflp.prune.search import AGGREGATIONS, MODES
 from comflp.prune.searches.base import SEARCHES
+from comflp.prune.searches.refine import DEFAULT_REFINE, REFINE_MODES
 from comflp.settings import REQUIRED, option
 
 
@@ -36,6 +37,8 @@ CHOICES: dict[str, tuple[Callable, bool]] = {
     "scores": (lambda s: SCORES.names(), True),
     "search_methods": (lambda s: SEARCHES.names(), True),
     "rules": (lambda s: ("all", *RULES.names()), True),
+    "fine_rules": (lambda s: RULES.names(), True),
+    "refine": (lambda s: REFINE_MODES, False),
     "fine_metric": (lambda s: METRICS, False),
     "search_mode": (lambda s: MODES, False),
     "coarse_aggregation": (lambda s: AGGREGATIONS, False),
@@ -52,6 +55,8 @@ class PreflightSettings:
     scores: str = option(REQUIRED, "as run.sh's")
     search_methods: str = option(REQUIRED, "as run.sh's")
     rules: str = option(REQUIRED, "as run.sh's")
+    fine_rules: str = option("", "as run.sh's (none: '')")
+    refine: str = option(DEFAULT_REFINE, "as run.sh's")
     fine_metric: str = option(REQUIRED, "as run.sh's")
     search_mode: str = option(REQUIRED, "as run.sh's")
     coarse_aggregation: str = option(REQUIRED, "as run.sh's")
