@@ -106,8 +106,9 @@ def test_a_new_score_goes_through_stages_5_and_6(registered, tmp_path):
     settings = SearchSettings(exp_dir=exp.root, scores=["update_norm"], top_k=3)
     context = SearchContext(settings, KnownStack(additive_cer), [], exp)
     (result,) = SEARCHES["comflp"]().run(context, [2]).values()
-    # summed sizes 3, 4, then a tie at 5 that keeps the beam's generation order: (2, 3) first
-    assert [r["layers"] for r in result.candidates] == [[2, 4], [2, 6], [2, 3]]
+    # summed sizes 3, 4, then a tie at 5 that keeps the beam's generation order: (2, 3) first;
+    # then the top-P proposal (--fine_rules drop_top)
+    assert [r["layers"] for r in result.candidates] == [[2, 4], [2, 6], [2, 3], [5, 6]]
     assert result.best_layers == (2, 4)  # the two smallest updates, and the lowest CER
 
 
