@@ -101,8 +101,6 @@ def rule_proposals(
 ) -> dict[str, tuple[int, ...]]:
     """Each rule of ``names`` that fits ``stack``: its proposal for P (a seeded rule: seed 0),
     for a fine search to evaluate beside the scores' (InputError for a rule of another stack)."""
-    if not names:
-        return {}
     return {
         n: RULES[n].choose(num_layers, num_prune, 0)
         for n in rules_for(list(names), stack, has_interctc=True)
